@@ -1,0 +1,519 @@
+"""Replication commands: one frozen class each, :func:`parse_line` and :func:`encode`.
+
+A command travels as one Redis message: its ``NAME``, a space, then arguments
+whose layout each class documents.  :func:`parse_line` is strict: anything it
+cannot read raises a :class:`~synrepl.errors.ProtocolError` naming the
+command, the reason and the line, and nothing else escapes it.  It also reads
+the older dialects still met in the field (one-token ``POSITION`` from before
+Synapse 1.22, ``USER_SYNC`` without a device from before 1.92).
+:func:`encode` writes the current dialect unless asked otherwise, byte for
+byte as Synapse does.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import attrs
+
+from synrepl import _json
+from synrepl.errors import (
+    EncodeError,
+    MalformedCommandError,
+    MalformedRowError,
+    UnknownCommandError,
+)
+from synrepl.streams import AnyRow, parse_row
+
+__all__ = (
+    "Command",
+    "TextCommand",
+    "RdataCommand",
+    "PositionCommand",
+    "ReplicateCommand",
+    "UserSyncCommand",
+    "ClearUserSyncCommand",
+    "FederationAckCommand",
+    "UserIpCommand",
+    "RemoteServerUpCommand",
+    "LockReleasedCommand",
+    "NewActiveTaskCommand",
+    "CancelTaskCommand",
+    "PingCommand",
+    "ErrorCommand",
+    "NameCommand",
+    "ServerCommand",
+    "COMMAND_TYPES",
+    "Dialect",
+    "parse_line",
+    "encode",
+    "channel_for",
+)
+
+
+class Dialect(enum.Enum):
+    """Which wire form :func:`encode` writes."""
+
+    #: What Synapse 1.22+ (POSITION) and 1.92+ (USER_SYNC) read and write.
+    CURRENT = "current"
+    #: One-token POSITION and device-less USER_SYNC, for older peers.
+    LEGACY = "legacy"
+
+
+@attrs.frozen
+class Command:
+    """Base of all commands; ``NAME`` is the word that starts the line."""
+
+    NAME: ClassVar[str]
+
+    def channel(self, server_name: str) -> str:
+        """The Redis channel this command is published on."""
+        return server_name
+
+
+@attrs.frozen
+class TextCommand(Command):
+    """A command whose only argument is the rest of the line."""
+
+    data: str
+
+
+@attrs.frozen
+class RdataCommand(Command):
+    """``RDATA <stream> <instance> <token|batch> <row JSON>``: one stream row.
+
+    ``token`` is None for ``batch``: the row belongs to the next numeric token
+    this writer sends for the stream.
+    """
+
+    NAME: ClassVar[str] = "RDATA"
+    stream_name: str
+    instance_name: str
+    token: int | None
+    row: AnyRow
+
+
+@attrs.frozen
+class PositionCommand(Command):
+    """``POSITION <stream> <instance> <prev_token> <new_token>``.
+
+    The writer wrote nothing for the stream between the two tokens.
+    """
+
+    NAME: ClassVar[str] = "POSITION"
+    stream_name: str
+    instance_name: str
+    prev_token: int
+    new_token: int
+
+
+@attrs.frozen
+class ReplicateCommand(Command):
+    """``REPLICATE``: ask every writer to announce its positions."""
+
+    NAME: ClassVar[str] = "REPLICATE"
+
+
+@attrs.frozen
+class UserSyncCommand(Command):
+    """``USER_SYNC <instance> <user> <device|None> <start|end> <last_sync_ms>``."""
+
+    NAME: ClassVar[str] = "USER_SYNC"
+    instance_id: str
+    user_id: str
+    device_id: str | None
+    is_syncing: bool
+    last_sync_ms: int
+
+
+@attrs.frozen
+class ClearUserSyncCommand(Command):
+    """``CLEAR_USER_SYNC <instance>``: forget every sync this instance announced."""
+
+    NAME: ClassVar[str] = "CLEAR_USER_SYNC"
+    instance_id: str
+
+
+@attrs.frozen
+class FederationAckCommand(Command):
+    """``FEDERATION_ACK <instance> <token>``: the sender handled the federation stream up to ``token``."""
+
+    NAME: ClassVar[str] = "FEDERATION_ACK"
+    instance_name: str
+    token: int
+
+
+def _redacted(_: object) -> str:
+    return "'<redacted>'"
+
+
+@attrs.frozen
+class UserIpCommand(Command):
+    """``USER_IP <user> <JSON [access_token, ip, user_agent, device_id, last_seen]>``.
+
+    Published on ``<server_name>/USER_IP``.  The access token never shows in
+    the repr.
+    """
+
+    NAME: ClassVar[str] = "USER_IP"
+    user_id: str
+    access_token: str = attrs.field(repr=_redacted)
+    ip: str
+    user_agent: str
+    device_id: str | None
+    last_seen: int
+
+    def channel(self, server_name: str) -> str:
+        return f"{server_name}/USER_IP"
+
+
+@attrs.frozen
+class RemoteServerUpCommand(TextCommand):
+    """``REMOTE_SERVER_UP <server>``: a remote server answers again; reset its backoff."""
+
+    NAME: ClassVar[str] = "REMOTE_SERVER_UP"
+
+
+@attrs.frozen
+class LockReleasedCommand(Command):
+    """``LOCK_RELEASED <JSON [instance, lock_name, lock_key]>``."""
+
+    NAME: ClassVar[str] = "LOCK_RELEASED"
+    instance_name: str
+    lock_name: str
+    lock_key: str
+
+
+@attrs.frozen
+class NewActiveTaskCommand(TextCommand):
+    """``NEW_ACTIVE_TASK <task_id>``: a scheduled task is ready to run."""
+
+    NAME: ClassVar[str] = "NEW_ACTIVE_TASK"
+
+
+@attrs.frozen
+class CancelTaskCommand(TextCommand):
+    """``CANCEL_TASK <task_id>``: stop a running scheduled task."""
+
+    NAME: ClassVar[str] = "CANCEL_TASK"
+
+
+@attrs.frozen
+class PingCommand(TextCommand):
+    """``PING <anything>``: keepalive, usually a millisecond timestamp."""
+
+    NAME: ClassVar[str] = "PING"
+
+
+@attrs.frozen
+class ErrorCommand(TextCommand):
+    """``ERROR <message>``."""
+
+    NAME: ClassVar[str] = "ERROR"
+
+
+@attrs.frozen
+class NameCommand(TextCommand):
+    """``NAME <name>``: TCP-era handshake, still understood."""
+
+    NAME: ClassVar[str] = "NAME"
+
+
+@attrs.frozen
+class ServerCommand(TextCommand):
+    """``SERVER <server_name>``: TCP-era handshake, still understood."""
+
+    NAME: ClassVar[str] = "SERVER"
+
+
+#: Every command class by its wire name.
+COMMAND_TYPES: dict[str, type[Command]] = {
+    cls.NAME: cls
+    for cls in (
+        ServerCommand,
+        RdataCommand,
+        PositionCommand,
+        ErrorCommand,
+        PingCommand,
+        NameCommand,
+        ReplicateCommand,
+        UserSyncCommand,
+        FederationAckCommand,
+        UserIpCommand,
+        RemoteServerUpCommand,
+        ClearUserSyncCommand,
+        LockReleasedCommand,
+        NewActiveTaskCommand,
+        CancelTaskCommand,
+    )
+}
+
+# ---------------------------------------------------------------- parsing
+
+_INT = re.compile(r"-?[0-9]+\Z")
+_is_int = _INT.match
+
+
+class _Bad(Exception):
+    """Internal: a parser's reason for refusing its arguments."""
+
+
+def _int(text: str, what: str) -> int:
+    if _is_int(text) is None:
+        raise _Bad(f"{what} is not an integer: {text[:40]!r}")
+    return int(text)
+
+
+def _word(text: str, what: str) -> str:
+    if not text:
+        raise _Bad(f"{what} is empty")
+    return text
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return _json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _Bad(f"{what} is not valid JSON ({e})") from None
+
+
+def _parse_rdata(args: str) -> RdataCommand:
+    parts = args.split(" ", 3)
+    if len(parts) != 4:
+        raise _Bad("expected <stream> <instance> <token> <row JSON>")
+    stream, instance, token_text, row_json = parts
+    token = None if token_text == "batch" else _int(token_text, "token")
+    raw = _json_arg(row_json, "row")
+    row = parse_row(_word(stream, "stream name"), raw)
+    return RdataCommand(stream, _word(instance, "instance name"), token, row)
+
+
+def _parse_position(args: str) -> PositionCommand:
+    parts = args.split(" ")
+    if len(parts) == 4:
+        stream, instance, prev_text, new_text = parts
+        prev_token = _int(prev_text, "prev_token")
+        new_token = _int(new_text, "new_token")
+    elif len(parts) == 3:  # before Synapse 1.22: one token, the current one
+        stream, instance, new_text = parts
+        prev_token = new_token = _int(new_text, "token")
+    else:
+        raise _Bad("expected <stream> <instance> <prev_token> <new_token>")
+    return PositionCommand(_word(stream, "stream name"), _word(instance, "instance name"), prev_token, new_token)
+
+
+def _parse_replicate(args: str) -> ReplicateCommand:
+    # Synapse sends "REPLICATE " and ignores arguments (the TCP era had some).
+    return ReplicateCommand()
+
+
+def _parse_user_sync(args: str) -> UserSyncCommand:
+    parts = args.split(" ")
+    if len(parts) == 5:
+        instance, user, device_text, state, last_sync = parts
+        device: str | None = None if device_text == "None" else _word(device_text, "device_id")
+    elif len(parts) == 4:  # before Synapse 1.92: no device
+        instance, user, state, last_sync = parts
+        device = None
+    else:
+        raise _Bad("expected <instance> <user> <device> <start|end> <last_sync_ms>")
+    if state not in ("start", "end"):
+        raise _Bad(f"state must be 'start' or 'end', not {state[:40]!r}")
+    return UserSyncCommand(
+        _word(instance, "instance_id"),
+        _word(user, "user_id"),
+        device,
+        state == "start",
+        _int(last_sync, "last_sync_ms"),
+    )
+
+
+def _parse_clear_user_sync(args: str) -> ClearUserSyncCommand:
+    return ClearUserSyncCommand(_word(args, "instance_id"))
+
+
+def _parse_federation_ack(args: str) -> FederationAckCommand:
+    parts = args.split(" ")
+    if len(parts) != 2:
+        raise _Bad("expected <instance> <token>")
+    return FederationAckCommand(_word(parts[0], "instance_name"), _int(parts[1], "token"))
+
+
+def _parse_user_ip(args: str) -> UserIpCommand:
+    user, sep, payload = args.partition(" ")
+    if not sep:
+        raise _Bad("expected <user> <JSON array>")
+    value = _json_arg(payload, "payload")
+    if type(value) is not list or len(value) != 5:
+        raise _Bad("payload must be [access_token, ip, user_agent, device_id, last_seen]")
+    access_token, ip, user_agent, device_id, last_seen = value
+    if not (type(access_token) is str and type(ip) is str and type(user_agent) is str):
+        raise _Bad("access_token, ip and user_agent must be strings")
+    if device_id is not None and type(device_id) is not str:
+        raise _Bad("device_id must be a string or null")
+    if type(last_seen) is not int:
+        raise _Bad("last_seen must be an integer")
+    return UserIpCommand(_word(user, "user_id"), access_token, ip, user_agent, device_id, last_seen)
+
+
+def _parse_lock_released(args: str) -> LockReleasedCommand:
+    value = _json_arg(args, "payload")
+    if type(value) is not list or len(value) != 3 or not all(type(v) is str for v in value):
+        raise _Bad("payload must be a JSON array of 3 strings [instance, lock_name, lock_key]")
+    return LockReleasedCommand(value[0], value[1], value[2])
+
+
+def _text_parser(cls: type[TextCommand], *, may_be_empty: bool) -> Callable[[str], Command]:
+    def parse(args: str) -> Command:
+        if not may_be_empty:
+            _word(args, "argument")
+        return cls(args)
+
+    return parse
+
+
+_PARSERS: dict[str, Callable[[str], Command]] = {
+    "RDATA": _parse_rdata,
+    "POSITION": _parse_position,
+    "REPLICATE": _parse_replicate,
+    "USER_SYNC": _parse_user_sync,
+    "CLEAR_USER_SYNC": _parse_clear_user_sync,
+    "FEDERATION_ACK": _parse_federation_ack,
+    "USER_IP": _parse_user_ip,
+    "LOCK_RELEASED": _parse_lock_released,
+    "REMOTE_SERVER_UP": _text_parser(RemoteServerUpCommand, may_be_empty=False),
+    "NEW_ACTIVE_TASK": _text_parser(NewActiveTaskCommand, may_be_empty=False),
+    "CANCEL_TASK": _text_parser(CancelTaskCommand, may_be_empty=False),
+    "NAME": _text_parser(NameCommand, may_be_empty=False),
+    "SERVER": _text_parser(ServerCommand, may_be_empty=False),
+    "PING": _text_parser(PingCommand, may_be_empty=True),
+    "ERROR": _text_parser(ErrorCommand, may_be_empty=True),
+}
+
+
+def split_name(line: str) -> tuple[str, str]:
+    """Split a line into its command name and the rest (no parsing)."""
+    name, _, args = line.partition(" ")
+    return name, args
+
+
+def parse_line(line: str) -> Command:
+    """Parse one message from the replication channel into a command.
+
+    Raises:
+        UnknownCommandError: the command name is not known (a newer Synapse?).
+        MalformedCommandError: a known command whose arguments do not parse;
+            :class:`~synrepl.errors.MalformedRowError` for an RDATA row that
+            does not fit its stream's row type.
+    """
+    name, _, args = line.partition(" ")
+    parser = _PARSERS.get(name)
+    if parser is None:
+        if not line.strip():
+            raise MalformedCommandError("", "blank line", line)
+        raise UnknownCommandError(name, line)
+    try:
+        return parser(args)
+    except _Bad as e:
+        raise MalformedCommandError(name, str(e), line) from None
+    except MalformedRowError:
+        raise
+    except (ValueError, TypeError, RecursionError) as e:  # pragma: no cover - defensive
+        raise MalformedCommandError(name, f"unexpected {type(e).__name__}: {e}", line) from None
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _check_word(value: str, what: str) -> str:
+    if not value or " " in value:
+        raise EncodeError(f"{what} must be non-empty and contain no space: {value[:60]!r}")
+    return value
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return _json.dumps(value)
+    except (ValueError, TypeError) as e:
+        raise EncodeError(f"{what} cannot be encoded as JSON: {e}") from None
+
+
+def _args(cmd: Command, dialect: Dialect) -> str:
+    if isinstance(cmd, RdataCommand):
+        token = "batch" if cmd.token is None else str(cmd.token)
+        return " ".join(
+            (
+                _check_word(cmd.stream_name, "stream_name"),
+                _check_word(cmd.instance_name, "instance_name"),
+                token,
+                _dumps(cmd.row.to_raw(), "row"),
+            )
+        )
+    if isinstance(cmd, PositionCommand):
+        stream = _check_word(cmd.stream_name, "stream_name")
+        instance = _check_word(cmd.instance_name, "instance_name")
+        if dialect is Dialect.LEGACY:
+            return f"{stream} {instance} {cmd.new_token}"
+        return f"{stream} {instance} {cmd.prev_token} {cmd.new_token}"
+    if isinstance(cmd, ReplicateCommand):
+        return ""
+    if isinstance(cmd, UserSyncCommand):
+        words = [_check_word(cmd.instance_id, "instance_id"), _check_word(cmd.user_id, "user_id")]
+        if dialect is Dialect.CURRENT:
+            words.append("None" if cmd.device_id is None else _check_word(cmd.device_id, "device_id"))
+        words += ["start" if cmd.is_syncing else "end", str(cmd.last_sync_ms)]
+        return " ".join(words)
+    if isinstance(cmd, ClearUserSyncCommand):
+        return _check_word(cmd.instance_id, "instance_id")
+    if isinstance(cmd, FederationAckCommand):
+        return f"{_check_word(cmd.instance_name, 'instance_name')} {cmd.token}"
+    if isinstance(cmd, UserIpCommand):
+        payload = [cmd.access_token, cmd.ip, cmd.user_agent, cmd.device_id, cmd.last_seen]
+        return f"{_check_word(cmd.user_id, 'user_id')} {_dumps(payload, 'payload')}"
+    if isinstance(cmd, LockReleasedCommand):
+        return _dumps([cmd.instance_name, cmd.lock_name, cmd.lock_key], "payload")
+    if isinstance(cmd, TextCommand):
+        return cmd.data
+    raise EncodeError(f"not a replication command: {type(cmd).__name__}")
+
+
+def encode(cmd: Command, dialect: Dialect = Dialect.CURRENT) -> str:
+    """The wire line for ``cmd`` (without the channel), as Synapse writes it.
+
+    Raises:
+        EncodeError: the command cannot be written so that it parses back the
+            same: a newline anywhere, a space in a space-separated field, an
+            empty name, or a value JSON cannot carry (NaN, Infinity, ...).
+    """
+    line = f"{cmd.NAME} {_args(cmd, dialect)}"
+    if "\n" in line:
+        raise EncodeError(f"{cmd.NAME} command contains a newline")
+    return line
+
+
+def channel_for(cmd: Command, server_name: str) -> str:
+    """The Redis channel ``cmd`` is published on for ``server_name``."""
+    return cmd.channel(server_name)
+
+
+#: Anything :func:`parse_line` can return.
+AnyCommand = (
+    RdataCommand
+    | PositionCommand
+    | ReplicateCommand
+    | UserSyncCommand
+    | ClearUserSyncCommand
+    | FederationAckCommand
+    | UserIpCommand
+    | RemoteServerUpCommand
+    | LockReleasedCommand
+    | NewActiveTaskCommand
+    | CancelTaskCommand
+    | PingCommand
+    | ErrorCommand
+    | NameCommand
+    | ServerCommand
+)

@@ -1,0 +1,61 @@
+"""Typed rows for every replication stream, and a registry by stream name."""
+
+from synrepl.streams._registry import (
+    EVENTS_ROW_TYPES,
+    ROW_TYPES,
+    STREAM_NAMES,
+    AnyRow,
+    parse_row,
+)
+from synrepl.streams._row import RawRow, Row
+from synrepl.streams.events import AllStateRow, BackfillRow, CurrentStateRow, EventRow
+from synrepl.streams.rows import (
+    AccountDataRow,
+    CachesRow,
+    DeviceListsRow,
+    FederationRow,
+    PresenceFederationRow,
+    PresenceRow,
+    ProfileUpdatesRow,
+    PushersRow,
+    PushRulesRow,
+    QuarantinedMediaRow,
+    ReceiptsRow,
+    StickyEventsRow,
+    ThreadSubscriptionsRow,
+    ToDeviceRow,
+    TypingRow,
+    UnPartialStatedEventRow,
+    UnPartialStatedRoomRow,
+)
+
+__all__ = (
+    "parse_row",
+    "Row",
+    "RawRow",
+    "AnyRow",
+    "ROW_TYPES",
+    "EVENTS_ROW_TYPES",
+    "STREAM_NAMES",
+    "EventRow",
+    "CurrentStateRow",
+    "AllStateRow",
+    "BackfillRow",
+    "PresenceRow",
+    "PresenceFederationRow",
+    "TypingRow",
+    "ReceiptsRow",
+    "PushRulesRow",
+    "PushersRow",
+    "CachesRow",
+    "DeviceListsRow",
+    "ToDeviceRow",
+    "FederationRow",
+    "AccountDataRow",
+    "StickyEventsRow",
+    "ThreadSubscriptionsRow",
+    "UnPartialStatedRoomRow",
+    "UnPartialStatedEventRow",
+    "QuarantinedMediaRow",
+    "ProfileUpdatesRow",
+)

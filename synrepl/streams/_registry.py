@@ -1,0 +1,78 @@
+"""Stream name -> row type, and :func:`parse_row`, the one entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from synrepl.streams import events, rows
+from synrepl.streams._row import RawRow, Row
+
+__all__ = ("ROW_TYPES", "EVENTS_ROW_TYPES", "STREAM_NAMES", "AnyRow", "parse_row")
+
+#: What :func:`parse_row` returns: a typed row, or the raw fallback.
+AnyRow = Row | RawRow
+
+#: The three kinds of ``events`` rows, by their wire kind.
+EVENTS_ROW_TYPES: Mapping[str, type[Row]] = MappingProxyType(
+    {cls.TYPE_ID or "": cls for cls in (events.EventRow, events.CurrentStateRow, events.AllStateRow)}
+)
+
+_SIMPLE: tuple[type[Row], ...] = (
+    events.BackfillRow,
+    rows.PresenceRow,
+    rows.PresenceFederationRow,
+    rows.TypingRow,
+    rows.ReceiptsRow,
+    rows.PushRulesRow,
+    rows.PushersRow,
+    rows.CachesRow,
+    rows.DeviceListsRow,
+    rows.ToDeviceRow,
+    rows.FederationRow,
+    rows.AccountDataRow,
+    rows.StickyEventsRow,
+    rows.ThreadSubscriptionsRow,
+    rows.UnPartialStatedRoomRow,
+    rows.UnPartialStatedEventRow,
+    rows.QuarantinedMediaRow,
+    rows.ProfileUpdatesRow,
+)
+
+#: The row type of every stream that has exactly one (all but ``events``).
+ROW_TYPES: Mapping[str, type[Row]] = MappingProxyType({cls.STREAM: cls for cls in _SIMPLE})
+
+#: Every stream synrepl can type, in Synapse's registry order.
+STREAM_NAMES: tuple[str, ...] = ("events", *ROW_TYPES)
+
+_events_parsers = {kind: cls.from_raw for kind, cls in EVENTS_ROW_TYPES.items()}
+
+
+def _parse_events_row(raw: Any) -> AnyRow:
+    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str:
+        parser = _events_parsers.get(raw[0])
+        if parser is not None:
+            return parser(raw[1])
+    return RawRow("events", raw)
+
+
+_parsers: dict[str, Callable[[Any], AnyRow]] = {
+    name: cls.from_raw for name, cls in ROW_TYPES.items()
+}
+_parsers["events"] = _parse_events_row
+
+
+def parse_row(stream: str, raw: Any) -> AnyRow:
+    """Turn one decoded RDATA row into its typed row.
+
+    An unknown stream, or an ``events`` row of an unknown kind, gives a
+    :class:`RawRow`; values beyond the known fields are kept in ``extras``.
+
+    Raises:
+        MalformedRowError: too few fields, or a field of the wrong type.
+    """
+    parser = _parsers.get(stream)
+    if parser is None:
+        return RawRow(stream, raw)
+    return parser(raw)
