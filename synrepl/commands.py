@@ -302,7 +302,9 @@ def _parse_position(args: str) -> PositionCommand:
         prev_token = new_token = _int(new_text, "token")
     else:
         raise _Bad("expected <stream> <instance> <prev_token> <new_token>")
-    return PositionCommand(_word(stream, "stream name"), _word(instance, "instance name"), prev_token, new_token)
+    return PositionCommand(
+        _word(stream, "stream name"), _word(instance, "instance name"), prev_token, new_token
+    )
 
 
 def _parse_replicate(args: str) -> ReplicateCommand:
@@ -463,7 +465,9 @@ def _args(cmd: Command, dialect: Dialect) -> str:
     if isinstance(cmd, UserSyncCommand):
         words = [_check_word(cmd.instance_id, "instance_id"), _check_word(cmd.user_id, "user_id")]
         if dialect is Dialect.CURRENT:
-            words.append("None" if cmd.device_id is None else _check_word(cmd.device_id, "device_id"))
+            words.append(
+                "None" if cmd.device_id is None else _check_word(cmd.device_id, "device_id")
+            )
         words += ["start" if cmd.is_syncing else "end", str(cmd.last_sync_ms)]
         return " ".join(words)
     if isinstance(cmd, ClearUserSyncCommand):

@@ -16,7 +16,10 @@ AnyRow = Row | RawRow
 
 #: The three kinds of ``events`` rows, by their wire kind.
 EVENTS_ROW_TYPES: Mapping[str, type[Row]] = MappingProxyType(
-    {cls.TYPE_ID or "": cls for cls in (events.EventRow, events.CurrentStateRow, events.AllStateRow)}
+    {
+        cls.TYPE_ID or "": cls
+        for cls in (events.EventRow, events.CurrentStateRow, events.AllStateRow)
+    }
 )
 
 _SIMPLE: tuple[type[Row], ...] = (

@@ -107,13 +107,9 @@ def _row_repr(self: Row) -> str:
 # at import time, so a new row type cannot silently skip validation.
 _CHECKS: dict[str, str] = {
     "str": "if type(v) is not str: FAIL('expected a string')",
-    "str | None": (
-        "if v is not None and type(v) is not str: FAIL('expected a string or null')"
-    ),
+    "str | None": ("if v is not None and type(v) is not str: FAIL('expected a string or null')"),
     "int": "if type(v) is not int: FAIL('expected an integer')",
-    "int | None": (
-        "if v is not None and type(v) is not int: FAIL('expected an integer or null')"
-    ),
+    "int | None": ("if v is not None and type(v) is not int: FAIL('expected an integer or null')"),
     "bool": (
         "if type(v) is not bool:\n"
         "    if type(v) is int and (v == 0 or v == 1): v = v == 1\n"
@@ -186,9 +182,7 @@ def _fail(stream: str, name: str, value: Any, raw: Any, why: str) -> NoReturn:
 
 def _fail_count(stream: str, names: tuple[str, ...], got: int, raw: Any) -> NoReturn:
     expected = ", ".join(names)
-    raise MalformedRowError(
-        stream, f"expected {len(names)} fields ({expected}), got {got}", raw
-    )
+    raise MalformedRowError(stream, f"expected {len(names)} fields ({expected}), got {got}", raw)
 
 
 def _annotation(cls: type, name: str) -> str:
@@ -196,9 +190,7 @@ def _annotation(cls: type, name: str) -> str:
     return field_type if isinstance(field_type, str) else repr(field_type)
 
 
-def stream_row(
-    stream: str, type_id: str | None = None
-) -> Callable[[type[_R]], type[_R]]:
+def stream_row(stream: str, type_id: str | None = None) -> Callable[[type[_R]], type[_R]]:
     """Class decorator: give an attrs row class its stream, wire order and parser."""
 
     def register(cls: type[_R]) -> type[_R]:
