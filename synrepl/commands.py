@@ -78,6 +78,8 @@ class Command:
 class TextCommand(Command):
     """A command whose only argument is the rest of the line."""
 
+    #: Whether the argument may be empty (only PING and ERROR).
+    ALLOW_EMPTY: ClassVar[bool] = False
     data: str
 
 
@@ -206,6 +208,7 @@ class PingCommand(TextCommand):
     """``PING <anything>``: keepalive, usually a millisecond timestamp."""
 
     NAME: ClassVar[str] = "PING"
+    ALLOW_EMPTY: ClassVar[bool] = True
 
 
 @attrs.frozen
@@ -213,6 +216,7 @@ class ErrorCommand(TextCommand):
     """``ERROR <message>``."""
 
     NAME: ClassVar[str] = "ERROR"
+    ALLOW_EMPTY: ClassVar[bool] = True
 
 
 @attrs.frozen
@@ -270,6 +274,8 @@ def _int(text: str, what: str) -> int:
 def _word(text: str, what: str) -> str:
     if not text:
         raise _Bad(f"{what} is empty")
+    if " " in text:
+        raise _Bad(f"{what} contains a space: {text[:40]!r}")
     return text
 
 
@@ -368,10 +374,10 @@ def _parse_lock_released(args: str) -> LockReleasedCommand:
     return LockReleasedCommand(value[0], value[1], value[2])
 
 
-def _text_parser(cls: type[TextCommand], *, may_be_empty: bool) -> Callable[[str], Command]:
+def _text_parser(cls: type[TextCommand]) -> Callable[[str], Command]:
     def parse(args: str) -> Command:
-        if not may_be_empty:
-            _word(args, "argument")
+        if not args and not cls.ALLOW_EMPTY:
+            raise _Bad("argument is empty")
         return cls(args)
 
     return parse
@@ -386,13 +392,13 @@ _PARSERS: dict[str, Callable[[str], Command]] = {
     "FEDERATION_ACK": _parse_federation_ack,
     "USER_IP": _parse_user_ip,
     "LOCK_RELEASED": _parse_lock_released,
-    "REMOTE_SERVER_UP": _text_parser(RemoteServerUpCommand, may_be_empty=False),
-    "NEW_ACTIVE_TASK": _text_parser(NewActiveTaskCommand, may_be_empty=False),
-    "CANCEL_TASK": _text_parser(CancelTaskCommand, may_be_empty=False),
-    "NAME": _text_parser(NameCommand, may_be_empty=False),
-    "SERVER": _text_parser(ServerCommand, may_be_empty=False),
-    "PING": _text_parser(PingCommand, may_be_empty=True),
-    "ERROR": _text_parser(ErrorCommand, may_be_empty=True),
+    "REMOTE_SERVER_UP": _text_parser(RemoteServerUpCommand),
+    "NEW_ACTIVE_TASK": _text_parser(NewActiveTaskCommand),
+    "CANCEL_TASK": _text_parser(CancelTaskCommand),
+    "NAME": _text_parser(NameCommand),
+    "SERVER": _text_parser(ServerCommand),
+    "PING": _text_parser(PingCommand),
+    "ERROR": _text_parser(ErrorCommand),
 }
 
 
@@ -417,6 +423,8 @@ def parse_line(line: str) -> Command:
         if not line.strip():
             raise MalformedCommandError("", "blank line", line)
         raise UnknownCommandError(name, line)
+    if "\n" in line:
+        raise MalformedCommandError(name, "line contains a newline", line)
     try:
         return parser(args)
     except _Bad as e:
@@ -480,6 +488,8 @@ def _args(cmd: Command, dialect: Dialect) -> str:
     if isinstance(cmd, LockReleasedCommand):
         return _dumps([cmd.instance_name, cmd.lock_name, cmd.lock_key], "payload")
     if isinstance(cmd, TextCommand):
+        if not cmd.data and not cmd.ALLOW_EMPTY:
+            raise EncodeError(f"{cmd.NAME} needs a non-empty argument")
         return cmd.data
     raise EncodeError(f"not a replication command: {type(cmd).__name__}")
 
@@ -492,7 +502,8 @@ def encode(cmd: Command, dialect: Dialect = Dialect.CURRENT) -> str:
             same: a newline anywhere, a space in a space-separated field, an
             empty name, or a value JSON cannot carry (NaN, Infinity, ...).
     """
-    line = f"{cmd.NAME} {_args(cmd, dialect)}"
+    args = _args(cmd, dialect)  # refuses anything that is not a command
+    line = f"{cmd.NAME} {args}"
     if "\n" in line:
         raise EncodeError(f"{cmd.NAME} command contains a newline")
     return line

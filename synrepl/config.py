@@ -34,11 +34,11 @@ from synrepl.sharding import (
 )
 
 __all__ = (
+    "load_config",
+    "config_from_dict",
+    "SynapseConfig",
     "RedisConfig",
     "Secret",
-    "SynapseConfig",
-    "config_from_dict",
-    "load_config",
 )
 
 KeyPath = tuple[str, ...]
@@ -47,15 +47,12 @@ StrPath = str | os.PathLike[str]
 #: ``worker_app`` values that mean "this is the main process".
 _MAIN_WORKER_APPS = frozenset({"synapse.app.homeserver"})
 
-#: Old top-level keys that located the main process, by InstanceLocation field.
-_OLD_MAIN_KEYS: Mapping[str, str] = MappingProxyType(
-    {
-        "host": "worker_replication_host",
-        "port": "worker_replication_http_port",
-        "tls": "worker_replication_http_tls",
-    }
-)
-_OLD_MAIN_URI_KEY = "worker_main_http_uri"
+#: Old top-level keys that located the main process before ``instance_map.main``.
+_OLD_HOST = "worker_replication_host"
+_OLD_PORT = "worker_replication_http_port"
+_OLD_TLS = "worker_replication_http_tls"
+_OLD_URI = "worker_main_http_uri"
+_OLD_KEYS = (_OLD_HOST, _OLD_PORT, _OLD_TLS, _OLD_URI)
 
 
 @attrs.frozen(repr=False)
@@ -328,7 +325,9 @@ def _parse_location(entry: object, where: KeyPath, warnings: list[str]) -> Insta
         raise ConfigError("must be a mapping with host and port, or with path", where)
     if "host" in entry and "port" in entry:
         if "path" in entry:
-            warnings.append(f"{'.'.join(where)}: has host, port and path; using host and port as Synapse does")
+            warnings.append(
+                f"{'.'.join(where)}: has host, port and path; using host and port as Synapse does"
+            )
         fields = {k: entry[k] for k in ("host", "port", "tls") if k in entry}
     elif "path" in entry:
         fields = {"path": entry["path"]}
@@ -358,30 +357,37 @@ def _parse_instance_map(raw: object, warnings: list[str]) -> dict[str, InstanceL
     for key, entry in entries.items():
         if not isinstance(key, str):
             raise ConfigError(f"instance names must be strings, got {key!r}", ("instance_map",))
-        result[canonical_instance_name(key)] = _parse_location(entry, ("instance_map", key), warnings)
+        result[canonical_instance_name(key)] = _parse_location(
+            entry, ("instance_map", key), warnings
+        )
     return result
 
 
 def _old_main_location(data: Mapping[str, Any]) -> InstanceLocation | None:
     """The main process's location from the pre-``instance_map`` keys, if any."""
-    if any(data.get(_OLD_MAIN_KEYS[k]) is not None for k in ("host", "port")):
-        for field in ("host", "port"):
-            if data.get(_OLD_MAIN_KEYS[field]) is None:
-                raise ConfigError(
-                    f"missing; set it with {_OLD_MAIN_KEYS['host' if field == 'port' else 'port']}, "
-                    f"or better, list the main process as instance_map.{MAIN_MAP_KEY}",
-                    (_OLD_MAIN_KEYS[field],),
-                )
-        fields = {f: data[k] for f, k in _OLD_MAIN_KEYS.items() if data.get(k) is not None}
-        paths = {"": (_OLD_MAIN_KEYS["host"],), **{f: (k,) for f, k in _OLD_MAIN_KEYS.items()}}
-        return _location(fields, paths)
-    if data.get(_OLD_MAIN_URI_KEY) is not None:
-        return _location_from_uri(data[_OLD_MAIN_URI_KEY])
+    if data.get(_OLD_HOST) is not None or data.get(_OLD_PORT) is not None:
+        return _old_host_port_location(data)
+    if data.get(_OLD_URI) is not None:
+        return _location_from_uri(data[_OLD_URI])
     return None
 
 
+def _old_host_port_location(data: Mapping[str, Any]) -> InstanceLocation:
+    for key, other in ((_OLD_HOST, _OLD_PORT), (_OLD_PORT, _OLD_HOST)):
+        if data.get(key) is None:
+            raise ConfigError(
+                f"missing, but {other} is set; give both, or better, "
+                f"list the main process as instance_map.{MAIN_MAP_KEY}",
+                (key,),
+            )
+    tls = data.get(_OLD_TLS)
+    fields = {"host": data[_OLD_HOST], "port": data[_OLD_PORT], "tls": tls is not None and tls}
+    paths = {"": (_OLD_HOST,), "host": (_OLD_HOST,), "port": (_OLD_PORT,), "tls": (_OLD_TLS,)}
+    return _location(fields, paths)
+
+
 def _location_from_uri(uri: object) -> InstanceLocation:
-    path: KeyPath = (_OLD_MAIN_URI_KEY,)
+    path: KeyPath = (_OLD_URI,)
     if not isinstance(uri, str):
         raise ConfigError(f"must be a URL string, got {uri!r}", path)
     parts = urlsplit(uri)
@@ -397,11 +403,12 @@ def _location_from_uri(uri: object) -> InstanceLocation:
 
 
 def _old_keys_present(data: Mapping[str, Any]) -> list[str]:
-    keys = [*_OLD_MAIN_KEYS.values(), _OLD_MAIN_URI_KEY]
-    return [k for k in keys if data.get(k) is not None]
+    return [k for k in _OLD_KEYS if data.get(k) is not None]
 
 
-def _add_old_main(data: Mapping[str, Any], instance_map: dict[str, InstanceLocation], warnings: list[str]) -> None:
+def _add_old_main(
+    data: Mapping[str, Any], instance_map: dict[str, InstanceLocation], warnings: list[str]
+) -> None:
     """Fill in ``master`` from the old keys when ``instance_map`` lacks it."""
     old = _old_keys_present(data)
     if not old:
@@ -412,12 +419,12 @@ def _add_old_main(data: Mapping[str, Any], instance_map: dict[str, InstanceLocat
         return
     location = _old_main_location(data)
     if location is None:  # only worker_replication_http_tls was set
-        warnings.append(f"{names}: ignored without worker_replication_host and worker_replication_http_port")
+        warnings.append(f"{names}: ignored without {_OLD_HOST} and {_OLD_PORT}")
         return
     instance_map[MAIN_INSTANCE_NAME] = location
     why = (
         "ignored by Synapse since 1.73"
-        if old == [_OLD_MAIN_URI_KEY]
+        if old == [_OLD_URI]
         else "rejected on workers by current Synapse"
     )
     warnings.append(
@@ -439,12 +446,16 @@ def _parse_stream_writers(raw: object) -> StreamWriters:
     for key, value in section.items():
         path = ("stream_writers", str(key))
         if key not in STREAM_WRITER_KEYS:
-            raise ConfigError(f"unknown stream writer key; known keys: {', '.join(STREAM_WRITER_KEYS)}", path)
+            raise ConfigError(
+                f"unknown stream writer key; known keys: {', '.join(STREAM_WRITER_KEYS)}", path
+            )
         values[key] = _writer_names(value, path)
     return StreamWriters(**values)
 
 
-def _check_writers_located(writers: StreamWriters, instance_map: Mapping[str, InstanceLocation]) -> None:
+def _check_writers_located(
+    writers: StreamWriters, instance_map: Mapping[str, InstanceLocation]
+) -> None:
     """Every writer but the main process must be reachable for catch-up."""
     for key in STREAM_WRITER_KEYS:
         for name in writers.for_key(key):
@@ -455,7 +466,9 @@ def _check_writers_located(writers: StreamWriters, instance_map: Mapping[str, In
                 if name == MAIN_MAP_KEY
                 else f"; add instance_map.{name} with host and port, or path"
             )
-            raise ConfigError(f"writer {name!r} is not in instance_map{hint}", ("stream_writers", key))
+            raise ConfigError(
+                f"writer {name!r} is not in instance_map{hint}", ("stream_writers", key)
+            )
 
 
 def _worker_identity(data: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -484,7 +497,9 @@ def config_from_dict(data: Mapping[str, Any], *, base_dir: StrPath | None = None
 def _build(data: Mapping[str, Any], base_dir: StrPath | None, warnings: list[str]) -> SynapseConfig:
     server_name = data.get("server_name")
     if not isinstance(server_name, str) or not server_name:
-        raise ConfigError("required: the homeserver's name, as in homeserver.yaml", ("server_name",))
+        raise ConfigError(
+            "required: the homeserver's name, as in homeserver.yaml", ("server_name",)
+        )
     worker_app, worker_name = _worker_identity(data)
     instance_map = _parse_instance_map(data.get("instance_map"), warnings)
     _add_old_main(data, instance_map, warnings)
@@ -493,7 +508,8 @@ def _build(data: Mapping[str, Any], base_dir: StrPath | None, warnings: list[str
     secret = _secret(data, "worker_replication_secret", (), base_dir)
     if worker_name and MAIN_INSTANCE_NAME not in instance_map:
         warnings.append(
-            f"instance_map.{MAIN_MAP_KEY} is missing: HTTP replication to the main process will not work"
+            f"instance_map.{MAIN_MAP_KEY} is missing: "
+            "HTTP replication to the main process will not work"
         )
     return SynapseConfig(
         server_name=server_name,

@@ -22,18 +22,18 @@ import attrs
 from synrepl.errors import ConfigError
 
 __all__ = (
-    "ANY_INSTANCE_STREAMS",
     "MAIN_INSTANCE_NAME",
     "MAIN_MAP_KEY",
-    "MAIN_ONLY_STREAMS",
+    "STREAM_WRITER_KEYS",
     "SINGLE_WRITER_KEYS",
     "STREAMS_BY_WRITER_KEY",
-    "STREAM_WRITER_KEYS",
     "WRITER_KEY_BY_STREAM",
+    "MAIN_ONLY_STREAMS",
+    "ANY_INSTANCE_STREAMS",
     "InstanceLocation",
     "StreamWriters",
-    "canonical_instance_name",
     "event_persister_for_room",
+    "canonical_instance_name",
 )
 
 #: The instance name the main process uses on the wire and in ``stream_writers``.
@@ -110,9 +110,7 @@ def canonical_instance_name(name: str) -> str:
 def _check_port(port: object) -> None:
     # bool is an int subclass, but `port: true` is a mistake, not port 1.
     if type(port) is not int or not 1 <= port <= 65535:
-        raise ConfigError(
-            f"must be a whole number from 1 to 65535, got {port!r}", ("port",)
-        )
+        raise ConfigError(f"must be a whole number from 1 to 65535, got {port!r}", ("port",))
 
 
 def _check_text(value: object, key: str) -> None:
@@ -224,7 +222,9 @@ class StreamWriters:
     push_rules: tuple[str, ...] = attrs.field(default=_MAIN_ONLY, converter=_writer_list)
     device_lists: tuple[str, ...] = attrs.field(default=_MAIN_ONLY, converter=_writer_list)
     thread_subscriptions: tuple[str, ...] = attrs.field(default=_MAIN_ONLY, converter=_writer_list)
-    quarantined_media_changes: tuple[str, ...] = attrs.field(default=_MAIN_ONLY, converter=_writer_list)
+    quarantined_media_changes: tuple[str, ...] = attrs.field(
+        default=_MAIN_ONLY, converter=_writer_list
+    )
 
     def __attrs_post_init__(self) -> None:
         for key in STREAM_WRITER_KEYS:

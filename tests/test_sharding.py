@@ -122,8 +122,11 @@ def test_non_string_writer_names_are_rejected() -> None:
 def test_sharded_keys_accept_many_writers() -> None:
     """Keys that Synapse shards accept several writers."""
     writers = StreamWriters(
-        events=["a", "b"], receipts=["a", "b"], device_lists=["a", "b"],
-        thread_subscriptions=["a", "b"], quarantined_media_changes=["a", "b"],
+        events=["a", "b"],
+        receipts=["a", "b"],
+        device_lists=["a", "b"],
+        thread_subscriptions=["a", "b"],
+        quarantined_media_changes=["a", "b"],
     )
     assert writers.all_writers() == {"a", "b", "master"}
 
