@@ -22,6 +22,7 @@ from synrepl.commands import (
     RdataCommand,
     RemoteServerUpCommand,
     ReplicateCommand,
+    SelectiveParser,
     ServerCommand,
     UserIpCommand,
     UserSyncCommand,
@@ -43,6 +44,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = (
     "parse_line",
+    "SelectiveParser",
     "encode",
     "channel_for",
     "Dialect",

@@ -13,8 +13,7 @@ byte as Synapse does.
 from __future__ import annotations
 
 import enum
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, ClassVar
 
 import attrs
@@ -49,6 +48,7 @@ __all__ = (
     "COMMAND_TYPES",
     "Dialect",
     "parse_line",
+    "SelectiveParser",
     "encode",
     "channel_for",
 )
@@ -63,7 +63,7 @@ class Dialect(enum.Enum):
     LEGACY = "legacy"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class Command:
     """Base of all commands; ``NAME`` is the word that starts the line."""
 
@@ -74,7 +74,7 @@ class Command:
         return server_name
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class TextCommand(Command):
     """A command whose only argument is the rest of the line."""
 
@@ -83,7 +83,7 @@ class TextCommand(Command):
     data: str
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class RdataCommand(Command):
     """``RDATA <stream> <instance> <token|batch> <row JSON>``: one stream row.
 
@@ -98,7 +98,7 @@ class RdataCommand(Command):
     row: AnyRow
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class PositionCommand(Command):
     """``POSITION <stream> <instance> <prev_token> <new_token>``.
 
@@ -112,14 +112,14 @@ class PositionCommand(Command):
     new_token: int
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ReplicateCommand(Command):
     """``REPLICATE``: ask every writer to announce its positions."""
 
     NAME: ClassVar[str] = "REPLICATE"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class UserSyncCommand(Command):
     """``USER_SYNC <instance> <user> <device|None> <start|end> <last_sync_ms>``."""
 
@@ -131,7 +131,7 @@ class UserSyncCommand(Command):
     last_sync_ms: int
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ClearUserSyncCommand(Command):
     """``CLEAR_USER_SYNC <instance>``: forget every sync this instance announced."""
 
@@ -139,7 +139,7 @@ class ClearUserSyncCommand(Command):
     instance_id: str
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class FederationAckCommand(Command):
     """``FEDERATION_ACK <instance> <token>``: the sender handled the federation stream up to ``token``."""
 
@@ -152,7 +152,7 @@ def _redacted(_: object) -> str:
     return "'<redacted>'"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class UserIpCommand(Command):
     """``USER_IP <user> <JSON [access_token, ip, user_agent, device_id, last_seen]>``.
 
@@ -172,14 +172,14 @@ class UserIpCommand(Command):
         return f"{server_name}/USER_IP"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class RemoteServerUpCommand(TextCommand):
     """``REMOTE_SERVER_UP <server>``: a remote server answers again; reset its backoff."""
 
     NAME: ClassVar[str] = "REMOTE_SERVER_UP"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class LockReleasedCommand(Command):
     """``LOCK_RELEASED <JSON [instance, lock_name, lock_key]>``."""
 
@@ -189,21 +189,21 @@ class LockReleasedCommand(Command):
     lock_key: str
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class NewActiveTaskCommand(TextCommand):
     """``NEW_ACTIVE_TASK <task_id>``: a scheduled task is ready to run."""
 
     NAME: ClassVar[str] = "NEW_ACTIVE_TASK"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class CancelTaskCommand(TextCommand):
     """``CANCEL_TASK <task_id>``: stop a running scheduled task."""
 
     NAME: ClassVar[str] = "CANCEL_TASK"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class PingCommand(TextCommand):
     """``PING <anything>``: keepalive, usually a millisecond timestamp."""
 
@@ -211,7 +211,7 @@ class PingCommand(TextCommand):
     ALLOW_EMPTY: ClassVar[bool] = True
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ErrorCommand(TextCommand):
     """``ERROR <message>``."""
 
@@ -219,14 +219,14 @@ class ErrorCommand(TextCommand):
     ALLOW_EMPTY: ClassVar[bool] = True
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class NameCommand(TextCommand):
     """``NAME <name>``: TCP-era handshake, still understood."""
 
     NAME: ClassVar[str] = "NAME"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ServerCommand(TextCommand):
     """``SERVER <server_name>``: TCP-era handshake, still understood."""
 
@@ -257,8 +257,8 @@ COMMAND_TYPES: dict[str, type[Command]] = {
 
 # ---------------------------------------------------------------- parsing
 
-_INT = re.compile(r"-?[0-9]+\Z")
-_is_int = _INT.match
+# The parsers below are the library's hottest code: they avoid regexes and
+# helper calls on the success path and check only what could go wrong.
 
 
 class _Bad(Exception):
@@ -266,9 +266,11 @@ class _Bad(Exception):
 
 
 def _int(text: str, what: str) -> int:
-    if _is_int(text) is None:
-        raise _Bad(f"{what} is not an integer: {text[:40]!r}")
-    return int(text)
+    """An ASCII decimal integer, as Synapse writes them (``int()`` alone would
+    also take ``+5``, ``5_0``, spaces and non-ASCII digits)."""
+    if text.isascii() and (text.isdigit() or (text[:1] == "-" and text[1:].isdigit())):
+        return int(text)
+    raise _Bad(f"{what} is not an integer: {text[:40]!r}")
 
 
 def _word(text: str, what: str) -> str:
@@ -279,9 +281,12 @@ def _word(text: str, what: str) -> str:
     return text
 
 
+_loads = _json.loads
+
+
 def _json_arg(text: str, what: str) -> Any:
     try:
-        return _json.loads(text)
+        return _loads(text)
     except (ValueError, RecursionError) as e:
         raise _Bad(f"{what} is not valid JSON ({e})") from None
 
@@ -291,10 +296,19 @@ def _parse_rdata(args: str) -> RdataCommand:
     if len(parts) != 4:
         raise _Bad("expected <stream> <instance> <token> <row JSON>")
     stream, instance, token_text, row_json = parts
-    token = None if token_text == "batch" else _int(token_text, "token")
-    raw = _json_arg(row_json, "row")
-    row = parse_row(_word(stream, "stream name"), raw)
-    return RdataCommand(stream, _word(instance, "instance name"), token, row)
+    if not stream or not instance:
+        raise _Bad("stream and instance names must not be empty")
+    if token_text == "batch":
+        token = None
+    elif token_text.isdigit() and token_text.isascii():
+        token = int(token_text)
+    else:
+        token = _int(token_text, "token")
+    try:
+        raw = _loads(row_json)
+    except (ValueError, RecursionError) as e:
+        raise _Bad(f"row is not valid JSON ({e})") from None
+    return RdataCommand(stream, instance, token, parse_row(stream, raw))
 
 
 def _parse_position(args: str) -> PositionCommand:
@@ -369,7 +383,13 @@ def _parse_user_ip(args: str) -> UserIpCommand:
 
 def _parse_lock_released(args: str) -> LockReleasedCommand:
     value = _json_arg(args, "payload")
-    if type(value) is not list or len(value) != 3 or not all(type(v) is str for v in value):
+    if (
+        type(value) is not list
+        or len(value) != 3
+        or type(value[0]) is not str
+        or type(value[1]) is not str
+        or type(value[2]) is not str
+    ):
         raise _Bad("payload must be a JSON array of 3 strings [instance, lock_name, lock_key]")
     return LockReleasedCommand(value[0], value[1], value[2])
 
@@ -433,6 +453,40 @@ def parse_line(line: str) -> Command:
         raise
     except (ValueError, TypeError, RecursionError) as e:  # pragma: no cover - defensive
         raise MalformedCommandError(name, f"unexpected {type(e).__name__}: {e}", line) from None
+
+
+class SelectiveParser:
+    """A :func:`parse_line` that skips, undecoded, what the caller does not want.
+
+    An observer that follows one stream need not pay for JSON-decoding and
+    typing every other stream's rows: lines for other streams (RDATA and
+    POSITION) and for unwanted command names return None after looking only
+    at their first words.  Selected lines are parsed exactly as
+    :func:`parse_line` would, errors included.
+
+    Args:
+        streams: stream names whose RDATA/POSITION to parse (None: all).
+        commands: command names to parse (None: all).
+    """
+
+    def __init__(
+        self,
+        *,
+        streams: Collection[str] | None = None,
+        commands: Collection[str] | None = None,
+    ) -> None:
+        self._streams = None if streams is None else frozenset(streams)
+        self._commands = None if commands is None else frozenset(commands)
+
+    def __call__(self, line: str) -> Command | None:
+        name, _, args = line.partition(" ")
+        if self._commands is not None and name not in self._commands:
+            return None
+        if self._streams is not None and (name == "RDATA" or name == "POSITION"):
+            stream = args.partition(" ")[0]
+            if stream not in self._streams:
+                return None
+        return parse_line(line)
 
 
 # ---------------------------------------------------------------- encoding

@@ -15,7 +15,7 @@ __all__ = ("EventRow", "CurrentStateRow", "AllStateRow", "BackfillRow")
 
 
 @stream_row("events", "ev")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class EventRow(Row):
     """An event was persisted (or stopped being an outlier)."""
 
@@ -31,7 +31,7 @@ class EventRow(Row):
 
 
 @stream_row("events", "state")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class CurrentStateRow(Row):
     """One entry of a room's current state changed; ``event_id`` None = removed."""
 
@@ -42,7 +42,7 @@ class CurrentStateRow(Row):
 
 
 @stream_row("events", "state-all")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class AllStateRow(Row):
     """A room's whole current state changed at once (too many rows to list)."""
 
@@ -50,7 +50,7 @@ class AllStateRow(Row):
 
 
 @stream_row("backfill")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class BackfillRow(Row):
     """An event fetched from history over federation (tokens count upwards)."""
 

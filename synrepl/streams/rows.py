@@ -34,7 +34,7 @@ __all__ = (
 
 
 @stream_row("presence")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class PresenceRow(Row):
     """A user's presence changed."""
 
@@ -48,7 +48,7 @@ class PresenceRow(Row):
 
 
 @stream_row("presence_federation")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class PresenceFederationRow(Row):
     """A presence update must be sent to one remote server."""
 
@@ -57,7 +57,7 @@ class PresenceFederationRow(Row):
 
 
 @stream_row("typing")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class TypingRow(Row):
     """The full list of users typing in a room (it replaces the previous one)."""
 
@@ -66,7 +66,7 @@ class TypingRow(Row):
 
 
 @stream_row("receipts")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ReceiptsRow(Row):
     """A read receipt was sent; ``data`` is the receipt body (``{"ts": ...}``)."""
 
@@ -79,7 +79,7 @@ class ReceiptsRow(Row):
 
 
 @stream_row("push_rules")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class PushRulesRow(Row):
     """A user's push rules changed."""
 
@@ -87,7 +87,7 @@ class PushRulesRow(Row):
 
 
 @stream_row("pushers")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class PushersRow(Row):
     """A pusher was added, changed or (``deleted``) removed."""
 
@@ -98,7 +98,7 @@ class PushersRow(Row):
 
 
 @stream_row("caches")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class CachesRow(Row):
     """Invalidate a cache entry; ``keys`` None means the whole cache."""
 
@@ -108,7 +108,7 @@ class CachesRow(Row):
 
 
 @stream_row("device_lists")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class DeviceListsRow(Row):
     """A user's devices (or cross-signing signatures) changed."""
 
@@ -118,7 +118,7 @@ class DeviceListsRow(Row):
 
 
 @stream_row("to_device")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ToDeviceRow(Row):
     """A to-device message waits for ``entity`` (a local user or a server)."""
 
@@ -126,7 +126,7 @@ class ToDeviceRow(Row):
 
 
 @stream_row("federation")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class FederationRow(Row):
     """Something queued for a federation sender; ``type`` says how to read ``data``."""
 
@@ -135,7 +135,7 @@ class FederationRow(Row):
 
 
 @stream_row("account_data")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class AccountDataRow(Row):
     """Global (``room_id`` None) or per-room account data, or tags, changed."""
 
@@ -145,7 +145,7 @@ class AccountDataRow(Row):
 
 
 @stream_row("sticky_events")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class StickyEventsRow(Row):
     """A sticky event (MSC4354) changed in a room."""
 
@@ -154,7 +154,7 @@ class StickyEventsRow(Row):
 
 
 @stream_row("thread_subscriptions")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ThreadSubscriptionsRow(Row):
     """A user's subscription to a thread (by its root event) changed."""
 
@@ -164,7 +164,7 @@ class ThreadSubscriptionsRow(Row):
 
 
 @stream_row("un_partial_stated_room")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class UnPartialStatedRoomRow(Row):
     """A room joined with partial state now has its full state."""
 
@@ -172,7 +172,7 @@ class UnPartialStatedRoomRow(Row):
 
 
 @stream_row("un_partial_stated_event")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class UnPartialStatedEventRow(Row):
     """An event's partial state was completed; its rejection may have changed."""
 
@@ -181,7 +181,7 @@ class UnPartialStatedEventRow(Row):
 
 
 @stream_row("quarantined_media")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class QuarantinedMediaRow(Row):
     """Media was (un)quarantined; ``origin`` is None for local media."""
 
@@ -191,7 +191,7 @@ class QuarantinedMediaRow(Row):
 
 
 @stream_row("profile_updates")
-@attrs.frozen
+@attrs.frozen(slots=False)
 class ProfileUpdatesRow(Row):
     """A profile changed (``update``) or a user joined/left a room.
 
