@@ -34,11 +34,7 @@ from synrepl.streams import (
     EVENTS_ROW_TYPES,
     ROW_TYPES,
     STREAM_NAMES,
-    AllStateRow,
-    CurrentStateRow,
     EventRow,
-    PresenceRow,
-    PushersRow,
     RawRow,
     Row,
 )
@@ -105,15 +101,9 @@ def _same(a: Any, b: Any) -> bool:
     because synrepl stores them as tuples and Synapse as lists.
     """
     if isinstance(a, (list, tuple)):
-        return (
-            isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
-        )
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
     if isinstance(a, dict):
-        return (
-            type(b) is dict
-            and a.keys() == b.keys()
-            and all(_same(a[k], b[k]) for k in a)
-        )
+        return type(b) is dict and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
 
 
@@ -404,7 +394,7 @@ def _corpus_mismatches(lines: tuple[str, ...]) -> Iterator[str]:
             syn_cmd, syn_row = _synapse_parse(line)
             ours = synrepl.parse_line(line)
             _assert_same_command(syn_cmd, syn_row, ours)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - report every kind of failure, with its line
             yield f"line {number}: {type(e).__name__}: {e}: {line[:200]!r}"
 
 
@@ -445,7 +435,9 @@ _KNOWN_DIFFERENCES: tuple[tuple[str, c.Command | None, bool, str], ...] = (
     ),
     (
         'RDATA push_rules master 5 ["@u:hs","new"]',
-        c.RdataCommand("push_rules", "master", 5, ROW_TYPES["push_rules"]("@u:hs", extras=("new",))),
+        c.RdataCommand(
+            "push_rules", "master", 5, ROW_TYPES["push_rules"]("@u:hs", extras=("new",))
+        ),
         False,
         "values past the known fields are kept as extras (a newer Synapse's row)",
     ),
@@ -467,14 +459,14 @@ _KNOWN_DIFFERENCES: tuple[tuple[str, c.Command | None, bool, str], ...] = (
     ('RDATA push_rules  5 ["@u:hs"]', None, True, "empty RDATA instance name"),
     ("CLEAR_USER_SYNC", None, True, "empty instance id"),
     ("SERVER", None, True, "empty SERVER / NAME / REMOTE_SERVER_UP / task id"),
-    ('USER_IP @u:hs [1,2,3,4,5]', None, True, "Synapse does not type-check USER_IP"),
+    ("USER_IP @u:hs [1,2,3,4,5]", None, True, "Synapse does not type-check USER_IP"),
     ('LOCK_RELEASED "abc"', None, True, "Synapse unpacks any 3-item iterable"),
     ('LOCK_RELEASED {"a":1,"b":2,"c":3}', None, True, "... even a dict's keys"),
     ('RDATA push_rules master 5 "a"', None, True, "Synapse splats a string into the row"),
     ('RDATA push_rules master 5 {"a":1}', None, True, "... or a dict's keys"),
     ('RDATA events master 5 ["state-all","x"]', None, True, "... also inside events rows"),
     ('RDATA pushers master 5 ["@u:hs","a","k",2]', None, True, "Synapse keeps any 'bool'"),
-    ('RDATA to_device master 5 [7]', None, True, "Synapse does not type-check row fields"),
+    ("RDATA to_device master 5 [7]", None, True, "Synapse does not type-check row fields"),
 )
 
 
@@ -490,7 +482,7 @@ def test_known_differences(
     assert _synrepl_parse(line) == ours
     try:
         _synapse_parse(line)
-    except Exception:
+    except Exception:  # noqa: BLE001 - Synapse refuses lines with any exception
         accepted = False
     else:
         accepted = True
@@ -514,7 +506,9 @@ def _known_difference(line: str, ours: c.Command) -> str | None:
 
 _REPLACEMENT_CHARS = ' 0123456789-+_[]{}",:.\\aeflnrstu\t\r\x00\u0664\u00e9\U0001f600'
 #: A JSON number, literal or string inside a line.
-_JSON_SCALAR = re.compile(r'-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null|"(?:[^"\\]|\\.)*"')
+_JSON_SCALAR = re.compile(
+    r'-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null|"(?:[^"\\]|\\.)*"'
+)
 _JSON_REPLACEMENTS = (
     *("0", "1", "2", "-1", "1.5", "1e400", "9" * 25, "true", "false", "null"),
     *('"x"', '""', '"None"', "[]", "{}", '["x"]', '[1,"x"]', "NaN"),
@@ -575,7 +569,7 @@ def test_mutated_lines_synrepl_is_no_laxer_than_synapse(line: str) -> None:
         return
     try:
         syn_cmd, syn_row = _synapse_parse(line)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - Synapse refuses lines with any exception
         reason = _known_difference(line, ours)
         assert reason is not None, (
             f"synrepl accepts {line!r} as {ours!r}; Synapse raises {type(e).__name__}: {e}"

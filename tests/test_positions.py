@@ -1,0 +1,623 @@
+"""Example-based tests of the stream position state machine, one rule at a time."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from corpus import CORPUS_FILES, corpus_entries
+
+from synrepl.commands import (
+    PingCommand,
+    PositionCommand,
+    RdataCommand,
+    ReplicateCommand,
+    parse_line,
+)
+from synrepl.positions import (
+    RESETTABLE_STREAMS,
+    Event,
+    FetchNeeded,
+    GapUnfillable,
+    PositionAdvanced,
+    PositionReached,
+    RowsReceived,
+    StateError,
+    StreamPositions,
+    StreamReset,
+)
+from synrepl.streams import AnyRow, parse_row
+
+# ---------------------------------------------------------------- helpers
+
+
+def row(stream: str, n: int) -> AnyRow:
+    """A typed row of ``stream`` made unique by ``n``."""
+    if stream == "typing":
+        return parse_row("typing", [f"!r{n}:x", [f"@u{n}:x"]])
+    if stream == "receipts":
+        return parse_row("receipts", ["!r:x", "m.read", f"@u{n}:x", f"$e{n}", None, {"ts": n}])
+    return parse_row(
+        "events", ["ev", [f"$e{n}", "!r:x", "m.room.message", None, None, None, None, False, False]]
+    )
+
+
+def rdata(stream: str, writer: str, token: int | None, n: int = 0) -> RdataCommand:
+    return RdataCommand(stream, writer, token, row(stream, n))
+
+
+def pos(stream: str, writer: str, prev: int, new: int) -> PositionCommand:
+    return PositionCommand(stream, writer, prev, new)
+
+
+def rows_of(events: list[Event]) -> list[tuple[int, tuple[AnyRow, ...]]]:
+    return [(e.token, e.rows) for e in events if isinstance(e, RowsReceived)]
+
+
+def connected(
+    start: int = 10, stream: str = "events", writer: str = "master", **kw: object
+) -> StreamPositions:
+    """A machine whose (stream, writer) is connected at ``start``."""
+    sp = StreamPositions(start={stream: {writer: start}}, **kw)  # type: ignore[arg-type]
+    assert sp.receive(pos(stream, writer, start, start)) == []
+    assert sp.is_connected(stream, writer)
+    return sp
+
+
+# ---------------------------------------------------------------- rule 1: what is ignored
+
+
+def test_own_echoes_are_ignored_and_counted() -> None:
+    """RDATA and POSITION from ``local_instance`` change nothing; each is counted."""
+    sp = StreamPositions(local_instance="me")
+    assert sp.receive(pos("events", "me", 1, 5)) == []
+    assert sp.receive(rdata("events", "me", 6)) == []
+    assert sp.current_token("events", "me") is None
+    assert sp.counters.own_echoes == 2
+
+
+def test_untracked_streams_are_ignored() -> None:
+    """With ``streams`` given, other streams' commands are ignored and counted."""
+    sp = StreamPositions(streams=["events"])
+    assert sp.receive(pos("typing", "master", 1, 5)) == []
+    assert sp.receive(rdata("typing", "master", 6)) == []
+    assert sp.current_token("typing", "master") is None
+    assert sp.counters.ignored_streams == 2
+    assert sp.positions() == {}
+    with pytest.raises(StateError, match="not tracked"):
+        sp.wait_for("typing", "master", 3, "k")
+
+
+def test_other_commands_give_nothing() -> None:
+    """Commands other than RDATA and POSITION produce no events."""
+    sp = StreamPositions()
+    assert sp.receive(ReplicateCommand()) == []
+    assert sp.receive(PingCommand("123")) == []
+
+
+# ---------------------------------------------------------------- rule 2: connectedness
+
+
+def test_rdata_before_any_position_is_dropped() -> None:
+    """RDATA for a pair with no POSITION on this connection is dropped, batches too."""
+    sp = StreamPositions(start={"events": {"master": 3}})
+    assert sp.receive(rdata("events", "master", None, 1)) == []
+    assert sp.receive(rdata("events", "master", 4, 2)) == []
+    assert sp.current_token("events", "master") == 3
+    assert sp.counters.unconnected_dropped == 2
+
+
+def test_first_position_of_unknown_writer_starts_from_now() -> None:
+    """A writer never heard of takes the POSITION's token; later RDATA is delivered."""
+    sp = StreamPositions()
+    assert sp.receive(pos("events", "master", 7, 9)) == [PositionAdvanced("events", "master", 9)]
+    assert sp.is_connected("events", "master")
+    assert sp.receive(rdata("events", "master", 10, 1)) == [
+        RowsReceived("events", "master", 10, (row("events", 1),), False)
+    ]
+
+
+def test_connection_lost_disconnects_and_keeps_tokens() -> None:
+    """After connection_lost, RDATA is dropped until the next POSITION; the token stays."""
+    sp = connected(10)
+    assert sp.connection_lost() == []
+    assert not sp.is_connected("events", "master")
+    assert sp.current_token("events", "master") == 10
+    assert sp.receive(rdata("events", "master", 11, 1)) == []
+    assert sp.counters.unconnected_dropped == 1
+    # The answer to REPLICATE reveals the missed row.
+    assert sp.receive(pos("events", "master", 11, 11)) == [FetchNeeded("events", "master", 10, 11)]
+
+
+def test_connection_lost_drops_pending_batch() -> None:
+    """A batch begun before the connection dropped never joins a later token's rows."""
+    sp = connected(10)
+    sp.receive(rdata("events", "master", None, 1))
+    sp.connection_lost()
+    assert sp.counters.batches_dropped == 1
+    sp.receive(pos("events", "master", 10, 10))
+    assert rows_of(sp.receive(rdata("events", "master", 12, 2))) == [(12, (row("events", 2),))]
+
+
+# ---------------------------------------------------------------- rule 3: RDATA, batches, duplicates
+
+
+def test_rdata_is_delivered_and_moves_the_token() -> None:
+    """A numeric RDATA above the token gives RowsReceived(fetched=False) and moves it."""
+    sp = connected(10)
+    assert sp.receive(rdata("events", "master", 11, 1)) == [
+        RowsReceived("events", "master", 11, (row("events", 1),), False)
+    ]
+    assert sp.current_token("events", "master") == 11
+
+
+def test_duplicate_rdata_is_dropped() -> None:
+    """RDATA at or below the token is a duplicate: dropped and counted."""
+    sp = connected(10)
+    assert sp.receive(rdata("events", "master", 10)) == []
+    assert sp.receive(rdata("events", "master", 9)) == []
+    assert sp.counters.duplicates_dropped == 2
+
+
+def test_batch_rows_are_delivered_together_at_the_next_token() -> None:
+    """``batch`` rows wait for the writer's next numeric token, then all go out at once."""
+    sp = connected(10)
+    assert sp.receive(rdata("events", "master", None, 1)) == []
+    assert sp.receive(rdata("events", "master", None, 2)) == []
+    assert sp.receive(rdata("events", "master", 11, 3)) == [
+        RowsReceived(
+            "events", "master", 11, (row("events", 1), row("events", 2), row("events", 3)), False
+        )
+    ]
+
+
+def test_interleaved_batches_of_two_writers_stay_apart() -> None:
+    """Batches are kept per writer, so two writers' batches may interleave on the wire."""
+    sp = StreamPositions()
+    sp.receive(pos("events", "p1", 10, 10))
+    sp.receive(pos("events", "p2", 20, 20))
+    sp.receive(rdata("events", "p1", None, 1))
+    sp.receive(rdata("events", "p2", None, 2))
+    assert rows_of(sp.receive(rdata("events", "p1", 11, 3))) == [
+        (11, (row("events", 1), row("events", 3)))
+    ]
+    assert rows_of(sp.receive(rdata("events", "p2", 21, 4))) == [
+        (21, (row("events", 2), row("events", 4)))
+    ]
+
+
+def test_duplicate_completion_drops_its_batch() -> None:
+    """A batch completed by a duplicate token is dropped with it, not carried forward."""
+    sp = connected(10)
+    sp.receive(rdata("events", "master", None, 1))
+    assert sp.receive(rdata("events", "master", 10, 2)) == []
+    assert rows_of(sp.receive(rdata("events", "master", 11, 3))) == [(11, (row("events", 3),))]
+
+
+# ---------------------------------------------------------------- rule 4: POSITION
+
+
+def test_position_without_gap_advances() -> None:
+    """prev <= cur <= new: the token moves to new with PositionAdvanced."""
+    sp = connected(10)
+    assert sp.receive(pos("events", "master", 9, 15)) == [PositionAdvanced("events", "master", 15)]
+    assert sp.current_token("events", "master") == 15
+
+
+def test_position_at_current_token_connects_silently() -> None:
+    """A POSITION that matches the token exactly connects the pair and emits nothing."""
+    sp = StreamPositions(start={"events": {"master": 10}})
+    assert sp.receive(pos("events", "master", 10, 10)) == []
+    assert sp.is_connected("events", "master")
+
+
+def test_redundant_position_on_monotonic_stream_is_ignored() -> None:
+    """On a monotonic stream a connected pair ignores a POSITION with new <= cur,
+    whatever its prev says."""
+    sp = connected(10)
+    assert sp.receive(pos("events", "master", 2, 8)) == []
+    assert sp.receive(pos("events", "master", 10, 10)) == []
+    assert sp.counters.redundant_positions == 2
+    assert sp.current_token("events", "master") == 10
+
+
+def test_gap_emits_exact_fetch() -> None:
+    """cur < prev: rows were missed; FetchNeeded asks for exactly (cur, new]."""
+    sp = connected(10)
+    assert sp.receive(pos("events", "master", 12, 15)) == [FetchNeeded("events", "master", 10, 15)]
+    assert sp.is_fetching("events", "master")
+    assert not sp.is_connected("events", "master")
+
+
+def test_gap_drops_pending_batch() -> None:
+    """The pending batch is dropped when a POSITION starts a fetch (the fetch brings its rows)."""
+    sp = connected(10)
+    sp.receive(rdata("events", "master", None, 1))
+    sp.receive(pos("events", "master", 12, 15))
+    assert sp.counters.batches_dropped == 1
+    events = sp.fetched(
+        "events", "master", [(11, row("events", 1)), (11, row("events", 2))], 15, False
+    )
+    assert rows_of(events) == [(11, (row("events", 1), row("events", 2)))]
+
+
+def test_reset_of_resettable_stream() -> None:
+    """cur > new on a resettable stream: the writer restarted, StreamReset, token = new."""
+    assert "typing" in RESETTABLE_STREAMS
+    sp = connected(50, stream="typing")
+    assert sp.receive(pos("typing", "master", 3, 3)) == [StreamReset("typing", "master", 50, 3)]
+    assert sp.current_token("typing", "master") == 3
+    assert sp.is_connected("typing", "master")
+    assert rows_of(sp.receive(rdata("typing", "master", 4, 1))) == [(4, (row("typing", 1),))]
+    assert sp.counters.resets == 1
+
+
+def test_position_behind_on_monotonic_stream_keeps_token() -> None:
+    """cur > new on a monotonic stream (unconnected, so not redundant): never go back; connect."""
+    sp = StreamPositions(start={"events": {"master": 50}})
+    assert sp.receive(pos("events", "master", 3, 7)) == []
+    assert sp.current_token("events", "master") == 50
+    assert sp.is_connected("events", "master")
+
+
+def test_caches_is_monotonic() -> None:
+    """caches follows Synapse 1.163.2: a stale POSITION is discarded, never a reset."""
+    assert "caches" not in RESETTABLE_STREAMS
+    sp = connected(50, stream="caches")
+    assert sp.receive(pos("caches", "master", 3, 3)) == []
+    assert sp.current_token("caches", "master") == 50
+
+
+def test_resettable_streams_can_be_configured() -> None:
+    """``resettable_streams`` replaces the default set."""
+    sp = connected(50, resettable_streams={"events"})
+    assert sp.receive(pos("events", "master", 3, 3)) == [StreamReset("events", "master", 50, 3)]
+
+
+def test_malformed_position_is_ignored() -> None:
+    """A POSITION with prev > new is counted and ignored."""
+    sp = connected(10)
+    assert sp.receive(pos("events", "master", 20, 15)) == []
+    assert sp.counters.malformed_positions == 1
+    assert sp.current_token("events", "master") == 10
+
+
+# ---------------------------------------------------------------- rules 5-6: fetching
+
+
+def test_commands_during_fetch_are_queued_then_replayed() -> None:
+    """While fetching, RDATA and POSITION wait; after the fetch they replay in order and
+    those the fetch already covered are duplicates."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 13))
+    assert sp.receive(rdata("events", "master", 13, 3)) == []  # covered by the fetch
+    assert sp.receive(rdata("events", "master", None, 4)) == []
+    assert sp.receive(rdata("events", "master", 14, 5)) == []
+    assert sp.receive(pos("events", "master", 14, 16)) == []
+    events = sp.fetched(
+        "events", "master", [(12, row("events", 2)), (13, row("events", 3))], 13, False
+    )
+    assert events == [
+        RowsReceived("events", "master", 12, (row("events", 2),), True),
+        RowsReceived("events", "master", 13, (row("events", 3),), True),
+        RowsReceived("events", "master", 14, (row("events", 4), row("events", 5)), False),
+        PositionAdvanced("events", "master", 16),
+    ]
+    assert sp.counters.duplicates_dropped == 1
+    assert sp.is_connected("events", "master")
+    assert not sp.is_fetching("events", "master")
+
+
+def test_fetched_groups_rows_by_token_and_skips_old_ones() -> None:
+    """Fetched rows sharing a token come out together; tokens <= cur are skipped;
+    the token ends at the target even when the last rows are below it."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 20))
+    events = sp.fetched(
+        "events",
+        "master",
+        [
+            (9, row("events", 9)),
+            (11, row("events", 1)),
+            (11, row("events", 2)),
+            (14, row("events", 3)),
+        ],
+        20,
+        False,
+    )
+    assert events == [
+        RowsReceived("events", "master", 11, (row("events", 1), row("events", 2)), True),
+        RowsReceived("events", "master", 14, (row("events", 3),), True),
+        PositionAdvanced("events", "master", 20),
+    ]
+
+
+def test_limited_pages() -> None:
+    """A limited page moves the token to its end and asks for the next page up to the target."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 20))
+    events = sp.fetched(
+        "events", "master", [(11, row("events", 1)), (13, row("events", 2))], 13, True
+    )
+    assert events == [
+        RowsReceived("events", "master", 11, (row("events", 1),), True),
+        RowsReceived("events", "master", 13, (row("events", 2),), True),
+        FetchNeeded("events", "master", 13, 20),
+    ]
+    assert sp.current_token("events", "master") == 13
+    assert sp.is_fetching("events", "master")
+    events = sp.fetched("events", "master", [(18, row("events", 3))], 20, False)
+    assert events == [
+        RowsReceived("events", "master", 18, (row("events", 3),), True),
+        PositionAdvanced("events", "master", 20),
+    ]
+    assert sp.is_connected("events", "master")
+
+
+def test_limited_page_without_progress_is_a_gap() -> None:
+    """A limited page that moves nothing would loop for ever: it is reported as a gap."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 20))
+    events = sp.fetched("events", "master", [], 10, True)
+    assert isinstance(events[0], GapUnfillable)
+    assert (events[0].from_token, events[0].upto_token) == (10, 20)
+    assert "progress" in events[0].reason
+
+
+def test_fetched_or_failed_without_fetch_is_an_error() -> None:
+    """Reporting a fetch the machine did not ask for is a caller bug: StateError."""
+    sp = connected(10)
+    with pytest.raises(StateError, match="no fetch in flight"):
+        sp.fetched("events", "master", [], 12, False)
+    with pytest.raises(StateError):
+        sp.fetch_failed("events", "master", "boom")
+    with pytest.raises(ValueError):
+        sp.fetched("events", "nobody", [], 12, False)
+
+
+def test_queue_overflow_refetches_what_it_forgot() -> None:
+    """Past max_buffered queued entries the queue is forgotten, but its highest token
+    is fetched after the current fetch, so no row is lost."""
+    sp = connected(10, max_buffered=3)
+    sp.receive(pos("events", "master", 12, 12))
+    for n in range(13, 20):
+        assert sp.receive(rdata("events", "master", n, n)) == []
+    assert sp.counters.buffer_overflows >= 1
+    events = sp.fetched("events", "master", [], 12, False)
+    assert events[-1] == FetchNeeded("events", "master", 12, 19)
+    rows = [(n, row("events", n)) for n in range(13, 20)]
+    events = sp.fetched("events", "master", rows, 19, False)
+    assert [t for t, _ in rows_of(events)] == list(range(13, 20))
+    assert sp.current_token("events", "master") == 19
+
+
+def test_queue_overflow_keeps_a_position_as_position() -> None:
+    """A collapsed queue that held a POSITION replays as a POSITION, so the pair connects
+    even when the connection was lost during the fetch."""
+    sp = connected(10, max_buffered=2)
+    sp.receive(pos("events", "master", 12, 12))
+    sp.connection_lost()
+    sp.receive(pos("events", "master", 14, 14))  # the answer to REPLICATE
+    sp.receive(rdata("events", "master", 15, 15))
+    sp.receive(rdata("events", "master", 16, 16))
+    assert sp.counters.buffer_overflows == 1
+    events = sp.fetched("events", "master", [], 12, False)
+    assert events[-1] == FetchNeeded("events", "master", 12, 16)
+    sp.fetched("events", "master", [(n, row("events", n)) for n in (13, 15, 16)], 16, False)
+    assert sp.is_connected("events", "master")
+
+
+def test_batch_overflow_becomes_a_fetch() -> None:
+    """A batch longer than max_buffered is forgotten; its token is fetched instead."""
+    sp = connected(10, max_buffered=2)
+    for n in range(3):
+        sp.receive(rdata("events", "master", None, n))
+    assert sp.counters.batch_overflows == 1
+    assert sp.receive(rdata("events", "master", 11, 3)) == [FetchNeeded("events", "master", 10, 11)]
+    rows = [(11, row("events", n)) for n in range(4)]
+    events = sp.fetched("events", "master", rows, 11, False)
+    assert rows_of(events) == [(11, tuple(r for _, r in rows))]
+
+
+def test_replay_can_start_another_fetch() -> None:
+    """A queued POSITION revealing a new gap starts another fetch; later entries wait."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 12))
+    sp.receive(pos("events", "master", 15, 15))
+    sp.receive(rdata("events", "master", 16, 16))
+    events = sp.fetched("events", "master", [], 12, False)
+    assert events == [
+        PositionAdvanced("events", "master", 12),
+        FetchNeeded("events", "master", 12, 15),
+    ]
+    events = sp.fetched("events", "master", [(14, row("events", 14))], 15, False)
+    assert rows_of(events) == [(14, (row("events", 14),)), (16, (row("events", 16),))]
+
+
+def test_connection_lost_during_fetch() -> None:
+    """A fetch outlives the connection, but its end does not connect the pair, and what
+    was queued before the loss is forgotten; the new connection's POSITION decides."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 12))
+    sp.receive(rdata("events", "master", 13, 13))
+    sp.connection_lost()
+    assert sp.is_fetching("events", "master")
+    events = sp.fetched("events", "master", [], 12, False)
+    assert events == [PositionAdvanced("events", "master", 12)]
+    assert not sp.is_connected("events", "master")
+    assert sp.receive(pos("events", "master", 13, 13)) == [FetchNeeded("events", "master", 12, 13)]
+
+
+# ---------------------------------------------------------------- rule 7: failed fetches
+
+
+def test_fetch_failed_reports_the_exact_gap() -> None:
+    """A failed fetch reports (cur, target] as lost, moves past it and replays the queue."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 20))
+    sp.fetched("events", "master", [(13, row("events", 13))], 13, True)
+    sp.receive(rdata("events", "master", 21, 21))
+    events = sp.fetch_failed("events", "master", "HTTP 500")
+    assert events == [
+        GapUnfillable("events", "master", 13, 20, "HTTP 500"),
+        PositionAdvanced("events", "master", 20),
+        RowsReceived("events", "master", 21, (row("events", 21),), False),
+    ]
+    assert sp.counters.gaps_unfillable == 1
+    assert sp.is_connected("events", "master")
+
+
+# ---------------------------------------------------------------- rule 8: waiters
+
+
+def test_wait_for_already_reached() -> None:
+    """wait_for returns True at once when the token is already there, or for ourselves."""
+    sp = connected(10, local_instance="me")
+    assert sp.wait_for("events", "master", 10, "a") is True
+    assert sp.wait_for("events", "me", 10_000, "b") is True
+
+
+def test_waiters_fire_by_every_path() -> None:
+    """PositionReached comes out of RDATA, POSITION, a fetch and a failed fetch alike."""
+    sp = connected(10)
+    for key, token in (("rdata", 11), ("position", 12), ("fetch", 14), ("gap", 20)):
+        assert sp.wait_for("events", "master", token, key) is False
+    assert sp.receive(rdata("events", "master", 11, 1))[-1] == PositionReached(
+        "rdata", "events", "master", 11
+    )
+    assert sp.receive(pos("events", "master", 11, 12))[-1] == PositionReached(
+        "position", "events", "master", 12
+    )
+    sp.receive(pos("events", "master", 13, 20))
+    events = sp.fetched("events", "master", [(14, row("events", 14))], 14, True)
+    assert PositionReached("fetch", "events", "master", 14) in events
+    events = sp.fetch_failed("events", "master", "down")
+    assert events[-1] == PositionReached("gap", "events", "master", 20)
+
+
+def test_waiter_reports_current_token_and_fires_once() -> None:
+    """The event carries the token reached, which may pass the awaited one; then it is gone."""
+    sp = connected(10)
+    sp.wait_for("events", "master", 12, "k")
+    assert sp.receive(pos("events", "master", 10, 30)) == [
+        PositionAdvanced("events", "master", 30),
+        PositionReached("k", "events", "master", 30),
+    ]
+    assert sp.receive(pos("events", "master", 30, 40)) == [PositionAdvanced("events", "master", 40)]
+
+
+def test_cancel_wait_and_duplicate_keys() -> None:
+    """A key may wait once at a time; cancel_wait removes it."""
+    sp = connected(10)
+    sp.wait_for("events", "master", 12, "k")
+    with pytest.raises(StateError, match="already"):
+        sp.wait_for("events", "master", 13, "k")
+    assert sp.cancel_wait("k") is True
+    assert sp.cancel_wait("k") is False
+    assert sp.receive(pos("events", "master", 10, 30)) == [PositionAdvanced("events", "master", 30)]
+
+
+def test_waiter_survives_reset() -> None:
+    """A reset moves the token back; the waiter fires when the new tokens reach it."""
+    sp = connected(50, stream="typing")
+    sp.wait_for("typing", "master", 60, "k")
+    sp.receive(pos("typing", "master", 3, 3))
+    assert sp.receive(pos("typing", "master", 3, 61))[-1] == PositionReached(
+        "k", "typing", "master", 61
+    )
+
+
+# ---------------------------------------------------------------- queries
+
+
+def test_persisted_upto_is_the_minimum_over_writers() -> None:
+    """Without expected writers: the minimum over the writers seen."""
+    sp = StreamPositions()
+    assert sp.persisted_upto("events") is None
+    sp.receive(pos("events", "p1", 10, 10))
+    sp.receive(pos("events", "p2", 7, 7))
+    assert sp.persisted_upto("events") == 7
+
+
+def test_persisted_upto_with_expected_writers() -> None:
+    """With expected writers, an unknown one makes it None; our own instance is left out."""
+    sp = StreamPositions(local_instance="me", writers={"events": ["p1", "p2", "me"]})
+    sp.receive(pos("events", "p1", 10, 10))
+    assert sp.persisted_upto("events") is None
+    sp.receive(pos("events", "p2", 12, 12))
+    assert sp.persisted_upto("events") == 10
+
+
+def test_positions_round_trip_as_start() -> None:
+    """positions() is a checkpoint: a new machine started from it resumes there and
+    fetches what it missed."""
+    sp = StreamPositions()
+    sp.receive(pos("events", "p1", 10, 10))
+    sp.receive(rdata("events", "p1", 11, 1))
+    sp.receive(pos("typing", "master", 4, 4))
+    sp.receive(rdata("events", "p2", 3, 1))  # never connected: unknown token, not saved
+    checkpoint = sp.positions()
+    assert checkpoint == {"events": {"p1": 11}, "typing": {"master": 4}}
+    again = StreamPositions(start=checkpoint)
+    assert again.positions() == checkpoint
+    assert again.receive(pos("events", "p1", 15, 15)) == [FetchNeeded("events", "p1", 11, 15)]
+
+
+def test_max_buffered_must_be_positive() -> None:
+    """max_buffered below 1 is refused at once."""
+    with pytest.raises(ValueError, match="max_buffered"):
+        StreamPositions(max_buffered=0)
+
+
+# ---------------------------------------------------------------- real traffic
+
+
+@pytest.mark.parametrize("name", CORPUS_FILES)
+def test_corpus_traffic(name: str) -> None:
+    """Fed real Synapse traffic as a third process, the machine fetches exactly where
+    Synapse's own rule (prev above our token) says rows may be missing, and delivers
+    every non-duplicate RDATA row of a writer whose POSITION came first.
+
+    Synapse writers announce ``prev`` = their last processed token, which may be
+    past the last RDATA they sent (ids taken but unused), so a real worker fetches
+    now and then too; the fetch is answered here with no rows.
+    """
+    sp = StreamPositions(local_instance="observer")
+    seen: dict[tuple[str, str], int] = {}  # highest token known per pair (model)
+    expected_rows = 0
+    expected_fetches: list[FetchNeeded] = []
+    delivered_rows = 0
+    fetches: list[FetchNeeded] = []
+    batch: collections.Counter[tuple[str, str]] = collections.Counter()
+    for _, line in corpus_entries(name):
+        cmd = parse_line(line)
+        if isinstance(cmd, PositionCommand):
+            key = (cmd.stream_name, cmd.instance_name)
+            cur = seen.get(key)
+            if cur is not None and cur < cmd.prev_token:
+                expected_fetches.append(FetchNeeded(*key, cur, cmd.new_token))
+            seen[key] = max(cmd.new_token, cur if cur is not None else cmd.new_token)
+            batch[key] = 0
+        elif isinstance(cmd, RdataCommand):
+            key = (cmd.stream_name, cmd.instance_name)
+            if key in seen:
+                batch[key] += 1
+                if cmd.token is not None:
+                    if cmd.token > seen[key]:
+                        expected_rows += batch[key]
+                        seen[key] = cmd.token
+                    batch[key] = 0
+        for event in sp.receive(cmd):
+            if isinstance(event, RowsReceived):
+                delivered_rows += len(event.rows)
+            elif isinstance(event, FetchNeeded):
+                fetches.append(event)
+                for later in sp.fetched(event.stream, event.writer, [], event.upto_token, False):
+                    assert not isinstance(later, (RowsReceived, FetchNeeded, GapUnfillable))
+            elif isinstance(event, (StreamReset, GapUnfillable)):
+                pytest.fail(f"unexpected {event!r}")
+    assert fetches == expected_fetches
+    assert delivered_rows == expected_rows > 1000
+    assert sp.counters.unconnected_dropped == 0
+    for (stream, writer), token in seen.items():
+        assert sp.current_token(stream, writer) == token

@@ -1,0 +1,388 @@
+"""StreamPositions against a model cluster: writers, a lossy wire and HTTP catch-up.
+
+The model holds, per writer, each stream's rows by token, the writer's
+current token and ``last`` (the token Synapse would put in a POSITION's
+``prev``), and the messages on the wire from it.  Redis keeps one
+publisher's messages in order and does not lose a message in the middle of
+a live connection, so the wire here is a FIFO per writer, and loss comes
+only with a dropped connection (which loses everything in flight).  Two
+kinds of damage Redis does not do are tried anyway because the protocol
+copes with them: a POSITION vanishing, and a numeric RDATA or POSITION
+arriving twice.  (A duplicated ``batch`` line cannot be told apart from a
+real second row, so it is not tried.)
+
+Invariants, checked after every step:
+- a row is delivered at most once, with exactly the rows of its token, and
+  each pair's tokens only go up;
+- every token move is announced by an event, so the events alone track
+  ``current_token`` exactly;
+- each FetchNeeded starts at our token, and one caused by a POSITION asks
+  for exactly (our token, POSITION new];
+- waiters fire only when reached.
+
+At teardown the connection comes back, every writer announces its position
+and every fetch is served; then every row was delivered, except rows before
+a "from now" writer's first POSITION and rows inside a reported
+GapUnfillable range.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import attrs
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from synrepl.commands import Command, PositionCommand, RdataCommand
+from synrepl.positions import (
+    Event,
+    FetchNeeded,
+    GapUnfillable,
+    PositionAdvanced,
+    PositionReached,
+    RowsReceived,
+    StreamPositions,
+    StreamReset,
+)
+from synrepl.streams import AnyRow, parse_row
+
+WRITERS_BY_STREAM = {
+    "events": ("master", "p1", "p2"),
+    "receipts": ("master", "p1"),
+    "typing": ("master",),  # resettable, single writer as in Synapse
+}
+PAIRS = tuple((s, w) for s, ws in WRITERS_BY_STREAM.items() for w in ws)
+WRITERS = ("master", "p1", "p2")
+
+Pair = tuple[str, str]
+
+
+def make_row(stream: str, n: int) -> AnyRow:
+    if stream == "typing":
+        return parse_row("typing", [f"!r{n}:x", [f"@u{n}:x"]])
+    if stream == "receipts":
+        return parse_row("receipts", ["!r:x", "m.read", "@u:x", f"$e{n}", None, {"ts": n}])
+    return parse_row(
+        "events", ["ev", [f"$e{n}", "!r:x", "m.room.message", None, None, None, None, False, False]]
+    )
+
+
+def label(row: AnyRow) -> str:
+    """The unique name a model row was made with."""
+    return getattr(row, "room_id" if type(row).__name__ == "TypingRow" else "event_id")  # type: ignore[no-any-return]
+
+
+@attrs.define
+class WriterStream:
+    token: int = 0
+    last: int = 0
+    history: dict[int, list[AnyRow]] = attrs.Factory(dict)
+
+
+@attrs.define
+class Writer:
+    name: str
+    streams: dict[str, WriterStream]
+    wire: deque[Command] = attrs.Factory(deque)
+    owes_answer: bool = True
+
+
+class PositionsMachine(RuleBasedStateMachine):
+    sp: StreamPositions
+
+    @initialize(
+        max_buffered=st.sampled_from([1, 2, 3, 10_000]),
+        from_now=st.sets(st.sampled_from(PAIRS), max_size=2),
+    )
+    def start(self, max_buffered: int, from_now: set[Pair]) -> None:
+        self.max_buffered = max_buffered
+        self.writers = {
+            name: Writer(name, {s: WriterStream() for s, ws in WRITERS_BY_STREAM.items() if name in ws})
+            for name in WRITERS
+        }
+        self.up = True
+        self.next_row = 0
+        self.next_key = 0
+        # Mirrors built from events alone.
+        self.tokens: dict[Pair, int | None] = {p: None if p in from_now else 0 for p in PAIRS}
+        self.delivered: set[str] = set()
+        self.excused_upto: dict[Pair, int] = {}
+        self.gaps: list[tuple[Pair, int, int]] = []
+        self.outstanding: dict[Pair, tuple[int, int]] = {}
+        self.waiters: dict[int, tuple[Pair, int]] = {}
+        start: dict[str, dict[str, int]] = {}
+        for s, w in PAIRS:
+            if (s, w) not in from_now:
+                start.setdefault(s, {})[w] = 0
+        self.sp = self._new_consumer(start)
+
+    def _new_consumer(self, start: dict[str, dict[str, int]]) -> StreamPositions:
+        return StreamPositions(
+            local_instance="me",
+            start=start,
+            writers=WRITERS_BY_STREAM,
+            max_buffered=self.max_buffered,
+        )
+
+    # ------------------------------------------------------------ event checking
+
+    def absorb(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, RowsReceived):
+                pair = (event.stream, event.writer)
+                cur = self.tokens[pair]
+                assert cur is not None and event.token > cur, (event, cur)
+                expected = self.writers[event.writer].streams[event.stream].history[event.token]
+                assert list(event.rows) == expected, event
+                for row in event.rows:
+                    name = label(row)
+                    assert name not in self.delivered, f"{name} delivered twice"
+                    self.delivered.add(name)
+                self.tokens[pair] = event.token
+            elif isinstance(event, PositionAdvanced):
+                pair = (event.stream, event.writer)
+                cur = self.tokens[pair]
+                assert event.token <= self.writers[event.writer].streams[event.stream].token
+                if cur is None:
+                    self.excused_upto[pair] = max(self.excused_upto.get(pair, 0), event.token)
+                else:
+                    assert event.token > cur, (event, cur)
+                self.tokens[pair] = event.token
+            elif isinstance(event, FetchNeeded):
+                pair = (event.stream, event.writer)
+                assert pair not in self.outstanding, event
+                assert event.from_token == self.tokens[pair], (event, self.tokens[pair])
+                assert event.from_token < event.upto_token
+                assert event.upto_token <= self.writers[event.writer].streams[event.stream].token
+                self.outstanding[pair] = (event.from_token, event.upto_token)
+            elif isinstance(event, GapUnfillable):
+                pair = (event.stream, event.writer)
+                assert event.from_token == self.tokens[pair]
+                self.gaps.append((pair, event.from_token, event.upto_token))
+            elif isinstance(event, PositionReached):
+                pair, wanted = self.waiters.pop(event.key)  # type: ignore[call-overload]
+                assert pair == (event.stream, event.writer)
+                assert event.token == self.tokens[pair]
+                assert event.token >= wanted
+            elif isinstance(event, StreamReset):
+                raise AssertionError(f"no writer restarts here, yet {event!r}")
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown event {event!r}")
+
+    def receive(self, cmd: Command) -> None:
+        assert isinstance(cmd, (RdataCommand, PositionCommand))
+        pair = (cmd.stream_name, cmd.instance_name)
+        was_fetching = self.sp.is_fetching(*pair)
+        before = self.tokens[pair]
+        events = self.sp.receive(cmd)
+        if was_fetching:
+            assert events == [], "a fetching pair only queues"
+        fetches = [e for e in events if isinstance(e, FetchNeeded)]
+        if isinstance(cmd, PositionCommand) and fetches:
+            assert fetches == [FetchNeeded(*pair, before, cmd.new_token)]  # type: ignore[arg-type]
+        self.absorb(events)
+
+    # ------------------------------------------------------------ writers
+
+    def publish_line(self, writer: Writer, cmd: Command) -> None:
+        if self.up:
+            writer.wire.append(cmd)
+
+    @rule(pair=st.sampled_from(PAIRS), nrows=st.integers(1, 3))
+    def publish(self, pair: Pair, nrows: int) -> None:
+        """A writer persists rows at its next token and sends them (batch lines first)."""
+        stream, name = pair
+        writer = self.writers[name]
+        ws = writer.streams[stream]
+        ws.token += 1
+        rows = []
+        for i in range(nrows):
+            self.next_row += 1
+            row = make_row(stream, self.next_row)
+            rows.append(row)
+            token = ws.token if i == nrows - 1 else None
+            self.publish_line(writer, RdataCommand(stream, name, token, row))
+        ws.history[ws.token] = rows
+        ws.last = ws.token
+
+    @rule(pair=st.sampled_from(PAIRS), k=st.integers(1, 3), quietly=st.booleans())
+    def allocate(self, pair: Pair, k: int, quietly: bool) -> None:
+        """The writer's token moves without rows.  ``quietly``: Synapse's ``last_token``
+        moves too without anything being sent, so a later POSITION's prev is ahead of
+        the last RDATA (as seen in real traffic)."""
+        ws = self.writers[pair[1]].streams[pair[0]]
+        ws.token += k
+        if quietly:
+            ws.last = ws.token
+
+    @rule(pair=st.sampled_from(PAIRS))
+    def announce(self, pair: Pair) -> None:
+        """The writer sends POSITION last token."""
+        writer = self.writers[pair[1]]
+        ws = writer.streams[pair[0]]
+        self.publish_line(writer, PositionCommand(pair[0], pair[1], ws.last, ws.token))
+        ws.last = ws.token
+
+    @precondition(lambda self: self.up)
+    @rule(name=st.sampled_from(WRITERS))
+    def answer_replicate(self, name: str) -> None:
+        """The writer answers our REPLICATE: POSITION last last for each of its streams."""
+        writer = self.writers[name]
+        if writer.owes_answer:
+            writer.owes_answer = False
+            for stream, ws in writer.streams.items():
+                writer.wire.append(PositionCommand(stream, name, ws.last, ws.last))
+
+    # ------------------------------------------------------------ the wire
+
+    @rule(name=st.sampled_from(WRITERS), count=st.integers(1, 4))
+    def deliver(self, name: str, count: int) -> None:
+        """Messages from one writer arrive, in order (writers interleave by rule choice)."""
+        wire = self.writers[name].wire
+        for _ in range(count):
+            if not wire:
+                return
+            self.receive(wire.popleft())
+
+    @rule(name=st.sampled_from(WRITERS))
+    def duplicate(self, name: str) -> None:
+        """The next numeric RDATA or POSITION arrives twice."""
+        wire = self.writers[name].wire
+        if wire and not (isinstance(wire[0], RdataCommand) and wire[0].token is None):
+            self.receive(wire[0])
+            self.receive(wire.popleft())
+
+    @rule(name=st.sampled_from(WRITERS))
+    def lose_position(self, name: str) -> None:
+        """The next POSITION vanishes."""
+        wire = self.writers[name].wire
+        if wire and isinstance(wire[0], PositionCommand):
+            wire.popleft()
+
+    @precondition(lambda self: self.up)
+    @rule()
+    def disconnect(self) -> None:
+        """The connection breaks: everything in flight and sent meanwhile is lost."""
+        self.up = False
+        for writer in self.writers.values():
+            writer.wire.clear()
+
+    @rule()
+    def reconnect(self) -> None:
+        """We (re)connect: connection_lost, then REPLICATE is owed an answer by all."""
+        self.up = True
+        self.absorb(self.sp.connection_lost())
+        for writer in self.writers.values():
+            writer.wire.clear()
+            writer.owes_answer = True
+
+    @rule()
+    def restart_consumer(self) -> None:
+        """The consumer restarts from its checkpoint (fetches and waiters are lost)."""
+        checkpoint = self.sp.positions()
+        for pair in PAIRS:
+            assert checkpoint.get(pair[0], {}).get(pair[1]) == self.tokens[pair]
+        self.sp = self._new_consumer(checkpoint)
+        self.outstanding.clear()
+        self.waiters.clear()
+        self.reconnect()
+
+    # ------------------------------------------------------------ HTTP catch-up
+
+    @precondition(lambda self: self.outstanding)
+    @rule(index=st.integers(0, 20), mode=st.sampled_from(["full", "page", "fail"]), page=st.integers(1, 3))
+    def serve_fetch(self, index: int, mode: str, page: int) -> None:
+        """A pending fetch is answered: all at once, in limited pages, or failing."""
+        pair = sorted(self.outstanding)[index % len(self.outstanding)]
+        self.serve(pair, mode, page)
+
+    def serve(self, pair: Pair, mode: str, page: int) -> None:
+        from_token, upto = self.outstanding.pop(pair)
+        if mode == "fail":
+            self.absorb(self.sp.fetch_failed(*pair, "model failure"))
+            return
+        history = self.writers[pair[1]].streams[pair[0]].history
+        tokens = sorted(t for t in history if from_token < t <= upto)
+        limited = mode == "page" and len(tokens) > page
+        if limited:
+            tokens = tokens[:page]
+        updates = [(t, r) for t in tokens for r in history[t]]
+        self.absorb(self.sp.fetched(*pair, updates, tokens[-1] if limited else upto, limited))
+
+    # ------------------------------------------------------------ waiters
+
+    @rule(pair=st.sampled_from(PAIRS), ahead=st.integers(0, 4))
+    def wait(self, pair: Pair, ahead: int) -> None:
+        """Someone waits for the writer's current token plus a little."""
+        wanted = self.writers[pair[1]].streams[pair[0]].token + ahead
+        self.next_key += 1
+        if self.sp.wait_for(*pair, wanted, self.next_key):
+            cur = self.tokens[pair]
+            assert cur is not None and cur >= wanted
+        else:
+            self.waiters[self.next_key] = (pair, wanted)
+
+    # ------------------------------------------------------------ invariants
+
+    @invariant()
+    def events_track_the_tokens(self) -> None:
+        for pair in PAIRS:
+            assert self.sp.current_token(*pair) == self.tokens[pair], pair
+
+    @invariant()
+    def one_fetch_per_fetching_pair(self) -> None:
+        assert set(self.outstanding) == {p for p in PAIRS if self.sp.is_fetching(*p)}
+
+    @invariant()
+    def waiters_pending_only_below(self) -> None:
+        for pair, wanted in self.waiters.values():
+            cur = self.tokens[pair]
+            assert cur is None or cur < wanted
+
+    # ------------------------------------------------------------ the end
+
+    def settle(self) -> None:
+        """Deliver everything and serve every fetch until nothing moves."""
+        while True:
+            for writer in self.writers.values():
+                while writer.wire:
+                    self.receive(writer.wire.popleft())
+            if not self.outstanding:
+                return
+            for pair in sorted(self.outstanding):
+                self.serve(pair, "full", 0)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "sp"):
+            return
+        if not self.up:
+            self.reconnect()
+        for name in WRITERS:
+            self.answer_replicate(name)
+        self.settle()
+        for pair in PAIRS:
+            self.announce(pair)
+        self.settle()
+        for (stream, name), cur in self.tokens.items():
+            ws = self.writers[name].streams[stream]
+            assert cur == ws.token, (stream, name, cur, ws.token)
+            assert self.sp.is_connected(stream, name)
+            for token, rows in ws.history.items():
+                for row in rows:
+                    if label(row) in self.delivered:
+                        continue
+                    assert token <= self.excused_upto.get((stream, name), -1) or any(
+                        p == (stream, name) and lo < token <= hi for p, lo, hi in self.gaps
+                    ), f"row {label(row)} at {stream}/{name} {token} was silently lost"
+        for stream, writers in WRITERS_BY_STREAM.items():
+            assert self.sp.persisted_upto(stream) == min(
+                self.writers[w].streams[stream].token for w in writers
+            )
+        for pair, wanted in self.waiters.values():
+            assert self.writers[pair[1]].streams[pair[0]].token < wanted
+
+
+TestPositionsMachine = PositionsMachine.TestCase
+TestPositionsMachine.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
