@@ -16,19 +16,25 @@ import collections
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import synrepl
 from synrepl.streams import RawRow
 
 
 def wire_lines(paths: Sequence[str], raw: bool) -> Iterator[str]:
-    files = [open(p, encoding="utf-8") for p in paths] if paths else [sys.stdin]
-    for f in files:
-        for text in f:
-            text = text.rstrip("\n")
-            if text.strip():
-                yield text if raw else json.loads(text)["line"]
+    if not paths:
+        yield from _lines_of(sys.stdin, raw)
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            yield from _lines_of(f, raw)
+
+
+def _lines_of(f: TextIO, raw: bool) -> Iterator[str]:
+    for text in f:
+        text = text.rstrip("\n")
+        if text.strip():
+            yield text if raw else json.loads(text)["line"]
 
 
 def as_json(cmd: synrepl.Command) -> dict[str, Any]:

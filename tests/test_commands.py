@@ -252,3 +252,23 @@ def test_every_command_name_is_parseable(name: str) -> None:
     except ProtocolError:
         return
     assert cmd.NAME == name
+
+
+def test_selective_parser_skips_other_streams_undecoded() -> None:
+    """Lines of unselected streams or commands return None without being decoded
+    (even when their JSON is broken); selected lines parse like parse_line."""
+    select = synrepl.SelectiveParser(streams={"typing"}, commands={"RDATA", "POSITION"})
+    assert select("RDATA events master 5 {broken") is None
+    assert select("POSITION events master 1 2") is None
+    assert select('LOCK_RELEASED ["a","b","c"]') is None
+    assert select("POSITION typing master 1 2") == PositionCommand("typing", "master", 1, 2)
+    line = 'RDATA typing master 3 ["!r:x",[]]'
+    assert select(line) == parse_line(line)
+    with pytest.raises(MalformedRowError):
+        select('RDATA typing master 3 ["!r:x"]')
+
+
+def test_selective_parser_defaults_to_everything() -> None:
+    """With no arguments SelectiveParser is parse_line."""
+    select = synrepl.SelectiveParser()
+    assert select('LOCK_RELEASED ["a","b","c"]') == LockReleasedCommand("a", "b", "c")

@@ -95,15 +95,22 @@ class PositionsMachine(RuleBasedStateMachine):
     @initialize(
         max_buffered=st.sampled_from([1, 2, 3, 10_000]),
         from_now=st.sets(st.sampled_from(PAIRS), max_size=2),
+        backlog=st.lists(st.integers(0, 3), min_size=len(PAIRS), max_size=len(PAIRS)),
     )
-    def start(self, max_buffered: int, from_now: set[Pair]) -> None:
+    def start(self, max_buffered: int, from_now: set[Pair], backlog: list[int]) -> None:
+        """Writers may already have rows (a backlog to catch up); the consumer starts from
+        token 0 of each pair, or "from now" for a few."""
         self.max_buffered = max_buffered
         self.writers = {
             name: Writer(name, {s: WriterStream() for s, ws in WRITERS_BY_STREAM.items() if name in ws})
             for name in WRITERS
         }
-        self.up = True
+        self.up = False  # the backlog was written before we connected
         self.next_row = 0
+        for pair, count in zip(PAIRS, backlog):
+            for _ in range(count):
+                self.publish(pair, 2)
+        self.up = True
         self.next_key = 0
         # Mirrors built from events alone.
         self.tokens: dict[Pair, int | None] = {p: None if p in from_now else 0 for p in PAIRS}
