@@ -25,7 +25,8 @@ from synrepl.errors import (
     MalformedRowError,
     UnknownCommandError,
 )
-from synrepl.streams import AnyRow, parse_row
+from synrepl.streams import AnyRow, RawRow
+from synrepl.streams._registry import ROW_PARSERS as _row_parsers
 
 __all__ = (
     "Command",
@@ -308,7 +309,9 @@ def _parse_rdata(args: str) -> RdataCommand:
         raw = _loads(row_json)
     except (ValueError, RecursionError) as e:
         raise _Bad(f"row is not valid JSON ({e})") from None
-    return RdataCommand(stream, instance, token, parse_row(stream, raw))
+    parse_known_row = _row_parsers.get(stream)
+    row = RawRow(stream, raw) if parse_known_row is None else parse_known_row(raw)
+    return RdataCommand(stream, instance, token, row)
 
 
 def _parse_position(args: str) -> PositionCommand:
@@ -527,6 +530,8 @@ def _args(cmd: Command, dialect: Dialect) -> str:
     if isinstance(cmd, UserSyncCommand):
         words = [_check_word(cmd.instance_id, "instance_id"), _check_word(cmd.user_id, "user_id")]
         if dialect is Dialect.CURRENT:
+            if cmd.device_id == "None":
+                raise EncodeError("device_id 'None' would read back as no device")
             words.append(
                 "None" if cmd.device_id is None else _check_word(cmd.device_id, "device_id")
             )

@@ -204,6 +204,7 @@ def test_huge_lines_are_truncated_in_errors() -> None:
         (PositionCommand("events", "", 1, 2), "instance_name"),
         (PingCommand("a\nb"), "newline"),
         (ClearUserSyncCommand("two words"), "instance_id"),
+        (UserSyncCommand("w1", "@a:x", "None", True, 1), "no device"),
         (
             RdataCommand("caches", "master", 1, RawRow("caches", float("nan"))),
             "cannot be encoded as JSON",

@@ -96,8 +96,9 @@ class PositionsMachine(RuleBasedStateMachine):
         max_buffered=st.sampled_from([1, 2, 3, 10_000]),
         from_now=st.sets(st.sampled_from(PAIRS), max_size=2),
         backlog=st.lists(st.integers(0, 3), min_size=len(PAIRS), max_size=len(PAIRS)),
+        prompt=st.booleans(),
     )
-    def start(self, max_buffered: int, from_now: set[Pair], backlog: list[int]) -> None:
+    def start(self, max_buffered: int, from_now: set[Pair], backlog: list[int], prompt: bool) -> None:
         """Writers may already have rows (a backlog to catch up); the consumer starts from
         token 0 of each pair, or "from now" for a few."""
         self.max_buffered = max_buffered
@@ -124,6 +125,9 @@ class PositionsMachine(RuleBasedStateMachine):
             if (s, w) not in from_now:
                 start.setdefault(s, {})[w] = 0
         self.sp = self._new_consumer(start)
+        if prompt:
+            for name in WRITERS:
+                self.answer_replicate(name)
 
     def _new_consumer(self, start: dict[str, dict[str, int]]) -> StreamPositions:
         return StreamPositions(
@@ -253,40 +257,48 @@ class PositionsMachine(RuleBasedStateMachine):
                 return
             self.receive(wire.popleft())
 
-    @rule(name=st.sampled_from(WRITERS))
-    def duplicate(self, name: str) -> None:
-        """The next numeric RDATA or POSITION arrives twice."""
+    @rule(name=st.sampled_from(WRITERS), kind=st.sampled_from(["duplicate", "lose"]))
+    def damage(self, name: str, kind: str) -> None:
+        """The next numeric RDATA or POSITION arrives twice, or the next POSITION vanishes."""
         wire = self.writers[name].wire
-        if wire and not (isinstance(wire[0], RdataCommand) and wire[0].token is None):
-            self.receive(wire[0])
+        if not wire:
+            return
+        head = wire[0]
+        if kind == "lose":
+            if isinstance(head, PositionCommand):
+                wire.popleft()
+        elif not (isinstance(head, RdataCommand) and head.token is None):
+            self.receive(head)
             self.receive(wire.popleft())
 
-    @rule(name=st.sampled_from(WRITERS))
-    def lose_position(self, name: str) -> None:
-        """The next POSITION vanishes."""
-        wire = self.writers[name].wire
-        if wire and isinstance(wire[0], PositionCommand):
-            wire.popleft()
+    @rule(kind=st.sampled_from(["disconnect", "reconnect", "restart"]), prompt=st.booleans())
+    def trouble(self, kind: str, prompt: bool) -> None:
+        """The connection breaks, or we reconnect, or the consumer restarts."""
+        if kind == "disconnect":
+            self.disconnect()
+        elif kind == "reconnect":
+            self.reconnect(prompt)
+        else:
+            self.restart_consumer(prompt)
 
-    @precondition(lambda self: self.up)
-    @rule()
     def disconnect(self) -> None:
-        """The connection breaks: everything in flight and sent meanwhile is lost."""
+        """Everything in flight and everything sent until we reconnect is lost."""
         self.up = False
         for writer in self.writers.values():
             writer.wire.clear()
 
-    @rule()
-    def reconnect(self) -> None:
-        """We (re)connect: connection_lost, then REPLICATE is owed an answer by all."""
+    def reconnect(self, prompt: bool) -> None:
+        """connection_lost, then every writer owes REPLICATE an answer (``prompt``: they
+        all answer before sending anything else)."""
         self.up = True
         self.absorb(self.sp.connection_lost())
-        for writer in self.writers.values():
+        for name, writer in self.writers.items():
             writer.wire.clear()
             writer.owes_answer = True
+            if prompt:
+                self.answer_replicate(name)
 
-    @rule()
-    def restart_consumer(self) -> None:
+    def restart_consumer(self, prompt: bool) -> None:
         """The consumer restarts from its checkpoint (fetches and waiters are lost)."""
         checkpoint = self.sp.positions()
         for pair in PAIRS:
@@ -294,7 +306,7 @@ class PositionsMachine(RuleBasedStateMachine):
         self.sp = self._new_consumer(checkpoint)
         self.outstanding.clear()
         self.waiters.clear()
-        self.reconnect()
+        self.reconnect(prompt)
 
     # ------------------------------------------------------------ HTTP catch-up
 
@@ -304,6 +316,19 @@ class PositionsMachine(RuleBasedStateMachine):
         """A pending fetch is answered: all at once, in limited pages, or failing."""
         pair = sorted(self.outstanding)[index % len(self.outstanding)]
         self.serve(pair, mode, page)
+
+    @rule(modes=st.lists(st.sampled_from(["full", "page", "fail"]), min_size=1, max_size=6))
+    def catch_up(self, modes: list[str]) -> None:
+        """Everything on the wire arrives and fetches are served, each in its drawn way."""
+        modes = list(modes)
+        for _ in range(20):
+            for writer in self.writers.values():
+                while writer.wire:
+                    self.receive(writer.wire.popleft())
+            if not self.outstanding:
+                return
+            for pair in sorted(self.outstanding):
+                self.serve(pair, modes.pop() if modes else "full", 1)
 
     def serve(self, pair: Pair, mode: str, page: int) -> None:
         from_token, upto = self.outstanding.pop(pair)
@@ -365,7 +390,7 @@ class PositionsMachine(RuleBasedStateMachine):
         if not hasattr(self, "sp"):
             return
         if not self.up:
-            self.reconnect()
+            self.reconnect(True)
         for name in WRITERS:
             self.answer_replicate(name)
         self.settle()

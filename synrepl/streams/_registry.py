@@ -35,12 +35,12 @@ _SIMPLE: tuple[type[Row], ...] = (
     rows.ToDeviceRow,
     rows.FederationRow,
     rows.AccountDataRow,
+    rows.ProfileUpdatesRow,
     rows.StickyEventsRow,
     rows.ThreadSubscriptionsRow,
     rows.UnPartialStatedRoomRow,
     rows.UnPartialStatedEventRow,
     rows.QuarantinedMediaRow,
-    rows.ProfileUpdatesRow,
 )
 
 #: The row type of every stream that has exactly one (all but ``events``).
@@ -60,10 +60,11 @@ def _parse_events_row(raw: Any) -> AnyRow:
     return RawRow("events", raw)
 
 
-_parsers: dict[str, Callable[[Any], AnyRow]] = {
+#: Stream name -> its row parser (internal: parse_line's fast path).
+ROW_PARSERS: dict[str, Callable[[Any], AnyRow]] = {
     name: cls.from_raw for name, cls in ROW_TYPES.items()
 }
-_parsers["events"] = _parse_events_row
+ROW_PARSERS["events"] = _parse_events_row
 
 
 def parse_row(stream: str, raw: Any) -> AnyRow:
@@ -75,7 +76,7 @@ def parse_row(stream: str, raw: Any) -> AnyRow:
     Raises:
         MalformedRowError: too few fields, or a field of the wrong type.
     """
-    parser = _parsers.get(stream)
+    parser = ROW_PARSERS.get(stream)
     if parser is None:
         return RawRow(stream, raw)
     return parser(raw)
