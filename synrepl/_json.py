@@ -50,6 +50,18 @@ def loads(text: str) -> Any:
     return _std_decoder.decode(text)
 
 
+def loads_fast(text: str) -> Any:
+    """Like :func:`loads`, but an integer beyond 64 bits may come back as a float.
+
+    For callers that check every value's type afterwards: a float where an
+    integer belongs fails that check, and they then call :func:`loads`.
+    """
+    try:
+        return _orjson_loads(text)
+    except _OrjsonError:
+        return _std_decoder.decode(text)
+
+
 def dumps(value: Any) -> str:
     """Encode ``value`` exactly as Synapse's replication encoder would.
 

@@ -26,6 +26,7 @@ from synrepl.errors import (
     UnknownCommandError,
 )
 from synrepl.streams import AnyRow, RawRow
+from synrepl.streams._registry import FAST_ROW_PARSERS as _fast_row_parsers
 from synrepl.streams._registry import ROW_PARSERS as _row_parsers
 
 __all__ = (
@@ -283,6 +284,7 @@ def _word(text: str, what: str) -> str:
 
 
 _loads = _json.loads
+_loads_fast = _json.loads_fast
 
 
 def _json_arg(text: str, what: str) -> Any:
@@ -290,28 +292,6 @@ def _json_arg(text: str, what: str) -> Any:
         return _loads(text)
     except (ValueError, RecursionError) as e:
         raise _Bad(f"{what} is not valid JSON ({e})") from None
-
-
-def _parse_rdata(args: str) -> RdataCommand:
-    parts = args.split(" ", 3)
-    if len(parts) != 4:
-        raise _Bad("expected <stream> <instance> <token> <row JSON>")
-    stream, instance, token_text, row_json = parts
-    if not stream or not instance:
-        raise _Bad("stream and instance names must not be empty")
-    if token_text == "batch":
-        token = None
-    elif token_text.isdigit() and token_text.isascii():
-        token = int(token_text)
-    else:
-        token = _int(token_text, "token")
-    try:
-        raw = _loads(row_json)
-    except (ValueError, RecursionError) as e:
-        raise _Bad(f"row is not valid JSON ({e})") from None
-    parse_known_row = _row_parsers.get(stream)
-    row = RawRow(stream, raw) if parse_known_row is None else parse_known_row(raw)
-    return RdataCommand(stream, instance, token, row)
 
 
 def _parse_position(args: str) -> PositionCommand:
@@ -385,7 +365,12 @@ def _parse_user_ip(args: str) -> UserIpCommand:
 
 
 def _parse_lock_released(args: str) -> LockReleasedCommand:
-    value = _json_arg(args, "payload")
+    # The fast decode is exact here: a big integer, read as a float, fails
+    # the string checks below just as the exact int would.
+    try:
+        value = _loads_fast(args)
+    except (ValueError, RecursionError) as e:
+        raise _Bad(f"payload is not valid JSON ({e})") from None
     if (
         type(value) is not list
         or len(value) != 3
@@ -407,7 +392,6 @@ def _text_parser(cls: type[TextCommand]) -> Callable[[str], Command]:
 
 
 _PARSERS: dict[str, Callable[[str], Command]] = {
-    "RDATA": _parse_rdata,
     "POSITION": _parse_position,
     "REPLICATE": _parse_replicate,
     "USER_SYNC": _parse_user_sync,
@@ -441,21 +425,55 @@ def parse_line(line: str) -> Command:
             does not fit its stream's row type.
     """
     name, _, args = line.partition(" ")
-    parser = _PARSERS.get(name)
-    if parser is None:
-        if not line.strip():
-            raise MalformedCommandError("", "blank line", line)
-        raise UnknownCommandError(name, line)
     if "\n" in line:
         raise MalformedCommandError(name, "line contains a newline", line)
     try:
+        if name == "RDATA":  # most traffic: parsed inline, see _parse_rdata_row
+            parts = args.split(" ", 3)
+            if len(parts) != 4:
+                raise _Bad("expected <stream> <instance> <token> <row JSON>")
+            stream, instance, token_text, row_json = parts
+            if not stream or not instance:
+                raise _Bad("stream and instance names must not be empty")
+            if token_text == "batch":
+                token = None
+            elif token_text.isdigit() and token_text.isascii():
+                token = int(token_text)
+            else:
+                token = _int(token_text, "token")
+            return RdataCommand(stream, instance, token, _parse_rdata_row(stream, row_json))
+        parser = _PARSERS.get(name)
+        if parser is None:
+            if not line.strip():
+                raise MalformedCommandError("", "blank line", line)
+            raise UnknownCommandError(name, line)
         return parser(args)
     except _Bad as e:
         raise MalformedCommandError(name, str(e), line) from None
-    except MalformedRowError:
-        raise
-    except (ValueError, TypeError, RecursionError) as e:  # pragma: no cover - defensive
-        raise MalformedCommandError(name, f"unexpected {type(e).__name__}: {e}", line) from None
+
+
+def _parse_rdata_row(stream: str, row_json: str) -> AnyRow:
+    """Decode and type one RDATA row.
+
+    Streams whose rows hold no free-form JSON take orjson's answer as it
+    comes (see ``FAST_ROW_PARSERS``); anything the fast path cannot vouch for
+    (a type error that a big integer read as a float might explain, extra
+    values, an unknown kind) is decoded again exactly.
+    """
+    fast = _fast_row_parsers.get(stream)
+    if fast is not None:
+        try:
+            row = fast(_loads_fast(row_json))
+        except (ValueError, RecursionError):  # MalformedRowError included
+            row = None
+        if row is not None:
+            return row
+    try:
+        raw = _loads(row_json)
+    except (ValueError, RecursionError) as e:
+        raise _Bad(f"row is not valid JSON ({e})") from None
+    parse_known_row = _row_parsers.get(stream)
+    return RawRow(stream, raw) if parse_known_row is None else parse_known_row(raw)
 
 
 class SelectiveParser:

@@ -50,6 +50,7 @@ ROW_TYPES: Mapping[str, type[Row]] = MappingProxyType({cls.STREAM: cls for cls i
 STREAM_NAMES: tuple[str, ...] = ("events", *ROW_TYPES)
 
 _events_parsers = {kind: cls.from_raw for kind, cls in EVENTS_ROW_TYPES.items()}
+_events_fast_parsers = {kind: cls.from_fast_raw for kind, cls in EVENTS_ROW_TYPES.items()}  # type: ignore[attr-defined]
 
 
 def _parse_events_row(raw: Any) -> AnyRow:
@@ -60,11 +61,31 @@ def _parse_events_row(raw: Any) -> AnyRow:
     return RawRow("events", raw)
 
 
-#: Stream name -> its row parser (internal: parse_line's fast path).
+def _parse_events_row_fast(raw: Any) -> Row | None:
+    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str:
+        parser = _events_fast_parsers.get(raw[0])
+        if parser is not None:
+            row: Row | None = parser(raw[1])
+            return row
+    return None  # an unknown kind becomes a RawRow: decode it exactly
+
+
+#: Stream name -> its row parser.
 ROW_PARSERS: dict[str, Callable[[Any], AnyRow]] = {
     name: cls.from_raw for name, cls in ROW_TYPES.items()
 }
 ROW_PARSERS["events"] = _parse_events_row
+
+#: Stream name -> a parser for rows decoded by the fast JSON path, for streams
+#: whose rows hold no free-form JSON.  It returns None where the row needs the
+#: exact decode (extra values, unknown kinds); a float standing in for a big
+#: integer fails its field's type check, and the caller then decodes exactly.
+FAST_ROW_PARSERS: dict[str, Callable[[Any], Row | None]] = {
+    name: cls.from_fast_raw  # type: ignore[attr-defined]
+    for name, cls in ROW_TYPES.items()
+    if not cls.IS_OPEN  # type: ignore[attr-defined]
+}
+FAST_ROW_PARSERS["events"] = _parse_events_row_fast
 
 
 def parse_row(stream: str, raw: Any) -> AnyRow:

@@ -1,75 +1,116 @@
 """The base of every typed stream row, and the fast row parsers behind it.
 
 A stream row arrives as a JSON array whose positions are the row type's
-fields, in Synapse's order.  Each row class declares those fields as attrs
-fields with plain type annotations; :func:`stream_row` then compiles one small
-parser per class that checks every value's type, turns the 0/1 that some
-databases send into booleans and lists into tuples, and keeps any trailing
-values that a newer Synapse added as ``extras``.  Generated code is used
-because row parsing is the hottest path in the library: one straight-line
-function per row type beats a loop over converter objects by a wide margin.
+fields, in Synapse's order.  A row class declares those fields as plain
+annotations; :func:`stream_row` turns it into an immutable tuple subclass
+(the tuple *is* the wire array, normalised: field values in wire order, then
+any values a newer Synapse added, which :attr:`Row.extras` returns) and
+compiles one parser per class that checks each value's type, turns the 0/1
+that some databases send into booleans and JSON lists into tuples.
+
+Why tuples and generated code: row parsing is the library's hottest path.
+Building a tuple costs one C call whatever the number of fields, where a
+frozen attrs or dataclass instance pays one ``object.__setattr__`` per field;
+and one straight-line function per row type beats a loop over converter
+objects.  Named access still works (``row.room_id``), rows compare equal only
+to rows of the same type, and they cannot be mutated.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, Self, TypeVar, dataclass_transform
 
 import attrs
-from typing_extensions import Self
 
 from synrepl.errors import MalformedRowError
 
-__all__ = ("Row", "RawRow", "stream_row")
+__all__ = ("RawRow", "Row", "stream_row")
 
 _R = TypeVar("_R", bound="Row")
 
+try:  # CPython's C accessor behind namedtuple fields: the fastest getter
+    from collections import _tuplegetter  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - other Pythons
 
-# Rows and commands keep their attributes in a __dict__ rather than slots:
-# attrs' frozen __init__ then fills the dict directly, about a third faster
-# than going through object.__setattr__ once per slot, on the hottest path.
-@attrs.frozen(slots=False)
-class Row:
+    def _tuplegetter(index: int, doc: str) -> property:
+        return property(operator.itemgetter(index), doc=doc)
+
+
+class Row(tuple[Any, ...]):
     """A typed, immutable row of one replication stream.
 
-    Attributes:
-        extras: values past the fields this version of synrepl knows, kept so
-            that a row from a newer Synapse loses nothing when re-encoded.
+    Subclasses are declared with :func:`stream_row`; their fields are the
+    annotations, in wire order.
     """
 
+    __slots__ = ()
+
     #: The replication stream this row type belongs to.
-    STREAM: ClassVar[str]
+    STREAM: ClassVar[str] = ""
     #: For ``events`` rows, the sub-row kind on the wire (``ev``, ``state``...).
     TYPE_ID: ClassVar[str | None] = None
-    #: The JSON positions' field names, in wire order.
+    #: The field names, in wire order.
     FIELDS: ClassVar[tuple[str, ...]] = ()
-
-    extras: tuple[Any, ...] = attrs.field(default=(), kw_only=True)
+    #: Each field's annotation (``"str | None"``, ...), in wire order.
+    FIELD_TYPES: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_raw(cls, raw: Any) -> Self:
-        """Build the row from its decoded JSON array (replaced per class)."""
+        """Build the row from its decoded JSON array, checking every field.
+
+        Raises:
+            MalformedRowError: too few values, or a value of the wrong type.
+        """
         raise NotImplementedError(f"{cls.__name__} is not a registered row type")
 
-    def values(self) -> list[Any]:
-        """The known fields' values in wire order (tuples stay tuples)."""
-        return [getattr(self, name) for name in self.FIELDS]
+    @classmethod
+    def from_values(cls, values: Any, extras: Any = ()) -> Self:
+        """Build the row from already-normalised field values (no checks)."""
+        return tuple.__new__(cls, (*values, *extras))
+
+    @property
+    def extras(self) -> tuple[Any, ...]:
+        """Values past the known fields, kept so that a row from a newer Synapse
+        loses nothing when re-encoded."""
+        return tuple(self[len(self.FIELDS) :])
+
+    def values(self) -> tuple[Any, ...]:
+        """The known fields' values, in wire order."""
+        return tuple(self[: len(self.FIELDS)])
 
     def to_raw(self) -> Any:
         """The row as the JSON value Synapse would put on the wire."""
-        values = [_to_json(v) for v in self.values()]
-        values.extend(self.extras)
+        values = [_to_json(v) for v in self]
         if self.TYPE_ID is not None:
             return [self.TYPE_ID, values]
         return values
 
     def as_dict(self) -> dict[str, Any]:
         """Field name -> value, for display and JSON output."""
-        out = {name: _to_json(getattr(self, name)) for name in self.FIELDS}
-        if self.extras:
+        out = {name: _to_json(value) for name, value in zip(self.FIELDS, self, strict=False)}
+        if len(self) > len(self.FIELDS):
             out["extras"] = list(self.extras)
         return out
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and tuple.__eq__(self, other)  # type: ignore[arg-type]
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+    def __repr__(self) -> str:
+        parts = [f"{name}={value!r}" for name, value in zip(self.FIELDS, self, strict=False)]
+        if len(self) > len(self.FIELDS):
+            parts.append(f"extras={self.extras!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (tuple.__new__, (type(self), tuple(self)))
 
 
 @attrs.frozen(slots=False)
@@ -98,35 +139,31 @@ def _to_json(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _row_repr(self: Row) -> str:
-    parts = [f"{name}={getattr(self, name)!r}" for name in self.FIELDS]
-    if self.extras:
-        parts.append(f"extras={self.extras!r}")
-    return f"{type(self).__name__}({', '.join(parts)})"
-
-
 # Per annotation: the check (and conversion) of one value, as source code.
-# ``v`` is the value; ``FAIL(why)`` raises, naming the field.  Unknown annotations fail loudly
-# at import time, so a new row type cannot silently skip validation.
+# ``v`` is the value; ``FAIL(why)`` raises, naming the field.  Unknown
+# annotations fail loudly at import time, so a new row type cannot silently
+# skip validation.  CONVERTS says which checks may replace ``v``.
 _CHECKS: dict[str, str] = {
     "str": "if type(v) is not str: FAIL('expected a string')",
-    "str | None": ("if v is not None and type(v) is not str: FAIL('expected a string or null')"),
+    "str | None": "if v is not None and type(v) is not str: FAIL('expected a string or null')",
     "int": "if type(v) is not int: FAIL('expected an integer')",
-    "int | None": ("if v is not None and type(v) is not int: FAIL('expected an integer or null')"),
+    "int | None": "if v is not None and type(v) is not int: FAIL('expected an integer or null')",
     "bool": (
         "if type(v) is not bool:\n"
         "    if type(v) is int and (v == 0 or v == 1): v = v == 1\n"
         "    else: FAIL('expected a boolean (or 0/1)')"
     ),
     "tuple[str, ...]": (
-        "if type(v) is not list or not all(type(x) is str for x in v):"
-        " FAIL('expected a list of strings')\n"
+        "if type(v) is not list: FAIL('expected a list of strings')\n"
+        "for x in v:\n"
+        "    if type(x) is not str: FAIL('expected a list of strings')\n"
         "v = tuple(v)"
     ),
     "tuple[str, ...] | None": (
         "if v is not None:\n"
-        "    if type(v) is not list or not all(type(x) is str for x in v):"
-        " FAIL('expected a list of strings or null')\n"
+        "    if type(v) is not list: FAIL('expected a list of strings or null')\n"
+        "    for x in v:\n"
+        "        if type(x) is not str: FAIL('expected a list of strings or null')\n"
         "    v = tuple(v)"
     ),
     "tuple[Any, ...] | None": (
@@ -137,46 +174,67 @@ _CHECKS: dict[str, str] = {
     "dict[str, Any]": "if type(v) is not dict: FAIL('expected a JSON object')",
 }
 
+#: Annotations whose values are free-form JSON: a big integer inside could not
+#: be told apart after a fast (orjson) decode, see ``synrepl.commands``.
+OPEN_TYPES = frozenset({"tuple[Any, ...] | None", "dict[str, Any]"})
+
 
 def _indent(code: str, prefix: str) -> str:
     return "\n".join(prefix + line for line in code.splitlines())
 
 
-def _compile_parser(cls: type[Row], stream: str) -> Callable[[Any], Row]:
-    """Generate ``from_raw`` for ``cls``: type checks inline, one pass."""
-    names = cls.FIELDS
-    n = len(names)
-    where = f"{stream}/{cls.TYPE_ID}" if cls.TYPE_ID else stream
+def _compile(cls: type[Row], where: str, *, strict_length: bool) -> Callable[[Any], Any]:
+    """Generate a parser for ``cls``: type checks inline, one pass.
+
+    With ``strict_length`` the parser returns None for a row with extra
+    values instead of keeping them (the caller then re-decodes exactly).
+    """
+    n = len(cls.FIELDS)
     lines = [
-        "def from_raw(raw):",
+        "def parse(raw):",
         "    if type(raw) is not list:",
-        "        raise MalformedRowError(STREAM, 'expected a JSON array', raw)",
+        "        fail_shape(raw)",
         "    n = len(raw)",
         f"    if n < {n}:",
         "        fail_count(n, raw)",
     ]
-    for i, name in enumerate(names):
-        annotation = _annotation(cls, name)
+    for i, (name, annotation) in enumerate(zip(cls.FIELDS, cls.FIELD_TYPES, strict=True)):
         check = _CHECKS.get(annotation)
         if check is None:
             raise TypeError(f"{cls.__name__}.{name}: unsupported type {annotation!r}")
         lines.append(f"    v = raw[{i}]")
         lines.append(_indent(check.replace("FAIL(", f"fail({name!r}, v, raw, "), "    "))
         lines.append(f"    f{i} = v")
-    args = ", ".join(f"f{i}" for i in range(n))
+    values = "".join(f"f{i}, " for i in range(n))
     lines.append(f"    if n > {n}:")
-    lines.append(f"        return cls({args}{', ' if n else ''}extras=tuple(raw[{n}:]))")
-    lines.append(f"    return cls({args})")
+    if strict_length:
+        lines.append("        return None")
+    else:
+        lines.append(f"        return new(cls, ({values}*raw[{n}:]))")
+    lines.append(f"    return new(cls, ({values}))")
     namespace: dict[str, Any] = {
         "cls": cls,
-        "STREAM": where,
-        "MalformedRowError": MalformedRowError,
+        "new": tuple.__new__,
         "fail": functools.partial(_fail, where),
-        "fail_count": functools.partial(_fail_count, where, names),
+        "fail_count": functools.partial(_fail_count, where, cls.FIELDS),
+        "fail_shape": functools.partial(_fail_shape, where),
     }
-    exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own tables
-    parser: Callable[[Any], Row] = namespace["from_raw"]
+    exec("\n".join(lines), namespace)  # generated from our own tables
+    parser: Callable[[Any], Any] = namespace["parse"]
     return parser
+
+
+def _compile_constructor(cls: type[Row]) -> Callable[..., Any]:
+    """``__new__(cls, field, ..., *, extras=())``: the typed constructor."""
+    params = "".join(f"{name}, " for name in cls.FIELDS)
+    source = (
+        f"def __new__(cls, {params}*, extras=()):\n"
+        f"    return new(cls, ({params}*extras))"
+    )
+    namespace: dict[str, Any] = {"new": tuple.__new__}
+    exec(source, namespace)  # generated from our own field names
+    constructor: Callable[..., Any] = namespace["__new__"]
+    return constructor
 
 
 def _fail(stream: str, name: str, value: Any, raw: Any, why: str) -> NoReturn:
@@ -188,20 +246,32 @@ def _fail_count(stream: str, names: tuple[str, ...], got: int, raw: Any) -> NoRe
     raise MalformedRowError(stream, f"expected {len(names)} fields ({expected}), got {got}", raw)
 
 
-def _annotation(cls: type, name: str) -> str:
-    field_type = attrs.fields_dict(cls)[name].type
-    return field_type if isinstance(field_type, str) else repr(field_type)
+def _fail_shape(stream: str, raw: Any) -> NoReturn:
+    raise MalformedRowError(stream, "expected a JSON array", raw)
 
 
+@dataclass_transform(frozen_default=True)
 def stream_row(stream: str, type_id: str | None = None) -> Callable[[type[_R]], type[_R]]:
-    """Class decorator: give an attrs row class its stream, wire order and parser."""
+    """Class decorator: make ``cls`` the row type of ``stream``.
+
+    Gives it its wire order (from the annotations), named field access, a
+    typed constructor and its compiled parsers.
+    """
 
     def register(cls: type[_R]) -> type[_R]:
+        annotations = {k: v for k, v in cls.__dict__.get("__annotations__", {}).items()}
         cls.STREAM = stream
         cls.TYPE_ID = type_id
-        cls.FIELDS = tuple(a.name for a in attrs.fields(cls) if a.name != "extras")
-        cls.__repr__ = _row_repr  # type: ignore[method-assign,assignment]
-        cls.from_raw = staticmethod(_compile_parser(cls, stream))  # type: ignore[method-assign,assignment]
+        cls.FIELDS = tuple(annotations)
+        cls.FIELD_TYPES = tuple(str(t) for t in annotations.values())
+        for index, name in enumerate(cls.FIELDS):
+            setattr(cls, name, _tuplegetter(index, f"Field {index} of the wire row."))
+        cls.__new__ = _compile_constructor(cls)  # type: ignore[method-assign]
+        where = f"{stream}/{type_id}" if type_id else stream
+        cls.from_raw = staticmethod(_compile(cls, where, strict_length=False))  # type: ignore[method-assign,assignment]
+        #: Parser for rows decoded by the fast JSON path: None = decode again exactly.
+        cls.from_fast_raw = staticmethod(_compile(cls, where, strict_length=True))  # type: ignore[attr-defined]
+        cls.IS_OPEN = any(t in OPEN_TYPES for t in cls.FIELD_TYPES)  # type: ignore[attr-defined]
         return cls
 
     return register

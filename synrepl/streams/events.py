@@ -7,15 +7,12 @@ inner row directly; its ``TYPE_ID`` says the kind.
 
 from __future__ import annotations
 
-import attrs
-
 from synrepl.streams._row import Row, stream_row
 
 __all__ = ("EventRow", "CurrentStateRow", "AllStateRow", "BackfillRow")
 
 
 @stream_row("events", "ev")
-@attrs.frozen(slots=False)
 class EventRow(Row):
     """An event was persisted (or stopped being an outlier)."""
 
@@ -31,7 +28,6 @@ class EventRow(Row):
 
 
 @stream_row("events", "state")
-@attrs.frozen(slots=False)
 class CurrentStateRow(Row):
     """One entry of a room's current state changed; ``event_id`` None = removed."""
 
@@ -42,7 +38,6 @@ class CurrentStateRow(Row):
 
 
 @stream_row("events", "state-all")
-@attrs.frozen(slots=False)
 class AllStateRow(Row):
     """A room's whole current state changed at once (too many rows to list)."""
 
@@ -50,7 +45,6 @@ class AllStateRow(Row):
 
 
 @stream_row("backfill")
-@attrs.frozen(slots=False)
 class BackfillRow(Row):
     """An event fetched from history over federation (tokens count upwards)."""
 

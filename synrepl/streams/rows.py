@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
-
 from synrepl.streams._row import Row, stream_row
 
 __all__ = (
@@ -34,7 +32,6 @@ __all__ = (
 
 
 @stream_row("presence")
-@attrs.frozen(slots=False)
 class PresenceRow(Row):
     """A user's presence changed."""
 
@@ -48,7 +45,6 @@ class PresenceRow(Row):
 
 
 @stream_row("presence_federation")
-@attrs.frozen(slots=False)
 class PresenceFederationRow(Row):
     """A presence update must be sent to one remote server."""
 
@@ -57,7 +53,6 @@ class PresenceFederationRow(Row):
 
 
 @stream_row("typing")
-@attrs.frozen(slots=False)
 class TypingRow(Row):
     """The full list of users typing in a room (it replaces the previous one)."""
 
@@ -66,7 +61,6 @@ class TypingRow(Row):
 
 
 @stream_row("receipts")
-@attrs.frozen(slots=False)
 class ReceiptsRow(Row):
     """A read receipt was sent; ``data`` is the receipt body (``{"ts": ...}``)."""
 
@@ -79,7 +73,6 @@ class ReceiptsRow(Row):
 
 
 @stream_row("push_rules")
-@attrs.frozen(slots=False)
 class PushRulesRow(Row):
     """A user's push rules changed."""
 
@@ -87,7 +80,6 @@ class PushRulesRow(Row):
 
 
 @stream_row("pushers")
-@attrs.frozen(slots=False)
 class PushersRow(Row):
     """A pusher was added, changed or (``deleted``) removed."""
 
@@ -98,7 +90,6 @@ class PushersRow(Row):
 
 
 @stream_row("caches")
-@attrs.frozen(slots=False)
 class CachesRow(Row):
     """Invalidate a cache entry; ``keys`` None means the whole cache."""
 
@@ -108,7 +99,6 @@ class CachesRow(Row):
 
 
 @stream_row("device_lists")
-@attrs.frozen(slots=False)
 class DeviceListsRow(Row):
     """A user's devices (or cross-signing signatures) changed."""
 
@@ -118,7 +108,6 @@ class DeviceListsRow(Row):
 
 
 @stream_row("to_device")
-@attrs.frozen(slots=False)
 class ToDeviceRow(Row):
     """A to-device message waits for ``entity`` (a local user or a server)."""
 
@@ -126,7 +115,6 @@ class ToDeviceRow(Row):
 
 
 @stream_row("federation")
-@attrs.frozen(slots=False)
 class FederationRow(Row):
     """Something queued for a federation sender; ``type`` says how to read ``data``."""
 
@@ -135,7 +123,6 @@ class FederationRow(Row):
 
 
 @stream_row("account_data")
-@attrs.frozen(slots=False)
 class AccountDataRow(Row):
     """Global (``room_id`` None) or per-room account data, or tags, changed."""
 
@@ -145,7 +132,6 @@ class AccountDataRow(Row):
 
 
 @stream_row("sticky_events")
-@attrs.frozen(slots=False)
 class StickyEventsRow(Row):
     """A sticky event (MSC4354) changed in a room."""
 
@@ -154,7 +140,6 @@ class StickyEventsRow(Row):
 
 
 @stream_row("thread_subscriptions")
-@attrs.frozen(slots=False)
 class ThreadSubscriptionsRow(Row):
     """A user's subscription to a thread (by its root event) changed."""
 
@@ -164,7 +149,6 @@ class ThreadSubscriptionsRow(Row):
 
 
 @stream_row("un_partial_stated_room")
-@attrs.frozen(slots=False)
 class UnPartialStatedRoomRow(Row):
     """A room joined with partial state now has its full state."""
 
@@ -172,7 +156,6 @@ class UnPartialStatedRoomRow(Row):
 
 
 @stream_row("un_partial_stated_event")
-@attrs.frozen(slots=False)
 class UnPartialStatedEventRow(Row):
     """An event's partial state was completed; its rejection may have changed."""
 
@@ -181,7 +164,6 @@ class UnPartialStatedEventRow(Row):
 
 
 @stream_row("quarantined_media")
-@attrs.frozen(slots=False)
 class QuarantinedMediaRow(Row):
     """Media was (un)quarantined; ``origin`` is None for local media."""
 
@@ -191,7 +173,6 @@ class QuarantinedMediaRow(Row):
 
 
 @stream_row("profile_updates")
-@attrs.frozen(slots=False)
 class ProfileUpdatesRow(Row):
     """A profile changed (``update``) or a user joined/left a room.
 

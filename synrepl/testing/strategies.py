@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 from hypothesis import strategies as st
 
 from synrepl import commands as c
@@ -95,8 +94,7 @@ _FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 
 def rows(row_type: type[Row], *, extras: bool = False) -> st.SearchStrategy[Row]:
     """Rows of one row type; with ``extras``, sometimes trailing unknown values."""
-    fields = attrs.fields_dict(row_type)
-    values = [_FIELD_STRATEGIES[str(fields[name].type)] for name in row_type.FIELDS]
+    values = [_FIELD_STRATEGIES[annotation] for annotation in row_type.FIELD_TYPES]
     extra = st.lists(json_values(3), max_size=2).map(tuple) if extras else st.just(())
     return st.builds(lambda vals, ext: row_type(*vals, extras=ext), st.tuples(*values), extra)
 
