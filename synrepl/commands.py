@@ -17,12 +17,12 @@ from collections.abc import Callable, Collection
 from typing import Any, ClassVar
 
 import attrs
+import orjson
 
 from synrepl import _json
 from synrepl.errors import (
     EncodeError,
     MalformedCommandError,
-    MalformedRowError,
     UnknownCommandError,
 )
 from synrepl.streams import AnyRow, RawRow
@@ -235,6 +235,22 @@ class ServerCommand(TextCommand):
     NAME: ClassVar[str] = "SERVER"
 
 
+def _lean_init(cls: type[Command]) -> None:
+    """Give a dict-backed frozen attrs class an ``__init__`` that only fills
+    the instance dict: attrs' own also fetches a setattr helper that these
+    classes never use, a measurable cost on the parse path."""
+    names = [a.name for a in attrs.fields(cls)]
+    if not names:
+        return
+    params = ", ".join(names)
+    body = "\n".join(f"    d[{name!r}] = {name}" for name in names)
+    namespace: dict[str, Any] = {}
+    source = f"def __init__(self, {params}):\n    d = self.__dict__\n{body}"
+    exec(source, namespace)  # noqa: S102 - built from our own field names
+    namespace["__init__"].__doc__ = cls.__init__.__doc__
+    cls.__init__ = namespace["__init__"]  # type: ignore[misc]
+
+
 #: Every command class by its wire name.
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.NAME: cls
@@ -256,6 +272,9 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         CancelTaskCommand,
     )
 }
+
+for _cls in COMMAND_TYPES.values():
+    _lean_init(_cls)
 
 # ---------------------------------------------------------------- parsing
 
@@ -285,6 +304,7 @@ def _word(text: str, what: str) -> str:
 
 _loads = _json.loads
 _loads_fast = _json.loads_fast
+_orjson_loads = orjson.loads
 
 
 def _json_arg(text: str, what: str) -> Any:
@@ -319,20 +339,25 @@ def _parse_user_sync(args: str) -> UserSyncCommand:
     parts = args.split(" ")
     if len(parts) == 5:
         instance, user, device_text, state, last_sync = parts
-        device: str | None = None if device_text == "None" else _word(device_text, "device_id")
     elif len(parts) == 4:  # before Synapse 1.92: no device
         instance, user, state, last_sync = parts
-        device = None
+        device_text = "None"
     else:
         raise _Bad("expected <instance> <user> <device> <start|end> <last_sync_ms>")
-    if state not in ("start", "end"):
+    if not instance or not user or not device_text:  # split(" ") leaves no spaces inside
+        raise _Bad("instance_id, user_id and device_id must not be empty")
+    if state != "start" and state != "end":
         raise _Bad(f"state must be 'start' or 'end', not {state[:40]!r}")
+    if last_sync.isdigit() and last_sync.isascii():
+        last_sync_ms = int(last_sync)
+    else:
+        last_sync_ms = _int(last_sync, "last_sync_ms")
     return UserSyncCommand(
-        _word(instance, "instance_id"),
-        _word(user, "user_id"),
-        device,
+        instance,
+        user,
+        None if device_text == "None" else device_text,
         state == "start",
-        _int(last_sync, "last_sync_ms"),
+        last_sync_ms,
     )
 
 
@@ -351,7 +376,16 @@ def _parse_user_ip(args: str) -> UserIpCommand:
     user, sep, payload = args.partition(" ")
     if not sep:
         raise _Bad("expected <user> <JSON array>")
-    value = _json_arg(payload, "payload")
+    _word(user, "user_id")
+    try:
+        return _user_ip(user, _loads_fast(payload))
+    except _Bad:  # a big last_seen read as a float? the exact decode decides
+        return _user_ip(user, _json_arg(payload, "payload"))
+    except (ValueError, RecursionError):
+        return _user_ip(user, _json_arg(payload, "payload"))
+
+
+def _user_ip(user: str, value: Any) -> UserIpCommand:
     if type(value) is not list or len(value) != 5:
         raise _Bad("payload must be [access_token, ip, user_agent, device_id, last_seen]")
     access_token, ip, user_agent, device_id, last_seen = value
@@ -361,7 +395,7 @@ def _parse_user_ip(args: str) -> UserIpCommand:
         raise _Bad("device_id must be a string or null")
     if type(last_seen) is not int:
         raise _Bad("last_seen must be an integer")
-    return UserIpCommand(_word(user, "user_id"), access_token, ip, user_agent, device_id, last_seen)
+    return UserIpCommand(user, access_token, ip, user_agent, device_id, last_seen)
 
 
 def _parse_lock_released(args: str) -> LockReleasedCommand:
@@ -441,6 +475,15 @@ def parse_line(line: str) -> Command:
                 token = int(token_text)
             else:
                 token = _int(token_text, "token")
+            # The fast path (see _parse_rdata_row), inlined: no calls but the parser.
+            fast = _fast_row_parsers.get(stream)
+            if fast is not None:
+                try:
+                    row = fast(_orjson_loads(row_json))
+                except ValueError:  # bad JSON or row, or a big int read as a float
+                    row = None
+                if row is not None:
+                    return RdataCommand(stream, instance, token, row)
             return RdataCommand(stream, instance, token, _parse_rdata_row(stream, row_json))
         parser = _PARSERS.get(name)
         if parser is None:
@@ -453,21 +496,14 @@ def parse_line(line: str) -> Command:
 
 
 def _parse_rdata_row(stream: str, row_json: str) -> AnyRow:
-    """Decode and type one RDATA row.
+    """Decode and type one RDATA row exactly.
 
-    Streams whose rows hold no free-form JSON take orjson's answer as it
-    comes (see ``FAST_ROW_PARSERS``); anything the fast path cannot vouch for
-    (a type error that a big integer read as a float might explain, extra
-    values, an unknown kind) is decoded again exactly.
+    ``parse_line`` first tries a fast path for streams whose rows hold no
+    free-form JSON: orjson's answer taken as it comes (see
+    ``FAST_ROW_PARSERS``).  Whatever that path cannot vouch for comes here: a
+    type error that a big integer read as a float might explain, extra values,
+    an unknown kind, JSON that orjson refuses, and the free-form streams.
     """
-    fast = _fast_row_parsers.get(stream)
-    if fast is not None:
-        try:
-            row = fast(_loads_fast(row_json))
-        except (ValueError, RecursionError):  # MalformedRowError included
-            row = None
-        if row is not None:
-            return row
     try:
         raw = _loads(row_json)
     except (ValueError, RecursionError) as e:

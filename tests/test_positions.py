@@ -448,6 +448,31 @@ def test_connection_lost_during_fetch() -> None:
     assert sp.receive(pos("events", "master", 13, 13)) == [FetchNeeded("events", "master", 12, 13)]
 
 
+def test_position_queued_before_connection_lost_does_not_connect() -> None:
+    """A POSITION queued on the old connection is forgotten with it: it must not make the
+    pair connected on the new one, where rows sent meanwhile were missed."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 12))
+    sp.receive(pos("events", "master", 12, 13))
+    sp.connection_lost()
+    sp.fetched("events", "master", [], 12, False)
+    assert not sp.is_connected("events", "master")
+    assert sp.receive(rdata("events", "master", 20, 20)) == []
+
+
+def test_rdata_after_reconnect_waits_for_position_even_when_a_fetch_ends() -> None:
+    """RDATA sent on the new connection before the writer's POSITION, queued behind a fetch
+    from the old connection, is dropped: the POSITION will reveal the rows in between."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 12))
+    sp.connection_lost()
+    sp.receive(rdata("events", "master", 20, 20))
+    assert sp.fetched("events", "master", [], 12, False) == [
+        PositionAdvanced("events", "master", 12)
+    ]
+    assert sp.receive(pos("events", "master", 20, 20)) == [FetchNeeded("events", "master", 12, 20)]
+
+
 # ---------------------------------------------------------------- rule 7: failed fetches
 
 

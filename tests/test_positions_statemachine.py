@@ -98,15 +98,20 @@ class PositionsMachine(RuleBasedStateMachine):
         backlog=st.lists(st.integers(0, 3), min_size=len(PAIRS), max_size=len(PAIRS)),
         prompt=st.booleans(),
     )
-    def start(self, max_buffered: int, from_now: set[Pair], backlog: list[int], prompt: bool) -> None:
+    def start(
+        self, max_buffered: int, from_now: set[Pair], backlog: list[int], prompt: bool
+    ) -> None:
         """Writers may already have rows (a backlog to catch up); the consumer starts from
         token 0 of each pair, or "from now" for a few."""
         self.max_buffered = max_buffered
         self.writers = {
-            name: Writer(name, {s: WriterStream() for s, ws in WRITERS_BY_STREAM.items() if name in ws})
+            name: Writer(
+                name, {s: WriterStream() for s, ws in WRITERS_BY_STREAM.items() if name in ws}
+            )
             for name in WRITERS
         }
         self.up = False  # the backlog was written before we connected
+        self.sent_since_connect: dict[Pair, int] = {}
         self.next_row = 0
         for pair, count in zip(PAIRS, backlog):
             for _ in range(count):
@@ -200,6 +205,8 @@ class PositionsMachine(RuleBasedStateMachine):
     def publish_line(self, writer: Writer, cmd: Command) -> None:
         if self.up:
             writer.wire.append(cmd)
+            if isinstance(cmd, RdataCommand) and cmd.token is not None:
+                self.sent_since_connect[(cmd.stream_name, writer.name)] = cmd.token
 
     @rule(pair=st.sampled_from(PAIRS), nrows=st.integers(1, 3))
     def publish(self, pair: Pair, nrows: int) -> None:
@@ -284,6 +291,7 @@ class PositionsMachine(RuleBasedStateMachine):
     def disconnect(self) -> None:
         """Everything in flight and everything sent until we reconnect is lost."""
         self.up = False
+        self.sent_since_connect.clear()
         for writer in self.writers.values():
             writer.wire.clear()
 
@@ -291,6 +299,7 @@ class PositionsMachine(RuleBasedStateMachine):
         """connection_lost, then every writer owes REPLICATE an answer (``prompt``: they
         all answer before sending anything else)."""
         self.up = True
+        self.sent_since_connect.clear()
         self.absorb(self.sp.connection_lost())
         for name, writer in self.writers.items():
             writer.wire.clear()
@@ -311,7 +320,11 @@ class PositionsMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ HTTP catch-up
 
     @precondition(lambda self: self.outstanding)
-    @rule(index=st.integers(0, 20), mode=st.sampled_from(["full", "page", "fail"]), page=st.integers(1, 3))
+    @rule(
+        index=st.integers(0, 20),
+        mode=st.sampled_from(["full", "page", "fail"]),
+        page=st.integers(1, 3),
+    )
     def serve_fetch(self, index: int, mode: str, page: int) -> None:
         """A pending fetch is answered: all at once, in limited pages, or failing."""
         pair = sorted(self.outstanding)[index % len(self.outstanding)]
@@ -368,6 +381,27 @@ class PositionsMachine(RuleBasedStateMachine):
         assert set(self.outstanding) == {p for p in PAIRS if self.sp.is_fetching(*p)}
 
     @invariant()
+    def no_holes_below_the_tokens(self) -> None:
+        """A token is a promise: every row at or below it was delivered (or excused)."""
+        for pair in PAIRS:
+            cur = self.tokens[pair]
+            if cur is not None:
+                assert not self.lost_rows(pair, cur)
+
+    def lost_rows(self, pair: Pair, upto: int) -> list[str]:
+        """Rows of ``pair`` up to ``upto`` neither delivered nor excused by a reported gap
+        or a "from now" start."""
+        history = self.writers[pair[1]].streams[pair[0]].history
+        lost = []
+        for token, rows in history.items():
+            if token > upto or token <= self.excused_upto.get(pair, -1):
+                continue
+            if any(p == pair and lo < token <= hi for p, lo, hi in self.gaps):
+                continue
+            lost += [f"{label(r)}@{token}" for r in rows if label(r) not in self.delivered]
+        return lost
+
+    @invariant()
     def waiters_pending_only_below(self) -> None:
         for pair, wanted in self.waiters.values():
             cur = self.tokens[pair]
@@ -394,20 +428,21 @@ class PositionsMachine(RuleBasedStateMachine):
         for name in WRITERS:
             self.answer_replicate(name)
         self.settle()
+        # Without waiting for any further POSITION, a connected pair has everything
+        # sent on this connection.
+        for pair, sent in self.sent_since_connect.items():
+            if self.sp.is_connected(*pair):
+                cur = self.tokens[pair]
+                assert cur is not None and cur >= sent, (pair, cur, sent)
         for pair in PAIRS:
             self.announce(pair)
         self.settle()
-        for (stream, name), cur in self.tokens.items():
-            ws = self.writers[name].streams[stream]
-            assert cur == ws.token, (stream, name, cur, ws.token)
-            assert self.sp.is_connected(stream, name)
-            for token, rows in ws.history.items():
-                for row in rows:
-                    if label(row) in self.delivered:
-                        continue
-                    assert token <= self.excused_upto.get((stream, name), -1) or any(
-                        p == (stream, name) and lo < token <= hi for p, lo, hi in self.gaps
-                    ), f"row {label(row)} at {stream}/{name} {token} was silently lost"
+        for pair, cur in self.tokens.items():
+            ws = self.writers[pair[1]].streams[pair[0]]
+            assert cur == ws.token, (pair, cur, ws.token)
+            assert self.sp.is_connected(*pair)
+            lost = self.lost_rows(pair, ws.token)
+            assert not lost, f"silently lost on {pair}: {lost}"
         for stream, writers in WRITERS_BY_STREAM.items():
             assert self.sp.persisted_upto(stream) == min(
                 self.writers[w].streams[stream].token for w in writers

@@ -19,6 +19,7 @@ to rows of the same type, and they cannot be mutated.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 from collections.abc import Callable
 from typing import Any, ClassVar, NoReturn, Self, TypeVar, dataclass_transform
@@ -219,7 +220,7 @@ def _compile(cls: type[Row], where: str, *, strict_length: bool) -> Callable[[An
         "fail_count": functools.partial(_fail_count, where, cls.FIELDS),
         "fail_shape": functools.partial(_fail_shape, where),
     }
-    exec("\n".join(lines), namespace)  # generated from our own tables
+    exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own tables
     parser: Callable[[Any], Any] = namespace["parse"]
     return parser
 
@@ -227,12 +228,9 @@ def _compile(cls: type[Row], where: str, *, strict_length: bool) -> Callable[[An
 def _compile_constructor(cls: type[Row]) -> Callable[..., Any]:
     """``__new__(cls, field, ..., *, extras=())``: the typed constructor."""
     params = "".join(f"{name}, " for name in cls.FIELDS)
-    source = (
-        f"def __new__(cls, {params}*, extras=()):\n"
-        f"    return new(cls, ({params}*extras))"
-    )
+    source = f"def __new__(cls, {params}*, extras=()):\n    return new(cls, ({params}*extras))"
     namespace: dict[str, Any] = {"new": tuple.__new__}
-    exec(source, namespace)  # generated from our own field names
+    exec(source, namespace)  # noqa: S102 - generated from our own field names
     constructor: Callable[..., Any] = namespace["__new__"]
     return constructor
 
@@ -259,7 +257,7 @@ def stream_row(stream: str, type_id: str | None = None) -> Callable[[type[_R]], 
     """
 
     def register(cls: type[_R]) -> type[_R]:
-        annotations = {k: v for k, v in cls.__dict__.get("__annotations__", {}).items()}
+        annotations = inspect.get_annotations(cls)
         cls.STREAM = stream
         cls.TYPE_ID = type_id
         cls.FIELDS = tuple(annotations)
