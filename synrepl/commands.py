@@ -248,7 +248,7 @@ def _lean_init(cls: type[Command]) -> None:
     source = f"def __init__(self, {params}):\n    d = self.__dict__\n{body}"
     exec(source, namespace)  # noqa: S102 - built from our own field names
     namespace["__init__"].__doc__ = cls.__init__.__doc__
-    cls.__init__ = namespace["__init__"]  # type: ignore[misc]
+    cls.__init__ = namespace["__init__"]  # type: ignore[method-assign]
 
 
 #: Every command class by its wire name.

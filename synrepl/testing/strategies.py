@@ -96,7 +96,7 @@ def rows(row_type: type[Row], *, extras: bool = False) -> st.SearchStrategy[Row]
     """Rows of one row type; with ``extras``, sometimes trailing unknown values."""
     values = [_FIELD_STRATEGIES[annotation] for annotation in row_type.FIELD_TYPES]
     extra = st.lists(json_values(3), max_size=2).map(tuple) if extras else st.just(())
-    return st.builds(lambda vals, ext: row_type(*vals, extras=ext), st.tuples(*values), extra)
+    return st.builds(lambda vals, ext: row_type.from_values(vals, ext), st.tuples(*values), extra)
 
 
 def rows_for(stream: str, *, extras: bool = False) -> st.SearchStrategy[Row]:
