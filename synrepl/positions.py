@@ -60,13 +60,15 @@ The rules, for a pair whose token is ``cur``:
    and then those rows come back through the fetch).
 5. While a pair is fetching, its commands are queued: numeric RDATA as one
    entry carrying its whole batch, ``POSITION`` as itself.  The queue holds
-   at most ``max_buffered`` entries.  When it would overflow it is
-   collapsed into one entry that stands for its highest token X: a
-   ``POSITION X X`` if it held a ``POSITION``, otherwise a "missed up to
-   X" marker.  Replaying that entry later triggers the ordinary gap rule,
-   so the forgotten rows are fetched again instead of lost.  A batch that
-   grows past ``max_buffered`` rows is forgotten the same way: its
-   completing RDATA at token T becomes a fetch of ``(cur, T]``.
+   at most ``max_buffered`` rows (a POSITION counts as one).  When it would
+   hold more, it is collapsed into one entry standing for its highest token
+   X (on a resettable stream: its latest): a ``POSITION X X`` if it held a
+   ``POSITION``, otherwise a "missed up to X" marker.  Replaying that entry
+   later triggers the ordinary gap rule, so the forgotten rows are fetched
+   again instead of lost.  A batch that grows past ``max_buffered`` rows is
+   forgotten the same way: its completing RDATA at token T becomes a fetch
+   of ``(cur, T]``.  So one pair never holds more than about twice
+   ``max_buffered`` rows.
 6. :meth:`fetched` delivers the rows above ``cur`` grouped by token
    (``RowsReceived(fetched=True)``).  A limited page moves the token to
    the page's end and asks for the next page; the last page moves it to the
@@ -281,6 +283,8 @@ class _Fetch:
     #: connection it was started on is gone.
     connect: bool
     queue: deque[_Entry] = attrs.Factory(deque)
+    #: Rows held in ``queue`` (a POSITION or stand-in counts as one).
+    size: int = 0
 
 
 @attrs.define
@@ -303,6 +307,10 @@ def _entry_token(entry: _Entry) -> int:
     return entry.token
 
 
+def _entry_size(entry: _Entry) -> int:
+    return len(entry.rows) if isinstance(entry, _Rows) else 1
+
+
 # ---------------------------------------------------------------- the machine
 
 
@@ -320,8 +328,8 @@ class StreamPositions:
             :meth:`persisted_upto`.
         resettable_streams: streams whose tokens may go back when their
             writer restarts; defaults to :data:`RESETTABLE_STREAMS`.
-        max_buffered: the most entries one pair's fetch-time queue, and rows
-            one pending batch, may hold (see rule 5 above).
+        max_buffered: the most rows one pair's fetch-time queue, and one
+            pending batch, may hold (see rule 5 above).
 
     Raises:
         ValueError: ``max_buffered`` is below 1.
@@ -513,6 +521,7 @@ class StreamPositions:
                 if pair.fetch is not None:
                     pair.fetch.connect = False
                     pair.fetch.queue.clear()
+                    pair.fetch.size = 0
         return []
 
     # ------------------------------------------------------------ wire commands
@@ -638,10 +647,12 @@ class StreamPositions:
                 out.append(StreamReset(pair.stream, pair.writer, cur, new))
 
     def _enqueue(self, pair: _Pair, entry: _Entry) -> None:
-        assert pair.fetch is not None
-        queue = pair.fetch.queue
+        fetch = pair.fetch
+        assert fetch is not None
+        queue = fetch.queue
         queue.append(entry)
-        if len(queue) <= self.max_buffered:
+        fetch.size += _entry_size(entry)
+        if fetch.size <= self.max_buffered:
             return
         # Forget the queue, but keep its furthest token so that replaying the
         # stand-in fetches everything it held.
@@ -658,6 +669,7 @@ class StreamPositions:
         else:
             stand_in = _Missed(upto)
         queue.append(stand_in)
+        fetch.size = 1
 
     def _start_fetch(self, pair: _Pair, upto: int, connect: bool, out: list[Event]) -> None:
         pair.fetch = _Fetch(upto, connect)
@@ -689,6 +701,7 @@ class StreamPositions:
             if pair.fetch is not None:
                 # A replayed entry started another fetch: the rest waits for it.
                 pair.fetch.queue.extend(queue)
+                pair.fetch.size = sum(map(_entry_size, queue))
                 return
 
     def _fetching(self, stream: str, writer: str, what: str) -> _Pair:

@@ -407,6 +407,20 @@ def test_queue_overflow_keeps_a_position_as_position() -> None:
     assert sp.is_connected("events", "master")
 
 
+def test_queue_bound_counts_rows_not_commands() -> None:
+    """A queued batch counts with all its rows, so one big batch cannot pile up
+    max_buffered times over; it is refetched instead."""
+    sp = connected(10, max_buffered=3)
+    sp.receive(pos("events", "master", 12, 12))
+    for n in range(3):
+        sp.receive(rdata("events", "master", None, n))
+    sp.receive(rdata("events", "master", 13, 3))
+    assert sp.counters.buffer_overflows == 1
+    assert sp.fetched("events", "master", [], 12, False)[-1] == FetchNeeded(
+        "events", "master", 12, 13
+    )
+
+
 def test_batch_overflow_becomes_a_fetch() -> None:
     """A batch longer than max_buffered is forgotten; its token is fetched instead."""
     sp = connected(10, max_buffered=2)

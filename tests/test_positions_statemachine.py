@@ -44,7 +44,6 @@ from synrepl.positions import (
     PositionReached,
     RowsReceived,
     StreamPositions,
-    StreamReset,
 )
 from synrepl.streams import AnyRow, parse_row
 
@@ -113,7 +112,7 @@ class PositionsMachine(RuleBasedStateMachine):
         self.up = False  # the backlog was written before we connected
         self.sent_since_connect: dict[Pair, int] = {}
         self.next_row = 0
-        for pair, count in zip(PAIRS, backlog):
+        for pair, count in zip(PAIRS, backlog, strict=True):
             for _ in range(count):
                 self.publish(pair, 2)
         self.up = True
@@ -182,10 +181,9 @@ class PositionsMachine(RuleBasedStateMachine):
                 assert pair == (event.stream, event.writer)
                 assert event.token == self.tokens[pair]
                 assert event.token >= wanted
-            elif isinstance(event, StreamReset):
-                raise AssertionError(f"no writer restarts here, yet {event!r}")
             else:  # pragma: no cover
-                raise AssertionError(f"unknown event {event!r}")
+                # No writer restarts here, so no StreamReset either.
+                raise TypeError(f"unexpected event {event!r}")
 
     def receive(self, cmd: Command) -> None:
         assert isinstance(cmd, (RdataCommand, PositionCommand))
