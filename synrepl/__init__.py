@@ -39,6 +39,7 @@ from synrepl.errors import (
     SynreplError,
     UnknownCommandError,
 )
+from synrepl.positions import StreamPositions
 
 __version__ = "0.1.0.dev0"
 
@@ -66,6 +67,7 @@ __all__ = (
     "ErrorCommand",
     "NameCommand",
     "ServerCommand",
+    "StreamPositions",
     "SynreplError",
     "ProtocolError",
     "MalformedCommandError",

@@ -14,16 +14,22 @@ real second row, so it is not tried.)
 Invariants, checked after every step:
 - a row is delivered at most once, with exactly the rows of its token, and
   each pair's tokens only go up;
+- a token is a promise: every row at or below it was delivered, or lies
+  before a "from now" writer's first POSITION, or inside a reported
+  GapUnfillable range;
 - every token move is announced by an event, so the events alone track
   ``current_token`` exactly;
-- each FetchNeeded starts at our token, and one caused by a POSITION asks
-  for exactly (our token, POSITION new];
-- waiters fire only when reached.
+- each FetchNeeded starts at our token, never asks beyond what the writer
+  has, and one caused by a POSITION asks for exactly (our token, new];
+- a pair has a fetch outstanding exactly while it is fetching;
+- waiters fire only when reached, and with the current token.
 
-At teardown the connection comes back, every writer announces its position
-and every fetch is served; then every row was delivered, except rows before
-a "from now" writer's first POSITION and rows inside a reported
-GapUnfillable range.
+At teardown the connection comes back and every writer answers REPLICATE;
+once the wire is drained and fetches are served, a connected pair has every
+RDATA sent on the current connection (no further POSITION needed).  Then
+every writer announces its position once more and, after serving again,
+every pair is connected at the writer's token and every row was delivered
+or is excused as above.
 """
 
 from __future__ import annotations
