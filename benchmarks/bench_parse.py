@@ -71,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--stream", default="events", help="the one stream of the selective run")
+    ap.add_argument(
+        "--each-stream",
+        action="store_true",
+        help="also the selective ratio for every stream in the corpus",
+    )
     args = ap.parse_args(argv)
 
     lines = corpus_lines()
@@ -94,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate = best_rate(parse, lines, args.rounds)
         baseline = baseline or rate
         print(f"  {label:<40} {rate:>12,.0f} commands/s   {rate / baseline:5.2f}x")
+    if args.each_stream:
+        print("SelectiveParser(one stream), against the same baseline:")
+        streams = sorted({line.split(" ", 2)[1] for line in lines if line.startswith("RDATA ")})
+        for stream in streams:
+            select = synrepl.SelectiveParser(streams={stream}, commands={"RDATA", "POSITION"})
+            share = sum(1 for line in lines if line.startswith(f"RDATA {stream} ")) / len(lines)
+            rate = best_rate(select, lines, args.rounds)
+            print(f"  {stream:<24} {share:6.1%} of lines   {rate / baseline:5.2f}x")
     return 0
 
 

@@ -7,7 +7,7 @@ from types import MappingProxyType
 from typing import Any
 
 from synrepl.streams import events, rows
-from synrepl.streams._row import RawRow, Row
+from synrepl.streams._row import RawRow, Row, compile_kind_dispatch
 
 __all__ = ("ROW_TYPES", "EVENTS_ROW_TYPES", "STREAM_NAMES", "AnyRow", "parse_row")
 
@@ -50,7 +50,6 @@ ROW_TYPES: Mapping[str, type[Row]] = MappingProxyType({cls.STREAM: cls for cls i
 STREAM_NAMES: tuple[str, ...] = ("events", *ROW_TYPES)
 
 _events_parsers = {kind: cls.from_raw for kind, cls in EVENTS_ROW_TYPES.items()}
-_events_fast_parsers = {kind: cls.from_fast_raw for kind, cls in EVENTS_ROW_TYPES.items()}  # type: ignore[attr-defined]
 
 
 def _parse_events_row(raw: Any) -> AnyRow:
@@ -59,15 +58,6 @@ def _parse_events_row(raw: Any) -> AnyRow:
         if parser is not None:
             return parser(raw[1])
     return RawRow("events", raw)
-
-
-def _parse_events_row_fast(raw: Any) -> Row | None:
-    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str:
-        parser = _events_fast_parsers.get(raw[0])
-        if parser is not None:
-            row: Row | None = parser(raw[1])
-            return row
-    return None  # an unknown kind becomes a RawRow: decode it exactly
 
 
 #: Stream name -> its row parser.
@@ -85,7 +75,7 @@ FAST_ROW_PARSERS: dict[str, Callable[[Any], Row | None]] = {
     for name, cls in ROW_TYPES.items()
     if not cls.IS_OPEN  # type: ignore[attr-defined]
 }
-FAST_ROW_PARSERS["events"] = _parse_events_row_fast
+FAST_ROW_PARSERS["events"] = compile_kind_dispatch(EVENTS_ROW_TYPES)
 
 
 def parse_row(stream: str, raw: Any) -> AnyRow:

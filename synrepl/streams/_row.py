@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NoReturn, Self, TypeVar, dataclass_transform
 
 import attrs
@@ -184,45 +184,81 @@ def _indent(code: str, prefix: str) -> str:
     return "\n".join(prefix + line for line in code.splitlines())
 
 
-def _compile(cls: type[Row], where: str, *, strict_length: bool) -> Callable[[Any], Any]:
-    """Generate a parser for ``cls``: type checks inline, one pass.
-
-    With ``strict_length`` the parser returns None for a row with extra
-    values instead of keeping them (the caller then re-decodes exactly).
-    """
+def _parser_body(
+    cls: type[Row], key: str, *, strict_length: bool
+) -> tuple[list[str], dict[str, Any]]:
+    """The statements (indented one level) that check ``raw`` and return a
+    ``cls`` row, and the names they need.  ``key`` keeps names apart when
+    several bodies share one function."""
+    where = f"{cls.STREAM}/{cls.TYPE_ID}" if cls.TYPE_ID else cls.STREAM
     n = len(cls.FIELDS)
     lines = [
-        "def parse(raw):",
         "    if type(raw) is not list:",
-        "        fail_shape(raw)",
+        f"        fail_shape{key}(raw)",
         "    n = len(raw)",
         f"    if n < {n}:",
-        "        fail_count(n, raw)",
+        f"        fail_count{key}(n, raw)",
     ]
     for i, (name, annotation) in enumerate(zip(cls.FIELDS, cls.FIELD_TYPES, strict=True)):
         check = _CHECKS.get(annotation)
         if check is None:
             raise TypeError(f"{cls.__name__}.{name}: unsupported type {annotation!r}")
         lines.append(f"    v = raw[{i}]")
-        lines.append(_indent(check.replace("FAIL(", f"fail({name!r}, v, raw, "), "    "))
+        lines.append(_indent(check.replace("FAIL(", f"fail{key}({name!r}, v, raw, "), "    "))
         lines.append(f"    f{i} = v")
     values = "".join(f"f{i}, " for i in range(n))
     lines.append(f"    if n > {n}:")
     if strict_length:
         lines.append("        return None")
     else:
-        lines.append(f"        return new(cls, ({values}*raw[{n}:]))")
-    lines.append(f"    return new(cls, ({values}))")
-    namespace: dict[str, Any] = {
-        "cls": cls,
+        lines.append(f"        return new(cls{key}, ({values}*raw[{n}:]))")
+    lines.append(f"    return new(cls{key}, ({values}))")
+    names: dict[str, Any] = {
+        f"cls{key}": cls,
         "new": tuple.__new__,
-        "fail": functools.partial(_fail, where),
-        "fail_count": functools.partial(_fail_count, where, cls.FIELDS),
-        "fail_shape": functools.partial(_fail_shape, where),
+        f"fail{key}": functools.partial(_fail, where),
+        f"fail_count{key}": functools.partial(_fail_count, where, cls.FIELDS),
+        f"fail_shape{key}": functools.partial(_fail_shape, where),
     }
-    exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own tables
+    return lines, names
+
+
+def _function(source: list[str], namespace: dict[str, Any]) -> Callable[[Any], Any]:
+    exec("\n".join(source), namespace)  # noqa: S102 - generated from our own tables
     parser: Callable[[Any], Any] = namespace["parse"]
     return parser
+
+
+def _compile(cls: type[Row], *, strict_length: bool) -> Callable[[Any], Any]:
+    """Generate a parser for ``cls``: type checks inline, one pass.
+
+    With ``strict_length`` the parser returns None for a row with extra
+    values instead of keeping them (the caller then re-decodes exactly).
+    """
+    body, namespace = _parser_body(cls, "", strict_length=strict_length)
+    return _function(["def parse(raw):", *body], namespace)
+
+
+def compile_kind_dispatch(kinds: Mapping[str, type[Row]]) -> Callable[[Any], Row | None]:
+    """A fast-path parser for ``[kind, [fields...]]`` rows (the events stream):
+    the kinds' checks inlined in one function, so one call parses a row.
+
+    Returns None for an unknown kind or extra values (decode exactly then).
+    """
+    source = [
+        "def parse(wrapped):",
+        "    if type(wrapped) is not list or len(wrapped) != 2:",
+        "        return None",
+        "    kind, raw = wrapped",
+    ]
+    namespace: dict[str, Any] = {}
+    for index, (kind, cls) in enumerate(kinds.items()):
+        body, names = _parser_body(cls, f"_{index}", strict_length=True)
+        source.append(f"    {'if' if index == 0 else 'elif'} kind == {kind!r}:")
+        source.extend(_indent(line, "    ") for line in body)
+        namespace.update(names)
+    source.append("    return None")
+    return _function(source, namespace)
 
 
 def _compile_constructor(cls: type[Row]) -> Callable[..., Any]:
@@ -265,10 +301,9 @@ def stream_row(stream: str, type_id: str | None = None) -> Callable[[type[_R]], 
         for index, name in enumerate(cls.FIELDS):
             setattr(cls, name, _tuplegetter(index, f"Field {index} of the wire row."))
         cls.__new__ = _compile_constructor(cls)  # type: ignore[method-assign]
-        where = f"{stream}/{type_id}" if type_id else stream
-        cls.from_raw = staticmethod(_compile(cls, where, strict_length=False))  # type: ignore[method-assign,assignment]
+        cls.from_raw = staticmethod(_compile(cls, strict_length=False))  # type: ignore[method-assign,assignment]
         #: Parser for rows decoded by the fast JSON path: None = decode again exactly.
-        cls.from_fast_raw = staticmethod(_compile(cls, where, strict_length=True))  # type: ignore[attr-defined]
+        cls.from_fast_raw = staticmethod(_compile(cls, strict_length=True))  # type: ignore[attr-defined]
         cls.IS_OPEN = any(t in OPEN_TYPES for t in cls.FIELD_TYPES)  # type: ignore[attr-defined]
         return cls
 
