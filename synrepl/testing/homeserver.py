@@ -1,0 +1,347 @@
+"""A simulated homeserver: stream writers on a real Redis, without Synapse.
+
+For synrepl's tests, and for users who want to test their own worker against
+realistic replication traffic without running Synapse.  Each simulated
+writer instance:
+
+- publishes RDATA on ``<server_name>`` with Synapse's semantics: rows sharing
+  a token go out as ``batch`` rows completed by one numeric-token row;
+  tokens of a stream are one sequence shared by all its writers (like
+  Synapse's multi-writer id generators), increasing per writer;
+- answers ``REPLICATE`` with ``POSITION <stream> <writer> <last> <last>`` for
+  every stream it has written;
+- keeps its history and serves ``get_repl_stream_updates`` over HTTP on its
+  own port, in pages of ``page_limit`` rows, checking the replication secret
+  the way Synapse does (a wrong or missing secret gets a 500);
+- can drop, duplicate or reorder its next messages on request, to test what
+  a consumer does with a lossy wire.
+
+Usage (inside a Twisted test)::
+
+    hs = FakeHomeserver(reactor, writers=("master", "persister1"))
+    await hs.start()
+    config = hs.config()          # a SynapseConfig pointing at it
+    hs.write("typing", [TypingRow("!r:test", ("@a:test",))])
+    ...
+    await hs.stop()
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import unquote
+
+import attrs
+from twisted.internet import defer
+from twisted.web import resource, server
+
+from synrepl import _json
+from synrepl.commands import PositionCommand, ReplicateCommand, encode, parse_line
+from synrepl.config import RedisConfig, SynapseConfig, config_from_dict
+from synrepl.errors import ProtocolError
+from synrepl.streams import Row
+from synrepl.twisted.redis_transport import RedisTransport
+
+__all__ = ("FakeHomeserver", "Faults")
+
+_UPDATES_PATH = b"/_synapse/replication/get_repl_stream_updates/"
+
+
+@attrs.define
+class Faults:
+    """What the wire does to the next messages a writer publishes."""
+
+    #: Drop this many of the next messages.
+    drop: int = 0
+    #: Send each of this many next messages twice.
+    duplicate: int = 0
+    #: Hold this many next messages back and send them in reverse order.
+    reverse: int = 0
+    held: list[str] = attrs.Factory(list)
+
+
+@attrs.define
+class _Writer:
+    name: str
+    history: dict[str, list[tuple[int, Any]]] = attrs.Factory(dict)
+    last_sent: dict[str, int] = attrs.Factory(dict)
+    faults: Faults = attrs.Factory(Faults)
+    port: Any = None
+
+
+class FakeHomeserver:
+    """Simulated stream writers publishing on a real Redis (see the module docs).
+
+    Args:
+        reactor: the Twisted reactor.
+        server_name: the homeserver name, which is also the Redis channel.
+        writers: the writer instance names (the first is the main process;
+            name it ``master`` to look like Synapse).
+        redis_host, redis_port: the Redis to publish on.
+        secret: the replication secret the HTTP endpoint demands (None: none).
+        page_limit: rows per ``get_repl_stream_updates`` page.
+        transport_options: extra ``RedisTransport`` arguments (keepalive, ...).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        server_name: str = "test.local",
+        writers: Sequence[str] = ("master",),
+        redis_host: str = "127.0.0.1",
+        redis_port: int = 6379,
+        secret: str | None = "synrepl-test-secret",
+        page_limit: int = 100,
+        transport_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not writers:
+            raise ValueError("a homeserver needs at least one writer")
+        self._reactor = reactor
+        self.server_name = server_name
+        self.secret = secret
+        self.page_limit = page_limit
+        self._redis = RedisConfig(enabled=True, host=redis_host, port=redis_port)
+        self._writers = {name: _Writer(name) for name in writers}
+        self._sequences: dict[str, int] = {}
+        self.http_requests: list[tuple[str, str, Mapping[str, str]]] = []
+        self._transport = RedisTransport(
+            reactor,
+            self._redis,
+            [server_name],
+            on_line=self._on_line,
+            on_subscribed=self._announce_all,
+            on_connection_lost=lambda: None,
+            **dict(transport_options or {}),
+        )
+        #: Messages that could not be published (Redis down): lost on the wire,
+        #: as they would be for Synapse; a later POSITION reveals the rows.
+        self.publish_failures = 0
+        self._ready: defer.Deferred[None] = defer.Deferred()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Listen for HTTP on free loopback ports and connect to Redis."""
+        for writer in self._writers.values():
+            site = server.Site(_UpdatesResource(self, writer))
+            writer.port = self._reactor.listenTCP(0, site, interface="127.0.0.1")
+        self._transport.start()
+        await self._ready
+
+    async def stop(self) -> None:
+        for writer in self._writers.values():
+            if writer.port is not None:
+                await writer.port.stopListening()
+                writer.port = None
+        result = self._transport.stop()
+        if result is not None:
+            await result
+
+    def http_port(self, writer: str) -> int:
+        """The loopback port on which ``writer`` serves its history."""
+        port: int = self._writers[writer].port.getHost().port
+        return port
+
+    def config(self, **overrides: Any) -> SynapseConfig:
+        """A config for a worker of this homeserver (every writer in instance_map)."""
+        return config_from_dict(self.config_dict(**overrides))
+
+    def config_dict(self, **overrides: Any) -> dict[str, Any]:
+        """The same as a homeserver.yaml-shaped dict, to extend or write out."""
+        names = list(self._writers)
+        instance_map = {
+            ("main" if name == "master" else name): {
+                "host": "127.0.0.1",
+                "port": self.http_port(name),
+            }
+            for name in names
+        }
+        data: dict[str, Any] = {
+            "server_name": self.server_name,
+            "redis": {"enabled": True, "host": self._redis.host, "port": self._redis.port},
+            "instance_map": instance_map,
+        }
+        if self.secret is not None:
+            data["worker_replication_secret"] = self.secret
+        persisters = [n for n in names if n != "master"] or ["master"]
+        data["stream_writers"] = {"events": persisters}
+        data.update(overrides)
+        return data
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, stream: str, rows: Sequence[Row | Any], *, writer: str | None = None) -> int:
+        """Persist ``rows`` at one new token of ``stream`` and publish them.
+
+        ``rows`` are typed rows or raw JSON rows.  Returns the token.
+        """
+        w = self._writer(writer)
+        if not rows:
+            raise ValueError("write at least one row")
+        token = self._sequences.get(stream, 0) + 1
+        self._sequences[stream] = token
+        raws = [row.to_raw() if isinstance(row, Row) else row for row in rows]
+        w.history.setdefault(stream, []).extend((token, raw) for raw in raws)
+        for index, raw in enumerate(raws):
+            last = index == len(raws) - 1
+            self._send(
+                w, f"RDATA {stream} {w.name} {token if last else 'batch'} {_json.dumps(raw)}"
+            )
+        w.last_sent[stream] = token
+        return token
+
+    def write_silently(
+        self, stream: str, rows: Sequence[Row | Any], *, writer: str | None = None
+    ) -> int:
+        """Persist rows without publishing them: only a later POSITION reveals them."""
+        w = self._writer(writer)
+        saved = w.faults.drop
+        w.faults.drop = len(rows)
+        try:
+            return self.write(stream, rows, writer=writer)
+        finally:
+            w.faults.drop = saved
+
+    def position(self, stream: str, *, writer: str | None = None) -> None:
+        """Publish ``POSITION stream writer <last sent> <current>`` (Synapse does
+        this when a stream moved without rows for this writer)."""
+        w = self._writer(writer)
+        current = self._sequences.get(stream, 0)
+        prev = w.last_sent.get(stream, current)
+        self._send(w, encode(PositionCommand(stream, w.name, prev, current)))
+        w.last_sent[stream] = current
+
+    def token(self, stream: str) -> int:
+        """The stream's current token (the shared sequence)."""
+        return self._sequences.get(stream, 0)
+
+    def history(self, stream: str, *, writer: str | None = None) -> list[tuple[int, Any]]:
+        """Every row ``writer`` wrote to ``stream``, as (token, raw JSON)."""
+        return list(self._writer(writer).history.get(stream, []))
+
+    def faults(self, writer: str | None = None) -> Faults:
+        """The fault settings of ``writer``'s next messages (mutable)."""
+        return self._writer(writer).faults
+
+    def flush_held(self, writer: str | None = None) -> None:
+        """Send any messages held back for reordering, newest first."""
+        w = self._writer(writer)
+        held, w.faults.held = w.faults.held, []
+        w.faults.reverse = 0
+        for line in reversed(held):
+            self._publish(line)
+
+    def publish_raw(self, line: str) -> defer.Deferred[int]:
+        """Publish any line as it is (garbage included) on the main channel."""
+        return self._transport.publish(self.server_name, line)
+
+    # ------------------------------------------------------------ internals
+
+    def _writer(self, name: str | None) -> _Writer:
+        if name is None:
+            return next(iter(self._writers.values()))
+        try:
+            return self._writers[name]
+        except KeyError:
+            raise ValueError(f"no writer {name!r}; writers: {sorted(self._writers)}") from None
+
+    def _send(self, w: _Writer, line: str) -> None:
+        faults = w.faults
+        if faults.drop > 0:
+            faults.drop -= 1
+            return
+        if faults.reverse > 0:
+            faults.held.append(line)
+            if len(faults.held) >= faults.reverse:
+                self.flush_held(w.name)
+            return
+        self._publish(line)
+        if faults.duplicate > 0:
+            faults.duplicate -= 1
+            self._publish(line)
+
+    def _publish(self, line: str) -> None:
+        try:
+            d = self._transport.publish(self.server_name, line)
+        except Exception:
+            self.publish_failures += 1
+            return
+        d.addErrback(self._publish_failed)
+
+    def _publish_failed(self, _: object) -> None:
+        self.publish_failures += 1
+
+    def _on_line(self, channel: str, line: str) -> None:
+        try:
+            cmd = parse_line(line)
+        except ProtocolError:
+            return
+        if isinstance(cmd, ReplicateCommand):
+            self._announce_all()
+
+    def _announce_all(self) -> None:
+        if not self._ready.called:
+            self._ready.callback(None)
+        for w in self._writers.values():
+            for stream in w.history:
+                last = w.last_sent.get(stream, 0)
+                self._publish(encode(PositionCommand(stream, w.name, last, last)))
+
+    def _updates(self, w: _Writer, stream: str, from_token: int, upto_token: int) -> dict[str, Any]:
+        rows = [(t, r) for t, r in w.history.get(stream, []) if from_token < t <= upto_token]
+        limited = False
+        if len(rows) > self.page_limit:
+            # A page ends on a token boundary: rows sharing a token stay together.
+            cut = rows[self.page_limit - 1][0]
+            rows = [(t, r) for t, r in rows if t <= cut]
+            upto_token, limited = cut, True
+        return {"updates": [[t, r] for t, r in rows], "upto_token": upto_token, "limited": limited}
+
+    def _check_secret(self, request: server.Request) -> bool:
+        if self.secret is None:
+            return True
+        header = request.getHeader("authorization") or ""
+        return header == f"Bearer {self.secret}"
+
+
+class _UpdatesResource(resource.Resource):
+    """``GET /_synapse/replication/get_repl_stream_updates/<stream>/<txn>``."""
+
+    isLeaf = True
+
+    def __init__(self, hs: FakeHomeserver, writer: _Writer) -> None:
+        super().__init__()
+        self._hs = hs
+        self._writer = writer
+
+    def render_GET(self, request: server.Request) -> bytes:
+        path = request.path
+        query = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
+        self._hs.http_requests.append((self._writer.name, path.decode(), query))
+        request.setHeader(b"Content-Type", b"application/json")
+        if not self._hs._check_secret(request):
+            request.setResponseCode(500)
+            return _error("M_UNKNOWN", "Internal server error")
+        if not path.startswith(_UPDATES_PATH):
+            request.setResponseCode(400)
+            return _error("M_UNRECOGNIZED", "Unrecognized request")
+        parts = path[len(_UPDATES_PATH) :].split(b"/")
+        if len(parts) != 2 or not parts[1]:
+            request.setResponseCode(400)
+            return _error("M_UNRECOGNIZED", "Unrecognized request")
+        stream = unquote(parts[0].decode())
+        try:
+            from_token = int(query["from_token"])
+            upto_token = int(query["upto_token"])
+        except (KeyError, ValueError):
+            request.setResponseCode(400)
+            return _error("M_MISSING_PARAM", "from_token and upto_token are required")
+        body = self._hs._updates(self._writer, stream, from_token, upto_token)
+        return json.dumps(body).encode()
+
+
+def _error(errcode: str, message: str) -> bytes:
+    return json.dumps({"errcode": errcode, "error": message}).encode()

@@ -1,0 +1,1 @@
+"""Twisted adapters: the Redis connection pair, HTTP replication and the ReplicationClient."""

@@ -1,0 +1,731 @@
+"""RedisTransport against a real Redis.
+
+Tests that only subscribe and publish on their own unique channels use the
+shared Redis at 127.0.0.1:6379.  Tests that kill, restart, pause or
+reconfigure Redis, or count its clients, start their own redis-server
+(tests/redis_server.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from redis_server import RedisServer, TlsFiles, redis_server_available
+from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
+
+from synrepl.config import RedisConfig
+from synrepl.errors import ConfigError, EncodeError
+from synrepl.twisted.redis_transport import (
+    HIREDIS,
+    NotConnectedError,
+    PublishDisabledError,
+    RedisTransport,
+)
+
+#: Typed loosely: zope interfaces do not type-check.
+reactor: Any = _reactor
+
+SHARED = RedisConfig(enabled=True, host="127.0.0.1", port=6379)
+LOGGER = "synrepl.redis"
+
+needs_redis_server = pytest.mark.skipif(
+    not redis_server_available(), reason="redis-server is not installed"
+)
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+class Recorder:
+    """Collects what a transport hands up; ``hooks`` run inside the callbacks."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+        self.events: list[str] = []
+        self.on_subscribed_hook: Callable[[], None] | None = None
+        self.on_line_hook: Callable[[str, str], None] | None = None
+
+    def on_line(self, channel: str, line: str) -> None:
+        self.lines.append((channel, line))
+        if self.on_line_hook is not None:
+            self.on_line_hook(channel, line)
+
+    def on_subscribed(self) -> None:
+        self.events.append("subscribed")
+        if self.on_subscribed_hook is not None:
+            self.on_subscribed_hook()
+
+    def on_connection_lost(self) -> None:
+        self.events.append("lost")
+
+
+MakeTransport = Callable[..., tuple[RedisTransport, Recorder]]
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds)
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await sleep(0.01)
+
+
+def unique_channel() -> str:
+    return f"synrepl-test-{uuid.uuid4().hex}"
+
+
+def other_clients(control: redis.Redis) -> list[dict[str, Any]]:
+    """CLIENT LIST without the control connection itself."""
+    me = control.client_id()
+    return [c for c in control.client_list() if int(c["id"]) != me]
+
+
+@pytest_twisted.async_yield_fixture
+async def make_transport() -> AsyncIterator[MakeTransport]:
+    """Builds transports with short backoffs; stops every one at teardown."""
+    made: list[RedisTransport] = []
+
+    def make(
+        config: RedisConfig, channels: list[str], **kwargs: Any
+    ) -> tuple[RedisTransport, Recorder]:
+        recorder = Recorder()
+        kwargs.setdefault("min_backoff", 0.05)
+        kwargs.setdefault("max_backoff", 0.2)
+        transport = RedisTransport(
+            reactor,
+            config,
+            channels,
+            on_line=recorder.on_line,
+            on_subscribed=recorder.on_subscribed,
+            on_connection_lost=recorder.on_connection_lost,
+            **kwargs,
+        )
+        made.append(transport)
+        return transport, recorder
+
+    yield make
+    for transport in made:
+        await transport.stop()
+
+
+@pytest.fixture
+def shared() -> Any:
+    """redis-py on the shared Redis; tests on it use unique channels only."""
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    if not redis_server_available():
+        pytest.skip("redis-server is not installed")
+    with RedisServer(tmp_path) as s:
+        yield s
+
+
+async def started(transport: RedisTransport) -> None:
+    transport.start()
+    await wait_for(lambda: transport.subscribed, "on_subscribed")
+
+
+# --- delivery ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_arrive_in_order_on_several_channels(
+    shared: redis.Redis, make_transport: MakeTransport
+) -> None:
+    """Every message on every subscribed channel reaches on_line as text, in
+    publication order, with its channel."""
+    base = unique_channel()
+    channels = [base, f"{base}/USER_IP", f"{base}/other"]
+    transport, rec = make_transport(SHARED, channels)
+    await started(transport)
+    expected = [(channels[i % 3], f'RDATA events master {i} ["é", {i}]') for i in range(90)]
+    for channel, line in expected:
+        shared.publish(channel, line.encode("utf-8"))
+    shared.publish(f"{base}/not-subscribed", "PING 1")
+    await wait_for(lambda: len(rec.lines) >= 90, "90 lines")
+    await sleep(0.05)
+    assert rec.lines == expected
+    assert transport.stats.lines_delivered == 90
+    assert transport.stats.messages_received == 90
+    assert rec.events == ["subscribed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_subscribed_comes_after_the_subscription(
+    shared: redis.Redis, make_transport: MakeTransport
+) -> None:
+    """Inside on_subscribed, Redis already counts us as a subscriber of every
+    channel, and the publisher is ready: what is published from there
+    (REPLICATE) is neither lost nor refused."""
+    base = unique_channel()
+    channels = [base, f"{base}/a", f"{base}/b"]
+    transport, rec = make_transport(SHARED, channels)
+    receivers: list[int] = []
+    published: list[Any] = []
+
+    def hook() -> None:
+        assert transport.subscribed
+        assert transport.publisher_ready
+        for channel in channels:
+            receivers.append(shared.publish(channel, f"seen {channel}"))
+        published.append(transport.publish(base, "REPLICATE "))
+
+    rec.on_subscribed_hook = hook
+    transport.start()
+    await wait_for(lambda: len(rec.lines) == 4, "4 lines")
+    assert receivers == [1, 1, 1]
+    assert await published[0] == 1
+    assert rec.lines == [*((c, f"seen {c}") for c in channels), (base, "REPLICATE ")]
+    assert transport.stats.published == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_errors_are_clear(make_transport: MakeTransport) -> None:
+    """Before start the publisher is not connected (a failed Deferred);
+    a newline or an unencodable message is refused at once."""
+    transport, _ = make_transport(SHARED, [unique_channel()])
+    with pytest.raises(NotConnectedError, match="not connected"):
+        await transport.publish("x", "PING 1")
+    with pytest.raises(EncodeError, match="newline"):
+        transport.publish("x", "PING 1\nPING 2")
+    with pytest.raises(EncodeError, match="UTF-8"):
+        transport.publish("x", "PING \udc80")
+    assert transport.stats.publish_failures == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_messages_and_handler_errors_do_not_break_the_connection(
+    shared: redis.Redis, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Undecodable bytes are counted and skipped, blank messages ignored, an
+    exception from on_line logged and counted; the connection stays up and
+    later messages flow.  The undecodable warning is rate-limited, and
+    message contents never reach the log."""
+    caplog.set_level(logging.DEBUG, LOGGER)
+    base = unique_channel()
+    transport, rec = make_transport(SHARED, [base])
+
+    def explode(channel: str, line: str) -> None:
+        if line == "boom":
+            raise RuntimeError("handler bug")
+
+    rec.on_line_hook = explode
+    await started(transport)
+    for i in range(5):
+        shared.publish(base, b"\xff\xfe secret-bytes " + bytes([0x80 + i]))
+    for message in ("", "   \t ", "boom", "after"):
+        shared.publish(base, message)
+    await wait_for(lambda: "after" in [line for _, line in rec.lines], "the last line")
+    assert [line for _, line in rec.lines] == ["boom", "after"]
+    stats = transport.stats
+    assert (stats.undecodable_messages, stats.blank_messages, stats.handler_errors) == (5, 2, 1)
+    assert (stats.connects, stats.connection_losses, stats.messages_received) == (1, 0, 9)
+    assert transport.subscribed
+    undecodable = [r for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(undecodable) == 1
+    assert "secret-bytes" not in caplog.text
+    handler_logs = [r for r in caplog.records if "on_line raised" in r.getMessage()]
+    assert len(handler_logs) == 1 and handler_logs[0].exc_info is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_pause_and_resume_reading(shared: redis.Redis, make_transport: MakeTransport) -> None:
+    """While paused nothing is delivered and keepalive does not mistake the
+    silence for a dead connection; on resume everything arrives in order.
+    Pausing from inside on_line stops delivery right after that line."""
+    base = unique_channel()
+    transport, rec = make_transport(SHARED, [base], keepalive_interval=0.05, keepalive_timeout=0.1)
+    await started(transport)
+    transport.pause_reading()
+    for i in range(5):
+        shared.publish(base, f"PING {i}")
+    await sleep(0.4)  # several keepalive periods
+    assert rec.lines == []
+    transport.resume_reading()
+    await wait_for(lambda: len(rec.lines) == 5, "5 lines")
+    assert [line for _, line in rec.lines] == [f"PING {i}" for i in range(5)]
+
+    rec.lines.clear()
+    rec.on_line_hook = lambda channel, line: transport.pause_reading()
+    pipe = shared.pipeline(transaction=True)
+    for i in range(4):
+        pipe.publish(base, f"BURST {i}")
+    pipe.execute()
+    await wait_for(lambda: len(rec.lines) == 1, "the first burst line")
+    await sleep(0.2)
+    assert [line for _, line in rec.lines] == ["BURST 0"]
+    rec.on_line_hook = None
+    transport.resume_reading()
+    await wait_for(lambda: len(rec.lines) == 4, "the whole burst")
+    assert [line for _, line in rec.lines] == [f"BURST {i}" for i in range(4)]
+    assert transport.stats.keepalive_timeouts == 0
+    assert transport.stats.connection_losses == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_dbid_is_selected_on_both_connections(
+    shared: redis.Redis, make_transport: MakeTransport
+) -> None:
+    """SELECT dbid is issued on both connections (CLIENT LIST shows db=3);
+    pub/sub is not scoped by database, so a message published from db 0
+    still arrives."""
+    base = unique_channel()
+    name = f"synrepl-test-{uuid.uuid4().hex[:8]}"
+    config = RedisConfig(enabled=True, host="127.0.0.1", port=6379, dbid=3)
+    transport, rec = make_transport(config, [base], client_name=name)
+    await started(transport)
+    ours = {c["name"]: c for c in shared.client_list() if c["name"].startswith(name)}
+    assert sorted(ours) == [f"{name}-pub", f"{name}-sub"]
+    assert {c["db"] for c in ours.values()} == {"3"}
+    assert ours[f"{name}-sub"]["sub"] == "1"
+    shared.publish(base, "PING 1")
+    await wait_for(lambda: rec.lines == [(base, "PING 1")], "the line")
+
+
+@pytest.mark.skipif(not HIREDIS, reason="hiredis is not installed")
+def test_hiredis_parses_replies() -> None:
+    transport = RedisTransport(
+        reactor,
+        SHARED,
+        ["x"],
+        on_line=lambda c, m: None,
+        on_subscribed=lambda: None,
+        on_connection_lost=lambda: None,
+    )
+    assert transport.parser == "hiredis"
+
+
+# --- reconnecting (own redis-server) ---------------------------------------------
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_reconnects_after_redis_restart(
+    server: RedisServer, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis dies and comes back: on_connection_lost once, on_subscribed
+    again, both connections work again.  Through all the failed attempts in
+    between, the loss and the recovery are each logged once."""
+    caplog.set_level(logging.DEBUG, LOGGER)
+    transport, rec = make_transport(server.redis_config(), ["hs"])
+    await started(transport)
+    server.kill()
+    await wait_for(lambda: rec.events == ["subscribed", "lost"], "on_connection_lost")
+    await wait_for(lambda: transport.stats.failed_attempts >= 6, "several failed attempts")
+    assert not transport.subscribed
+    with pytest.raises(NotConnectedError):
+        await transport.publish("hs", "PING 0")
+    server.start()
+    await wait_for(lambda: transport.subscribed, "re-subscription")
+    assert rec.events == ["subscribed", "lost", "subscribed"]
+    assert await transport.publish("hs", "PING 1") == 1
+    server.client().publish("hs", "PING 2")
+    await wait_for(lambda: len(rec.lines) == 2, "two lines")
+    assert rec.lines == [("hs", "PING 1"), ("hs", "PING 2")]
+    stats = transport.stats
+    assert (stats.connects, stats.reconnects, stats.connection_losses) == (2, 1, 1)
+    assert (stats.publisher_connects, stats.publisher_losses) == (2, 1)
+
+    def logged(role: str, level: int, text: str) -> int:
+        return sum(
+            1
+            for r in caplog.records
+            if r.levelno == level and f"Redis {role}:" in r.getMessage() and text in r.getMessage()
+        )
+
+    for role in ("subscriber", "publisher"):
+        assert logged(role, logging.WARNING, "lost") == 1
+        assert logged(role, logging.INFO, "reconnected") == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "cannot" in r.msg]
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_reconnects_after_client_kill(
+    server: RedisServer, make_transport: MakeTransport
+) -> None:
+    """CLIENT KILL TYPE pubsub drops the subscriber only; it comes back and
+    messages flow; the publisher is untouched."""
+    transport, rec = make_transport(server.redis_config(), ["hs", "hs/x"])
+    await started(transport)
+    control = server.client()
+    assert control.client_kill_filter(_type="pubsub") == 1
+    await wait_for(
+        lambda: rec.events == ["subscribed", "lost", "subscribed"], "loss and re-subscription"
+    )
+    control.publish("hs/x", "PING 1")
+    await wait_for(lambda: rec.lines == [("hs/x", "PING 1")], "the line")
+    assert transport.stats.publisher_losses == 0
+    assert transport.stats.reconnects == 1
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_keepalive_notices_a_paused_redis(
+    server: RedisServer, make_transport: MakeTransport
+) -> None:
+    """CLIENT PAUSE past the keepalive timeout leaves PINGs unanswered: the
+    connection is aborted and re-made, and works once Redis resumes."""
+    transport, rec = make_transport(
+        server.redis_config(), ["hs"], keepalive_interval=0.1, keepalive_timeout=0.3
+    )
+    await started(transport)
+    control = server.client()
+    control.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    await wait_for(lambda: rec.events[-1:] == ["lost"], "the loss", timeout=1.4)
+    assert transport.stats.keepalive_timeouts >= 1
+    await wait_for(lambda: transport.subscribed, "re-subscription", timeout=5)
+    assert rec.events == ["subscribed", "lost", "subscribed"]
+    control.publish("hs", "PING 1")
+    await wait_for(lambda: rec.lines == [("hs", "PING 1")], "the line")
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_auth_failure_keeps_retrying_until_the_password_works(
+    tmp_path: Path, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused AUTH does not stop the loop (Synapse #9351): once Redis
+    accepts the password, the transport connects.  No password is logged."""
+    caplog.set_level(logging.DEBUG, LOGGER)
+    with RedisServer(tmp_path, password="right-horse-battery") as server:
+        config = server.redis_config(password="wrong-horse-battery")
+        transport, rec = make_transport(config, ["hs"])
+        transport.start()
+        await wait_for(lambda: transport.stats.failed_attempts >= 6, "several refusals")
+        assert rec.events == []
+        server.client().config_set("requirepass", "wrong-horse-battery")
+        await wait_for(lambda: transport.subscribed, "the subscription")
+        assert rec.events == ["subscribed"]
+        assert "AUTH failed" in caplog.text
+        assert "horse-battery" not in caplog.text
+        assert "horse-battery" not in repr(transport)
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_acl_username(server: RedisServer, make_transport: MakeTransport) -> None:
+    """With a username, AUTH <username> <password> is sent (Redis 6 ACLs)."""
+    control = server.client()
+    control.execute_command("ACL", "SETUSER", "synrepl", "on", ">s3cret-pw", "~*", "&*", "+@all")
+    config = server.redis_config(username="synrepl", password="s3cret-pw")
+    transport, _ = make_transport(config, ["hs"])
+    await started(transport)
+    assert sorted(c["user"] for c in other_clients(control)) == ["synrepl", "synrepl"]
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_select_failure_keeps_retrying(
+    server: RedisServer, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused SELECT (no such database) fails the attempt, not the loop."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    transport, rec = make_transport(server.redis_config(dbid=99), ["hs"])
+    transport.start()
+    await wait_for(lambda: transport.stats.failed_attempts >= 6, "several refusals")
+    assert rec.events == []
+    assert "SELECT 99 failed" in caplog.text
+    # Still trying: more attempts keep coming.
+    before = transport.stats.failed_attempts
+    await wait_for(lambda: transport.stats.failed_attempts > before + 1, "more attempts")
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_unix_socket(tmp_path: Path, make_transport: MakeTransport) -> None:
+    """``path`` connects over the unix socket (the server has no TCP port)."""
+    with RedisServer(tmp_path, unix_socket=True) as server:
+        transport, rec = make_transport(server.redis_config(), ["hs"])
+        await started(transport)
+        assert transport.address.startswith("unix:")
+        assert await transport.publish("hs", "PING 1") == 1
+        server.client().publish("hs", "PING 2")
+        await wait_for(lambda: len(rec.lines) == 2, "two lines")
+        assert rec.lines == [("hs", "PING 1"), ("hs", "PING 2")]
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_publish_disabled_opens_one_connection(
+    server: RedisServer, make_transport: MakeTransport
+) -> None:
+    """publish_enabled=False: only the subscriber connects, on_subscribed
+    does not wait for a publisher, and publish() raises."""
+    transport, _ = make_transport(server.redis_config(), ["hs"], publish_enabled=False)
+    await started(transport)
+    await sleep(0.2)
+    clients = other_clients(server.client())
+    assert len(clients) == 1
+    assert clients[0]["sub"] == "1"
+    assert not transport.publisher_ready
+    with pytest.raises(PublishDisabledError):
+        transport.publish("hs", "PING 1")
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_both_and_stops_reconnecting(
+    server: RedisServer, make_transport: MakeTransport
+) -> None:
+    """stop() closes both connections (on_connection_lost is still called),
+    leaves no timer behind and never reconnects; a second transport stopped
+    while Redis is down stops retrying."""
+    baseline = set(reactor.getDelayedCalls())
+    transport, rec = make_transport(server.redis_config(), ["hs"], keepalive_interval=0.05)
+    await started(transport)
+    control = server.client()
+    assert len(other_clients(control)) == 2
+    await transport.stop()
+    assert rec.events == ["subscribed", "lost"]
+    await wait_for(lambda: not other_clients(control), "the connections to close")
+    await sleep(0.3)
+    assert other_clients(control) == []
+    leftover = [c for c in reactor.getDelayedCalls() if c not in baseline and c.active()]
+    assert leftover == []
+    with pytest.raises(NotConnectedError, match="stopped"):
+        await transport.publish("hs", "PING 1")
+    with pytest.raises(RuntimeError):
+        transport.start()
+
+    server.kill()
+    down, _ = make_transport(server.redis_config(), ["hs"])
+    down.start()
+    await wait_for(lambda: down.stats.failed_attempts >= 2, "failed attempts")
+    await down.stop()
+    attempts = down.stats.failed_attempts
+    await sleep(0.5)
+    assert down.stats.failed_attempts == attempts
+
+
+# --- TLS ---------------------------------------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _issue(
+    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, cn: str, server: bool
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    if server:
+        import ipaddress
+
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _write(path: Path, key: Any = None, cert: Any = None) -> Path:
+    data = b""
+    if cert is not None:
+        data += cert.public_bytes(serialization.Encoding.PEM)
+    if key is not None:
+        data += key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[TlsFiles, Path]:
+    """A CA, a server cert for localhost/127.0.0.1, a client cert; plus a foreign CA."""
+    d = tmp_path_factory.mktemp("tls")
+    ca_key, ca = _make_ca("synrepl test CA")
+    server_key, server_cert = _issue(ca_key, ca, "localhost", server=True)
+    client_key, client_cert = _issue(ca_key, ca, "synrepl client", server=False)
+    _, foreign = _make_ca("some other CA")
+    files = TlsFiles(
+        ca_file=_write(d / "ca.pem", cert=ca),
+        server_cert=_write(d / "server.pem", cert=server_cert),
+        server_key=_write(d / "server.key", key=server_key),
+        client_cert=_write(d / "client.pem", cert=client_cert),
+        client_key=_write(d / "client.key", key=client_key),
+    )
+    return files, _write(d / "foreign-ca.pem", cert=foreign)
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path, tls_files: tuple[TlsFiles, Path]) -> Any:
+    if not redis_server_available():
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path, tls=tls_files[0])
+    try:
+        server.start()
+    except RuntimeError as e:
+        if "TLS" in str(e) or "tls" in str(e):
+            pytest.skip(f"this redis-server has no TLS support: {str(e)[-200:]}")
+        raise
+    yield server
+    server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_with_client_certificate(
+    tls_server: RedisServer, make_transport: MakeTransport
+) -> None:
+    """TLS to a server that requires a client certificate, verified against
+    ca_file for the name "localhost"; both connections work."""
+    transport, rec = make_transport(tls_server.redis_config(host="localhost"), ["hs"])
+    await started(transport)
+    assert transport.address.endswith("(TLS)")
+    assert await transport.publish("hs", "PING 1") == 1
+    tls_server.client().publish("hs", "PING 2")
+    await wait_for(lambda: len(rec.lines) == 2, "two lines")
+    assert rec.lines == [("hs", "PING 1"), ("hs", "PING 2")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_ca_path(
+    tls_server: RedisServer, tmp_path: Path, make_transport: MakeTransport
+) -> None:
+    """ca_path (a directory of CA certificates) is trusted as well."""
+    ca_dir = tmp_path / "cas"
+    ca_dir.mkdir()
+    assert tls_server.tls is not None
+    shutil.copy(tls_server.tls.ca_file, ca_dir / "ca.pem")
+    (ca_dir / "README").write_text("not a certificate")
+    config = tls_server.redis_config(host="127.0.0.1", ca_file=None, ca_path=str(ca_dir))
+    transport, _ = make_transport(config, ["hs"])
+    await started(transport)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_refuses_an_untrusted_server_and_keeps_trying(
+    tls_server: RedisServer,
+    tls_files: tuple[TlsFiles, Path],
+    make_transport: MakeTransport,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server certificate from another CA fails verification; the loop goes
+    on.  tls_verify=False (Synapse's own behaviour) connects anyway."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    config = tls_server.redis_config(host="localhost", ca_file=str(tls_files[1]))
+    transport, rec = make_transport(config, ["hs"])
+    transport.start()
+    await wait_for(lambda: transport.stats.failed_attempts >= 4, "several refusals")
+    assert rec.events == []
+    assert "certificate verify failed" in caplog.text
+
+    unverified, _ = make_transport(tls_server.redis_config(ca_file=None), ["hs"], tls_verify=False)
+    await started(unverified)
+
+
+# --- arguments -------------------------------------------------------------------
+
+
+def _transport(config: RedisConfig = SHARED, channels: Any = ("x",), **kw: Any) -> RedisTransport:
+    return RedisTransport(
+        reactor,
+        config,
+        channels,
+        on_line=lambda c, m: None,
+        on_subscribed=lambda: None,
+        on_connection_lost=lambda: None,
+        **kw,
+    )
+
+
+def test_bad_arguments_are_refused_at_once(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        _transport(channels="hs")
+    with pytest.raises(ValueError, match="channels"):
+        _transport(channels=[])
+    with pytest.raises(ValueError, match="max_backoff"):
+        _transport(min_backoff=2.0, max_backoff=1.0)
+    with pytest.raises(ValueError, match="keepalive_timeout"):
+        _transport(keepalive_timeout=0)
+    with pytest.raises(ValueError, match="client_name"):
+        _transport(client_name="two words")
+    missing = RedisConfig(enabled=True, use_tls=True, ca_file=str(tmp_path / "nope.pem"))
+    with pytest.raises(ConfigError, match=r"nope\.pem") as info:
+        _transport(missing)
+    assert info.value.path == ("redis", "ca_file")
+    transport = _transport(channels=["a", "b", "a"])
+    assert transport.channels == ("a", "b")
+    transport.start()
+    with pytest.raises(RuntimeError, match="already"):
+        transport.start()
+    transport.stop()
