@@ -293,8 +293,10 @@ async def test_sent_commands_reach_the_channel_and_stop_clears_user_syncs() -> N
     await client.send_federation_ack(17)
     await client.stop()
     got: list[tuple[str, str]] = []
-    for _ in range(200):
-        message = sub.get_message(timeout=0.05)
+    for _ in range(200):  # until the channel has been quiet for 0.5 s
+        message = sub.get_message(timeout=0.5)
+        if message is None and got:
+            break
         if message and message["type"] == "pmessage":
             got.append((message["channel"].decode(), message["data"].decode()))
     sub.close()

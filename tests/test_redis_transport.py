@@ -23,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis_server import RedisServer, TlsFiles, redis_server_available
 from twisted.internet import reactor as _reactor
 from twisted.internet.task import deferLater
@@ -34,6 +36,7 @@ from synrepl.twisted.redis_transport import (
     NotConnectedError,
     PublishDisabledError,
     RedisTransport,
+    _PythonReader,
 )
 
 #: Typed loosely: zope interfaces do not type-check.
@@ -445,16 +448,26 @@ async def test_acl_username(server: RedisServer, make_transport: MakeTransport) 
 async def test_select_failure_keeps_retrying(
     server: RedisServer, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A refused SELECT (no such database) fails the attempt, not the loop."""
+    """A refused SELECT (no such database) fails the attempt, not the loop.
+    The failure is logged once, then "still cannot connect" at most every
+    down_log_interval, not once per attempt."""
     caplog.set_level(logging.WARNING, LOGGER)
-    transport, rec = make_transport(server.redis_config(dbid=99), ["hs"])
+    transport, rec = make_transport(
+        server.redis_config(dbid=99), ["hs"], publish_enabled=False, down_log_interval=0.5
+    )
+    start = reactor.seconds()
     transport.start()
-    await wait_for(lambda: transport.stats.failed_attempts >= 6, "several refusals")
+    await sleep(1.2)
+    elapsed = reactor.seconds() - start
+    attempts = transport.stats.failed_attempts
+    assert attempts >= 8
     assert rec.events == []
-    assert "SELECT 99 failed" in caplog.text
-    # Still trying: more attempts keep coming.
-    before = transport.stats.failed_attempts
-    await wait_for(lambda: transport.stats.failed_attempts > before + 1, "more attempts")
+    first = [r for r in caplog.records if r.getMessage().startswith("Redis subscriber: cannot")]
+    still = [r for r in caplog.records if "still cannot connect" in r.getMessage()]
+    assert len(first) == 1 and "SELECT 99 failed" in first[0].getMessage()
+    assert 1 <= len(still) <= elapsed / 0.5 + 1
+    assert len(first) + len(still) < attempts
+    await wait_for(lambda: transport.stats.failed_attempts > attempts + 1, "more attempts")
 
 
 @needs_redis_server
@@ -627,6 +640,12 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[TlsFiles, Path]
     return files, _write(d / "foreign-ca.pem", cert=foreign)
 
 
+#: Twisted hands pyOpenSSL objects to pyOpenSSL, which now warns about it.
+twisted_tls_warnings = pytest.mark.filterwarnings(
+    "ignore:Passing pyOpenSSL .* objects is deprecated:DeprecationWarning"
+)
+
+
 @pytest.fixture
 def tls_server(tmp_path: Path, tls_files: tuple[TlsFiles, Path]) -> Any:
     if not redis_server_available():
@@ -642,6 +661,7 @@ def tls_server(tmp_path: Path, tls_files: tuple[TlsFiles, Path]) -> Any:
     server.close()
 
 
+@twisted_tls_warnings
 @pytest_twisted.ensureDeferred
 async def test_tls_with_client_certificate(
     tls_server: RedisServer, make_transport: MakeTransport
@@ -657,6 +677,7 @@ async def test_tls_with_client_certificate(
     assert rec.lines == [("hs", "PING 1"), ("hs", "PING 2")]
 
 
+@twisted_tls_warnings
 @pytest_twisted.ensureDeferred
 async def test_tls_ca_path(
     tls_server: RedisServer, tmp_path: Path, make_transport: MakeTransport
@@ -672,6 +693,7 @@ async def test_tls_ca_path(
     await started(transport)
 
 
+@twisted_tls_warnings
 @pytest_twisted.ensureDeferred
 async def test_tls_refuses_an_untrusted_server_and_keeps_trying(
     tls_server: RedisServer,
@@ -691,6 +713,73 @@ async def test_tls_refuses_an_untrusted_server_and_keeps_trying(
 
     unverified, _ = make_transport(tls_server.redis_config(ca_file=None), ["hs"], tls_verify=False)
     await started(unverified)
+
+
+# --- the pure-Python reply reader ----------------------------------------------------
+
+
+def _resp_values() -> st.SearchStrategy[Any]:
+    leaves = st.one_of(
+        st.binary(max_size=40).map(lambda b: ("bulk", b)),
+        st.integers(-(2**63), 2**63 - 1).map(lambda i: ("int", i)),
+        st.just(("nil", None)),
+        st.text(st.characters(exclude_characters="\r\n"), max_size=20).map(lambda t: ("status", t)),
+        st.text(st.characters(exclude_characters="\r\n"), min_size=1, max_size=20).map(
+            lambda t: ("error", t)
+        ),
+    )
+    return st.recursive(
+        leaves, lambda inner: st.lists(inner, max_size=4).map(lambda v: ("array", v))
+    )
+
+
+def _encode_resp(value: tuple[str, Any]) -> bytes:
+    kind, v = value
+    if kind == "bulk":
+        return b"$%d\r\n%s\r\n" % (len(v), v)
+    if kind == "int":
+        return b":%d\r\n" % v
+    if kind == "nil":
+        return b"$-1\r\n"
+    if kind == "status":
+        return b"+" + v.encode() + b"\r\n"
+    if kind == "error":
+        return b"-" + v.encode() + b"\r\n"
+    return b"*%d\r\n" % len(v) + b"".join(_encode_resp(x) for x in v)
+
+
+def _comparable(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        return ("error", type(reply).__name__, str(reply))
+    if isinstance(reply, list):
+        return [_comparable(x) for x in reply]
+    return reply
+
+
+def _read_all(reader: Any, chunks: list[bytes]) -> list[Any]:
+    replies = []
+    for chunk in chunks:
+        reader.feed(chunk)
+        while (reply := reader.gets()) is not False:
+            replies.append(_comparable(reply))
+    return replies
+
+
+@pytest.mark.skipif(not HIREDIS, reason="compares with hiredis")
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(_resp_values(), min_size=1, max_size=6), data=st.data())
+def test_python_reader_matches_hiredis(values: list[Any], data: st.DataObject) -> None:
+    """The reader used without hiredis returns what hiredis returns, however
+    the bytes are split into chunks."""
+    import hiredis
+    import txredisapi
+
+    wire = b"".join(_encode_resp(v) for v in values)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=8)))
+    chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    expected = _read_all(hiredis.Reader(replyError=txredisapi.ResponseError), [wire])
+    assert _read_all(_PythonReader(), chunks) == expected
+    assert len(expected) == len(values)
 
 
 # --- arguments -------------------------------------------------------------------

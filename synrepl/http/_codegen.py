@@ -166,7 +166,8 @@ def _stub_signature(endpoint: Endpoint) -> str:
         return (
             "get_repl_stream_updates(instance, stream, from_token, upto_token) -> StreamUpdates"
         )
-    params = [f.name if f.required else f"{f.name}={f.default!r}" for f in endpoint.arguments]
+    params = ["*"]
+    params += [f.name if f.required else f"{f.name}={f.default!r}" for f in endpoint.arguments]
     params.append("instance=None")
     return f"{endpoint.stub}({', '.join(params)}) -> {endpoint.response.annotation}"
 
@@ -222,7 +223,8 @@ def render_endpoint_docs() -> str:
     ]
     for e in endpoints:
         txn = "yes" if e.takes_txn_id else "no"
-        out.append(f"| [`{e.name}`](#{e.name}) | {e.method} | {txn} | {_md(e.send_to)} |")
+        send_to = "the instance that handles the EDU type" if e.route.kind == "edu" else e.send_to
+        out.append(f"| [`{e.name}`](#{e.name}) | {e.method} | {txn} | {_md(send_to)} |")
     out.append("")
     for endpoint in endpoints:
         out += _endpoint_section(endpoint)

@@ -119,6 +119,8 @@ class FakeHomeserver:
         #: Messages that could not be published (Redis down): lost on the wire,
         #: as they would be for Synapse; a later POSITION reveals the rows.
         self.publish_failures = 0
+        #: How many REPLICATE commands (from anyone) this homeserver answered.
+        self.replicates_seen = 0
         self._ready: defer.Deferred[None] = defer.Deferred()
 
     # ------------------------------------------------------------ lifecycle
@@ -280,6 +282,7 @@ class FakeHomeserver:
         except ProtocolError:
             return
         if isinstance(cmd, ReplicateCommand):
+            self.replicates_seen += 1
             self._announce_all()
 
     def _announce_all(self) -> None:

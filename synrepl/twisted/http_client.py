@@ -34,15 +34,17 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wra
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
-    readBody,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -51,7 +53,6 @@ from twisted.web.iweb import (
     IAgentEndpointFactory,
     IBodyProducer,
     IPolicyForHTTPS,
-    IResponse,
 )
 from zope.interface import implementer  # type: ignore[import-untyped]
 
@@ -91,6 +92,9 @@ DEFAULT_TIMEOUT = 60.0
 #: How long Synapse waits for a stream position before giving up, in seconds.
 DEFAULT_POSITION_WAIT_TIMEOUT = 5.0
 
+#: The largest answer body read, in bytes (Synapse sets no limit).
+DEFAULT_MAX_RESPONSE_SIZE = 64 * 1024 * 1024
+
 
 # zope interfaces do not type-check without a mypy plugin: the few methods
 # used here are described by Protocols instead.
@@ -103,7 +107,14 @@ class _Agent(Protocol):
         uri: bytes,
         headers: Headers | None = None,
         bodyProducer: Any = None,
-    ) -> defer.Deferred[IResponse]: ...
+    ) -> defer.Deferred[_Response]: ...
+
+
+class _Response(Protocol):
+    code: int
+    phrase: bytes
+
+    def deliverBody(self, protocol: TwistedProtocol) -> None: ...
 
 
 class _DelayedCall(Protocol):
@@ -170,6 +181,45 @@ class _BytesProducer:
         """Nothing to stop."""
 
 
+class _ResponseTooLargeError(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the answer is larger than {limit} bytes")
+
+
+class _BodyReader(TwistedProtocol):
+    """Collects an answer body, up to a size limit; cancelling it (or going
+    over the limit) drops the connection."""
+
+    def __init__(self, limit: int) -> None:
+        self.finished: defer.Deferred[bytes] = defer.Deferred(lambda _: self._drop())
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._chunks.clear()
+            self.finished.errback(_ResponseTooLargeError(self._limit))
+            self._drop()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.finished.called:
+            return
+        if reason is None or isinstance(reason.value, ResponseDone):
+            self.finished.callback(b"".join(self._chunks))
+        else:
+            self.finished.errback(reason)
+
+    def _drop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
 @implementer(IAgentEndpointFactory)
 class _LocationEndpointFactory:
     """Connects ``http``, ``https`` and ``http+unix`` URIs (see
@@ -199,12 +249,23 @@ class _LocationEndpointFactory:
 
 def _failure_kind(error: BaseException) -> FailureKind | None:
     """How Synapse classes a transport failure: retried as a timeout, as a
-    connection error, or not at all."""
-    if isinstance(error, ConnectTimeoutError | ConnectingCancelledError | ResponseNeverReceived):
+    connection error, or not at all.
+
+    One deliberate difference: Synapse retries a failed TLS handshake as if it
+    had timed out; a certificate that does not verify will not verify on a
+    retry either, so synrepl does not retry it.
+    """
+    if isinstance(error, ResponseNeverReceived):
+        return None if any(_is_tls_error(r.value) for r in error.reasons) else "timeout"
+    if isinstance(error, ConnectTimeoutError | ConnectingCancelledError):
         return "timeout"
     if isinstance(error, ConnectError | DNSLookupError):
         return "connect"
     return None
+
+
+def _is_tls_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith("OpenSSL")
 
 
 def _is_cancellation(error: BaseException) -> bool:
@@ -250,6 +311,7 @@ class ReplicationHttpClient(ReplicationStubs):
         user_agent: the User-Agent header.
         instance_name: this process's instance name, sent with
             ``local_positions``; default: the configuration's.
+        max_response_size: the largest answer body accepted, in bytes.
     """
 
     def __init__(
@@ -266,6 +328,7 @@ class ReplicationHttpClient(ReplicationStubs):
         tls_policy: IPolicyForHTTPS | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
         instance_name: str | None = None,
+        max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
     ) -> None:
         self._reactor = reactor
         self._config = config
@@ -276,6 +339,7 @@ class ReplicationHttpClient(ReplicationStubs):
         self._retry = retry if retry is not None else RetryPolicy()
         self._position_wait_timeout = position_wait_timeout
         self._user_agent = user_agent
+        self._max_response_size = max_response_size
         self.position_waiter = position_waiter
         self._clock: _Clock = reactor
         self._pool: _Pool | None = None
@@ -475,8 +539,10 @@ class ReplicationHttpClient(ReplicationStubs):
         try:
             method = request.method.encode("ascii")
             waiting.append(self._agent.request(method, uri, headers, producer))
-            response: IResponse = await waiting[-1]
-            waiting.append(readBody(response))
+            response: _Response = await waiting[-1]
+            reader = _BodyReader(self._max_response_size)
+            waiting.append(reader.finished)
+            response.deliverBody(reader)
             body: bytes = await waiting[-1]
         except Exception as error:  # noqa: BLE001 - every failure is classified below
             if timed_out:

@@ -372,10 +372,12 @@ class _OneShotFactory(ClientFactory):
     """Hands an endpoint the protocol instance already made for this attempt."""
 
     def __init__(self, protocol: _RedisConnection) -> None:
-        self._protocol = protocol
+        self._protocol: _RedisConnection | None = protocol
 
-    def buildProtocol(self, addr: object) -> TwistedProtocol:
-        return cast(TwistedProtocol, self._protocol)
+    def buildProtocol(self, addr: object) -> TwistedProtocol | None:
+        # Once only: a second connection (a racing address) is refused.
+        protocol, self._protocol = self._protocol, None
+        return cast("TwistedProtocol | None", protocol)
 
 
 class _Link:
@@ -399,7 +401,6 @@ class _Link:
         self._down_since: float | None = None
         self._down_logged = False
         self._last_down_log = 0.0
-        self._last_error = ""
         self._closed_waiters: list[defer.Deferred[None]] = []
 
     # --- the loop ----------------------------------------------------------------
@@ -531,7 +532,6 @@ class _Link:
                 why,
             )
             self._down_since, self._down_logged, self._last_down_log = now, True, now
-            self._last_error = why
             self.transport._link_lost(self, was_ready, stopping=False)
             self._schedule_retry()
         else:
@@ -539,7 +539,6 @@ class _Link:
 
     def _attempt_failed(self, why: str) -> None:
         self._failures += 1
-        self._last_error = why
         self.transport.stats.failed_attempts += 1
         now = self.clock.seconds()
         if self._down_since is None:
@@ -679,7 +678,7 @@ class RedisTransport:
     """A subscribing and a publishing connection to one Redis, kept alive.
 
     Args:
-        reactor: provides IReactorTCP, IReactorUNIX, _Clock and
+        reactor: provides IReactorTCP, IReactorUNIX, IReactorTime and
             IReactorPluggableNameResolver; nothing here uses the global one.
         redis: where and how to connect (host/port or unix ``path``, ``dbid``,
             ``username``/``password``, TLS with optional client certificate
@@ -697,8 +696,9 @@ class RedisTransport:
         keepalive_interval: seconds between PINGs on each ready connection.
         keepalive_timeout: seconds a PING may go unanswered before the
             connection is aborted and re-made.
-        connect_timeout: seconds for the TCP/TLS connect, and again for the
-            set-up commands (AUTH, SELECT, SUBSCRIBE).
+        connect_timeout: seconds for the TCP/TLS connect, again for the
+            set-up commands (AUTH, SELECT, SUBSCRIBE), and for ``stop()`` to
+            wait for a clean close before it aborts the connection.
         min_backoff, max_backoff: the first and the largest wait between
             attempts, in seconds; each wait is randomly shortened by up to half.
         client_name: if set, each connection is named ``<client_name>-sub`` or
