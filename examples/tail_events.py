@@ -25,7 +25,9 @@ async def main(reactor, config_paths):
         for row in batch.rows:
             if isinstance(row, EventRow):
                 fields = {"event_id": row.event_id, "room_id": row.room_id, "type": row.type}
-                print(json.dumps({**fields, "writer": batch.writer, "token": batch.token}), flush=True)
+                print(
+                    json.dumps({**fields, "writer": batch.writer, "token": batch.token}), flush=True
+                )
 
     client.on_rows("events", print_events)
     await client.start()
@@ -34,6 +36,8 @@ async def main(reactor, config_paths):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", action="append", required=True, help="Synapse config file")
+    parser.add_argument(
+        "-c", "--config", action="append", required=True, help="Synapse config file"
+    )
     args = parser.parse_args()
     task.react(lambda reactor: defer.ensureDeferred(main(reactor, args.config)))

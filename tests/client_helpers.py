@@ -10,7 +10,6 @@ from typing import Any
 from twisted.internet import reactor, task
 
 from synrepl.positions import RowsReceived
-from synrepl.streams import Row
 
 _counter = itertools.count()
 
@@ -32,7 +31,7 @@ class Collector:
     def rows(self, stream: str, writer: str) -> list[tuple[int, Any]]:
         """(token, raw row) pairs received for one writer's stream, in order."""
         return [
-            (b.token, r.to_raw() if isinstance(r, Row) else r.to_raw())
+            (b.token, r.to_raw())
             for b in self.batches
             if b.stream == stream and b.writer == writer
             for r in b.rows

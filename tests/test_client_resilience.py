@@ -37,7 +37,9 @@ def event(n: int) -> EventRow:
     return EventRow(f"$e{n}", "!room:test", "m.room.message", None, None, None, None, False, False)
 
 
-async def cluster(server: RedisServer, **hs_kwargs: Any) -> tuple[FakeHomeserver, ReplicationClient, Collector]:
+async def cluster(
+    server: RedisServer, **hs_kwargs: Any
+) -> tuple[FakeHomeserver, ReplicationClient, Collector]:
     hs = FakeHomeserver(
         reactor,
         server_name=unique_server_name(),
@@ -70,7 +72,9 @@ async def write_while(hs: FakeHomeserver, count: int, disturb_at: int, disturb: 
         await sleep(0.005)
 
 
-async def settle(hs: FakeHomeserver, client: ReplicationClient, start: int, seen: Collector) -> None:
+async def settle(
+    hs: FakeHomeserver, client: ReplicationClient, start: int, seen: Collector
+) -> None:
     """After the disturbance: a final POSITION round, then every row must be in."""
     target = hs.token("events")
     for _ in range(100):

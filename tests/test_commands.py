@@ -30,8 +30,7 @@ from synrepl.streams import EventRow, PresenceRow, RawRow, TypingRow
 from synrepl.testing import strategies as rs
 
 EV_LINE = (
-    'RDATA events master 1259 ["ev",["$e:x","!r:x","m.room.member","@a:x",null,null,'
-    '"join",0,0]]'
+    'RDATA events master 1259 ["ev",["$e:x","!r:x","m.room.member","@a:x",null,null,"join",0,0]]'
 )
 
 
@@ -153,9 +152,7 @@ def test_user_ip_repr_hides_the_access_token() -> None:
         ("POSITION events master \u0665 6", "POSITION", "not an integer"),
     ],
 )
-def test_malformed_lines_name_command_reason_and_line(
-    line: str, command: str, reason: str
-) -> None:
+def test_malformed_lines_name_command_reason_and_line(line: str, command: str, reason: str) -> None:
     """A bad line raises MalformedCommandError naming the command, the reason and the line."""
     with pytest.raises(MalformedCommandError) as info:
         parse_line(line)

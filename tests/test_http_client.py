@@ -36,7 +36,9 @@ from synrepl.http import (
 from synrepl.twisted.http_client import ReplicationHttpClient
 
 SECRET = "Repl-S3cret-value"
-FAST = RetryPolicy(connect_retries=2, connect_base_delay=0.01, timeout_retries=1, timeout_delay=0.01)
+FAST = RetryPolicy(
+    connect_retries=2, connect_base_delay=0.01, timeout_retries=1, timeout_delay=0.01
+)
 
 Handler = Callable[["Recorded", Request], Any]
 
@@ -173,7 +175,9 @@ async def test_stub_sends_what_synapse_expects() -> None:
     assert result == 12
     (request,) = server.requests
     assert request.method == "POST"
-    assert request.path == "/_synapse/replication/add_tag/%40alice%3Ahs/%21room%2F1%3Ahs/m.favourite"
+    assert (
+        request.path == "/_synapse/replication/add_tag/%40alice%3Ahs/%21room%2F1%3Ahs/m.favourite"
+    )
     assert request.headers["authorization"] == [f"Bearer {SECRET}"]
     assert request.headers["content-type"] == ["application/json"]
     assert request.json() == {"content": {"order": 1}}
@@ -470,12 +474,16 @@ async def test_tls_location() -> None:
             return ssl.optionsForClientTLS(hostname.decode(), trustRoot=trust)
 
     async with serving(answer({}), tls=server_options) as (server, port):
-        config = make_config(1, instance_map={"secure": {"host": "localhost", "port": port, "tls": True}})
+        config = make_config(
+            1, instance_map={"secure": {"host": "localhost", "port": port, "tls": True}}
+        )
         async with client_for(config, tls_policy=TrustOurCert()) as client:
             await client.remove_pusher(user_id="@u:hs", app_id="a", pushkey="k", instance="secure")
         async with client_for(config) as client:  # default policy: the cert is not trusted
             with pytest.raises(ReplicationTransportError) as info:
-                await client.remove_pusher(user_id="@u:hs", app_id="a", pushkey="k", instance="secure")
+                await client.remove_pusher(
+                    user_id="@u:hs", app_id="a", pushkey="k", instance="secure"
+                )
     assert "ResponseNeverReceived" in info.value.reason, "Synapse would retry this as a timeout"
     assert "certificate verify failed" in info.value.reason
     assert len(server.requests) == 1
@@ -494,7 +502,9 @@ class FakeWaiter:
         self.waits: list[tuple[str, str, int]] = []
         self.deferreds: list[defer.Deferred[None]] = []
 
-    def wait_for_stream_position(self, stream: str, writer: str, token: int) -> defer.Deferred[None]:
+    def wait_for_stream_position(
+        self, stream: str, writer: str, token: int
+    ) -> defer.Deferred[None]:
         if self.follows is not None and stream not in self.follows:
             raise ValueError(f"not following {stream}")
         self.waits.append((stream, writer, token))
@@ -557,7 +567,9 @@ async def test_own_positions_are_sent_like_synapse() -> None:
         await client.add_tag(user_id="u", room_id="r", tag="t", content={})
         await client.get_repl_stream_updates("main", "events", 0, 1)
         await client.call_endpoint(
-            "remove_tag", "main", {"user_id": "u", "room_id": "r", "tag": "t"},
+            "remove_tag",
+            "main",
+            {"user_id": "u", "room_id": "r", "tag": "t"},
             stream_positions={"typing": 2},
         )
     post, get, explicit = server.requests

@@ -93,7 +93,11 @@ def test_every_endpoint_has_a_typed_stub(name: str) -> None:
         return
     stub = getattr(ReplicationStubs, endpoint.stub)
     params = list(inspect.signature(stub).parameters.values())[1:]
-    assert [p.name for p in params] == [*endpoint.path_args, *(f.name for f in endpoint.fields), "instance"]
+    assert [p.name for p in params] == [
+        *endpoint.path_args,
+        *(f.name for f in endpoint.fields),
+        "instance",
+    ]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
     for param, field in zip(params, endpoint.arguments, strict=False):
         assert param.annotation == field.type.annotation
@@ -275,6 +279,35 @@ def test_get_sends_query_parameters_and_no_positions() -> None:
         )
 
 
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), _json_values, max_size=5), st.text(min_size=1))
+def test_body_round_trips_any_json(content: dict[str, Any], origin: str) -> None:
+    """Whatever JSON the caller gives, the body decodes back to it."""
+    request = build_request(
+        "fed_send_edu", {"edu_type": "m.x", "origin": origin, "content": content}
+    )
+    assert request.body is not None and request.body.isascii()
+    assert json.loads(request.body) == {"origin": origin, "content": content}
+
+
+@given(_json_values, st.dictionaries(st.text(), st.integers(), max_size=3))
+def test_answers_round_trip(value: Any, positions: dict[str, int]) -> None:
+    body = json.dumps({"value": value, STREAM_POSITIONS_KEY: positions}).encode()
+    response = parse_response("fed_query", "w", 200, body)
+    assert response.body == {"value": value}
+    assert dict(response.positions) == positions
+
+
 def test_mappings_and_tuples_encode_as_json() -> None:
     from types import MappingProxyType
 
@@ -341,7 +374,13 @@ def test_success_answer_sheds_its_positions() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"[1, 2]", b'{"_INT_STREAM_POS": {"events": "5"}}', b'{"_INT_STREAM_POS": 3}', b"\xff"],
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"_INT_STREAM_POS": {"events": "5"}}',
+        b'{"_INT_STREAM_POS": 3}',
+        b"\xff",
+    ],
 )
 def test_malformed_success_answers(body: bytes) -> None:
     with pytest.raises(MalformedResponseError) as info:
@@ -371,6 +410,18 @@ def test_error_answer_without_matrix_error() -> None:
     assert "worker_replication_secret" in str(error), "500 hints at the secret"
 
 
+def test_hints_only_where_synapse_hides_the_cause() -> None:
+    def message(status: int, body: bytes) -> str:
+        with pytest.raises(HttpReplicationError) as info:
+            parse_response("remove_user_account_data", "master", status, body, "x")
+        return str(info.value)
+
+    unrecognized = b'{"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}'
+    assert "served by that instance" in message(404, unrecognized)
+    assert "served by that instance" not in message(404, b'{"errcode": "M_NOT_FOUND"}')
+    assert "served by that instance" not in message(404, b'{"error": "No row found"}')
+
+
 def test_typed_results() -> None:
     def response(body: dict[str, Any]) -> ReplicationResponse:
         return ReplicationResponse("x", "master", body)
@@ -380,7 +431,12 @@ def test_typed_results() -> None:
     )
     device = parse_result(
         response(
-            {"device_id": "D", "access_token": "syt_A", "valid_until_ms": None, "refresh_token": "R"}
+            {
+                "device_id": "D",
+                "access_token": "syt_A",
+                "valid_until_ms": None,
+                "refresh_token": "R",
+            }
         ),
         parse_registered_device,
     )

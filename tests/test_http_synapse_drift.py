@@ -111,7 +111,9 @@ def _synapse_kwargs(cls: type[ReplicationEndpoint], ours: Endpoint) -> tuple[dic
             field = next((f for f in ours.fields if f.name == "requester"), None)
             if field is not None:  # send_events puts it inside each event instead
                 as_string = field.type.name == "string"
-                args["requester"] = requester.user.to_string() if as_string else requester.serialize()
+                args["requester"] = (
+                    requester.user.to_string() if as_string else requester.serialize()
+                )
         elif param.name == "room_version":
             synapse_kwargs[param.name] = KNOWN_ROOM_VERSIONS["10"]
             args["room_version"] = "10"

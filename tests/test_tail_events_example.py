@@ -46,7 +46,7 @@ async def test_tail_events_prints_every_event_once_across_a_redis_restart(tmp_pa
         config_file.write_text(yaml.safe_dump(hs.config_dict()))
         out_file = tmp_path / "out.jsonl"
         with out_file.open("w") as out:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
                 [sys.executable, str(EXAMPLE), "-c", str(config_file)],
                 stdout=out,
                 stderr=subprocess.PIPE,
@@ -61,29 +61,33 @@ async def test_tail_events_prints_every_event_once_across_a_redis_restart(tmp_pa
                 rows = [ev(n, room), CurrentStateRow(room, "m.topic", "", f"$e{n}")]
                 token = hs.write("events", rows, writer=writer)
                 expected.append(
-                    {"event_id": f"$e{n}", "room_id": room, "type": "m.room.message",
-                     "writer": writer, "token": token}
+                    {
+                        "event_id": f"$e{n}",
+                        "room_id": room,
+                        "type": "m.room.message",
+                        "writer": writer,
+                        "token": token,
+                    }
                 )
                 if n == 20:
                     server.kill()
                     await sleep(0.3)
                     server.start()
                 await sleep(0.02)
-            await wait_until(lambda: hs.replicates_seen >= 2, timeout=30, what="re-REPLICATE")
 
             def printed() -> list[dict[str, object]]:
                 return [json.loads(line) for line in out_file.read_text().splitlines()]
 
-            for _ in range(50):
+            # The example reconnects within its backoff (at most 5 s); until
+            # then, and until a POSITION reveals what it missed, keep going.
+            for _ in range(150):
                 if len(printed()) >= len(expected):
                     break
                 hs.position("events", writer="master")
                 hs.position("events", writer="persister1")
                 await sleep(0.2)
             got = printed()
-            by_writer = {
-                w: [e for e in got if e["writer"] == w] for w in ("master", "persister1")
-            }
+            by_writer = {w: [e for e in got if e["writer"] == w] for w in ("master", "persister1")}
             for writer in ("master", "persister1"):
                 assert by_writer[writer] == [e for e in expected if e["writer"] == writer]
             assert len(got) == len(expected)

@@ -49,7 +49,8 @@ def _wrap(text: str, indent: str, first: str = "") -> list[str]:
         _check_text(first + text),
         width=_WIDTH,
         initial_indent=indent,
-        subsequent_indent=indent + (" " * len(first) if first.startswith("- ") else "    " * bool(first)),
+        subsequent_indent=indent
+        + (" " * len(first) if first.startswith("- ") else "    " * bool(first)),
         break_on_hyphens=False,
         break_long_words=False,
     )
@@ -76,7 +77,10 @@ def _stub(endpoint: Endpoint) -> list[str]:
     doc = _wrap(endpoint.summary, "        ")
     doc[0] = '        """' + doc[0].lstrip()
     doc += ["", f"        ``{_path_template(endpoint, 'rst')}``"]
-    doc += ["", *_wrap(f"Send it to {endpoint.send_to}; served by {endpoint.served_by}.", "        ")]
+    doc += [
+        "",
+        *_wrap(f"Send it to {endpoint.send_to}; served by {endpoint.served_by}.", "        "),
+    ]
     doc += ["", "        Args:"]
     for field in endpoint.arguments:
         extra = f" (one of: {', '.join(field.choices)})" if field.choices else ""
@@ -125,8 +129,7 @@ def render_stubs() -> str:
     collections = [name for name in ("Mapping", "Sequence") if name in annotations]
     parsers = sorted({e.response.parser.__name__ for e in endpoints})
     results = sorted(
-        {e.response.annotation for e in endpoints if e.response.annotation[0].isupper()}
-        - {"None"}
+        {e.response.annotation for e in endpoints if e.response.annotation[0].isupper()} - {"None"}
     )
     out = [
         '"""Typed stubs, one per endpoint of :data:`synrepl.http.ENDPOINTS`.',
@@ -163,9 +166,7 @@ def _md(text: str) -> str:
 
 def _stub_signature(endpoint: Endpoint) -> str:
     if endpoint.stub is None:
-        return (
-            "get_repl_stream_updates(instance, stream, from_token, upto_token) -> StreamUpdates"
-        )
+        return "get_repl_stream_updates(instance, stream, from_token, upto_token) -> StreamUpdates"
     params = ["*"]
     params += [f.name if f.required else f"{f.name}={f.default!r}" for f in endpoint.arguments]
     params.append("instance=None")

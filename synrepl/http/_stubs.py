@@ -104,9 +104,7 @@ class ReplicationStubs(StubBase):
             "tag": tag,
             "content": content,
         }
-        return await self._typed_call(
-            "add_tag", instance, call_args, parse_max_stream_id
-        )
+        return await self._typed_call("add_tag", instance, call_args, parse_max_stream_id)
 
     async def add_user_account_data(
         self,
@@ -166,9 +164,7 @@ class ReplicationStubs(StubBase):
         call_args: dict[str, Any] = {
             "next_send_ts": next_send_ts,
         }
-        return await self._typed_call(
-            "added_delayed_event", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("added_delayed_event", instance, call_args, parse_nothing)
 
     async def bump_presence_active_time(
         self,
@@ -253,9 +249,7 @@ class ReplicationStubs(StubBase):
             "old_room_id": old_room_id,
             "new_room_id": new_room_id,
         }
-        return await self._typed_call(
-            "copy_push_rules", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("copy_push_rules", instance, call_args, parse_nothing)
 
     async def delete_all_pushers_for_user(
         self,
@@ -388,9 +382,7 @@ class ReplicationStubs(StubBase):
         call_args: dict[str, Any] = {
             "room_id": room_id,
         }
-        return await self._typed_call(
-            "fed_cleanup_room", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("fed_cleanup_room", instance, call_args, parse_nothing)
 
     async def fed_query(
         self,
@@ -426,9 +418,7 @@ class ReplicationStubs(StubBase):
             "args": args,
             "origin": origin,
         }
-        return await self._typed_call(
-            "fed_query", instance, call_args, parse_object
-        )
+        return await self._typed_call("fed_query", instance, call_args, parse_object)
 
     async def fed_send_edu(
         self,
@@ -463,9 +453,7 @@ class ReplicationStubs(StubBase):
             "origin": origin,
             "content": content,
         }
-        return await self._typed_call(
-            "fed_send_edu", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("fed_send_edu", instance, call_args, parse_nothing)
 
     async def fed_send_events(
         self,
@@ -501,9 +489,7 @@ class ReplicationStubs(StubBase):
             "backfilled": backfilled,
             "room_id": room_id,
         }
-        return await self._typed_call(
-            "fed_send_events", instance, call_args, parse_max_stream_id
-        )
+        return await self._typed_call("fed_send_events", instance, call_args, parse_max_stream_id)
 
     async def handle_new_device_update(
         self,
@@ -557,9 +543,7 @@ class ReplicationStubs(StubBase):
             "user_id": user_id,
             "change": change,
         }
-        return await self._typed_call(
-            "membership_change", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("membership_change", instance, call_args, parse_nothing)
 
     async def multi_user_device_resync(
         self,
@@ -588,9 +572,7 @@ class ReplicationStubs(StubBase):
         call_args: dict[str, Any] = {
             "user_ids": user_ids,
         }
-        return await self._typed_call(
-            "multi_user_device_resync", instance, call_args, parse_object
-        )
+        return await self._typed_call("multi_user_device_resync", instance, call_args, parse_object)
 
     async def notify_account_deactivated(
         self,
@@ -599,8 +581,8 @@ class ReplicationStubs(StubBase):
         by_admin: bool,
         instance: str | None = None,
     ) -> None:
-        """Tells the main process that a user was deactivated, so that it parts the user from their
-        rooms.
+        """Tells the main process that a user was deactivated, so that it starts parting the user from
+        their rooms and tells its modules.
 
         ``POST /_synapse/replication/notify_account_deactivated/<user_id>/<txn_id>``
 
@@ -649,9 +631,7 @@ class ReplicationStubs(StubBase):
             "user_id": user_id,
             "device_ids": device_ids,
         }
-        return await self._typed_call(
-            "notify_device_update", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("notify_device_update", instance, call_args, parse_nothing)
 
     async def notify_user_signature_update(
         self,
@@ -691,7 +671,8 @@ class ReplicationStubs(StubBase):
         access_token: str | None,
         instance: str | None = None,
     ) -> None:
-        """Runs what follows a registration (consent, pushers for the email, auto-joined rooms, ...).
+        """Runs what follows a registration: records the email address or phone number registered with
+        (an email pusher for the email) and the terms consent.
 
         ``POST /_synapse/replication/post_register/<user_id>/<txn_id>``
 
@@ -711,9 +692,7 @@ class ReplicationStubs(StubBase):
             "auth_result": auth_result,
             "access_token": access_token,
         }
-        return await self._typed_call(
-            "post_register", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("post_register", instance, call_args, parse_nothing)
 
     async def presence_set_state(
         self,
@@ -749,9 +728,7 @@ class ReplicationStubs(StubBase):
             "force_notify": force_notify,
             "is_sync": is_sync,
         }
-        return await self._typed_call(
-            "presence_set_state", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("presence_set_state", instance, call_args, parse_nothing)
 
     async def profile_delete_field(
         self,
@@ -785,9 +762,7 @@ class ReplicationStubs(StubBase):
             "field_name": field_name,
             "by_admin": by_admin,
         }
-        return await self._typed_call(
-            "profile_delete_field", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("profile_delete_field", instance, call_args, parse_nothing)
 
     async def profile_set_field(
         self,
@@ -827,9 +802,7 @@ class ReplicationStubs(StubBase):
             "by_admin": by_admin,
             "propagate": propagate,
         }
-        return await self._typed_call(
-            "profile_set_field", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("profile_set_field", instance, call_args, parse_nothing)
 
     async def register_user(
         self,
@@ -887,9 +860,7 @@ class ReplicationStubs(StubBase):
             "shadow_banned": shadow_banned,
             "approved": approved,
         }
-        return await self._typed_call(
-            "register_user", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("register_user", instance, call_args, parse_nothing)
 
     async def remote_join(
         self,
@@ -927,9 +898,7 @@ class ReplicationStubs(StubBase):
             "remote_room_hosts": remote_room_hosts,
             "content": content,
         }
-        return await self._typed_call(
-            "remote_join", instance, call_args, parse_event_written
-        )
+        return await self._typed_call("remote_join", instance, call_args, parse_event_written)
 
     async def remote_knock(
         self,
@@ -967,9 +936,7 @@ class ReplicationStubs(StubBase):
             "remote_room_hosts": remote_room_hosts,
             "content": content,
         }
-        return await self._typed_call(
-            "remote_knock", instance, call_args, parse_event_written
-        )
+        return await self._typed_call("remote_knock", instance, call_args, parse_event_written)
 
     async def remote_reject_invite(
         self,
@@ -1073,9 +1040,7 @@ class ReplicationStubs(StubBase):
             "app_id": app_id,
             "pushkey": pushkey,
         }
-        return await self._typed_call(
-            "remove_pusher", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("remove_pusher", instance, call_args, parse_nothing)
 
     async def remove_room_account_data(
         self,
@@ -1145,9 +1110,7 @@ class ReplicationStubs(StubBase):
             "room_id": room_id,
             "tag": tag,
         }
-        return await self._typed_call(
-            "remove_tag", instance, call_args, parse_max_stream_id
-        )
+        return await self._typed_call("remove_tag", instance, call_args, parse_max_stream_id)
 
     async def remove_user_account_data(
         self,
@@ -1208,9 +1171,7 @@ class ReplicationStubs(StubBase):
         call_args: dict[str, Any] = {
             "events": events,
         }
-        return await self._typed_call(
-            "send_events", instance, call_args, parse_event_written
-        )
+        return await self._typed_call("send_events", instance, call_args, parse_event_written)
 
     async def store_room_on_outlier_membership(
         self,
@@ -1272,6 +1233,4 @@ class ReplicationStubs(StubBase):
         call_args: dict[str, Any] = {
             "room_id": room_id,
         }
-        return await self._typed_call(
-            "update_current_state", instance, call_args, parse_nothing
-        )
+        return await self._typed_call("update_current_state", instance, call_args, parse_nothing)

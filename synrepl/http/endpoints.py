@@ -110,6 +110,7 @@ STR_LIST = JsonType("list of strings", "Sequence[str]", _is_list_of(_is_str))
 OBJECT_LIST = JsonType("list of objects", "Sequence[Mapping[str, Any]]", _is_list_of(_is_object))
 ANY = JsonType("any JSON value", "Any", _anything)
 
+
 class _Required:
     """The type of :data:`REQUIRED`."""
 
@@ -202,9 +203,13 @@ class Route:
             )
             text = f"the event persister (`stream_writers.events`) that owns {where}"
         elif self.kind == "edu":
-            text = "the instance that handles the EDU type: " + ", ".join(
-                f"`{edu}` the first `{key}` writer" for edu, key in EDU_WRITER_KEYS.items()
-            ) + "; any other type the main process"
+            text = (
+                "the instance that handles the EDU type: "
+                + ", ".join(
+                    f"`{edu}` the first `{key}` writer" for edu, key in EDU_WRITER_KEYS.items()
+                )
+                + "; any other type the main process"
+            )
         else:
             text = "the instance the caller names"
         return f"{text} ({self.why})" if self.why else text
@@ -384,7 +389,7 @@ def _endpoints() -> tuple[Endpoint, ...]:
             "Tags a room for a user (the tag's content, e.g. its `order`).",
             "ReplicationAddTagRestServlet",
             cache=False,
-            fields=(Field("content", OBJECT_T, "the tag content, e.g. `{\"order\": 0.5}`"),),
+            fields=(Field("content", OBJECT_T, 'the tag content, e.g. `{"order": 0.5}`'),),
             response=MAX_STREAM_ID,
             notes=(_MAX_ID_NOTE,),
         ),
@@ -403,8 +408,8 @@ def _endpoints() -> tuple[Endpoint, ...]:
             "notify_account_deactivated",
             (Field("user_id", STR, "the deactivated user's Matrix ID"),),
             Route.main(),
-            "Tells the main process that a user was deactivated, so that it parts "
-            "the user from their rooms.",
+            "Tells the main process that a user was deactivated, so that it starts "
+            "parting the user from their rooms and tells its modules.",
             "ReplicationNotifyAccountDeactivatedServlet",
             fields=(Field("by_admin", BOOL, "whether a server admin deactivated the account"),),
             served_by=_MAIN_ONLY,
@@ -419,7 +424,9 @@ def _endpoints() -> tuple[Endpoint, ...]:
             "ReplicationAddedDelayedEventRestServlet",
             cache=False,
             fields=(
-                Field("next_send_ts", INT, "when the event is due, in milliseconds since the epoch"),
+                Field(
+                    "next_send_ts", INT, "when the event is due, in milliseconds since the epoch"
+                ),
             ),
             served_by=_MAIN_ONLY,
         ),
@@ -472,8 +479,7 @@ def _endpoints() -> tuple[Endpoint, ...]:
             "handle_new_device_update",
             (),
             Route.writer("device_lists", why="only the first, to avoid cross-worker locks"),
-            "Wakes the first device list writer to send local device changes to "
-            "remote servers.",
+            "Wakes the first device list writer to send local device changes to remote servers.",
             "ReplicationHandleNewDeviceUpdateRestServlet",
             cache=False,
         ),
@@ -489,8 +495,7 @@ def _endpoints() -> tuple[Endpoint, ...]:
             "fed_send_events",
             (),
             Route.event_persister("room_id"),
-            "Persists events received over federation (or backfilled) and notifies "
-            "listeners.",
+            "Persists events received over federation (or backfilled) and notifies listeners.",
             "ReplicationFederationSendEventsRestServlet",
             fields=(
                 Field(
@@ -543,8 +548,7 @@ def _endpoints() -> tuple[Endpoint, ...]:
             "fed_cleanup_room",
             (_ROOM_ID,),
             Route.main(),
-            "Deletes what the database holds for a room, ready for the server to join "
-            "it again.",
+            "Deletes what the database holds for a room, ready for the server to join it again.",
             "ReplicationCleanRoomRestServlet",
             notes=(_ROLLOUT,),
         ),
@@ -555,7 +559,7 @@ def _endpoints() -> tuple[Endpoint, ...]:
             "Records a room that the server only knows through an out-of-band "
             "membership (an invite or knock).",
             "ReplicationStoreRoomOnOutlierMembershipRestServlet",
-            fields=(Field("room_version", STR, "the room version identifier (`\"10\"`, ...)"),),
+            fields=(Field("room_version", STR, 'the room version identifier (`"10"`, ...)'),),
             notes=(_ROLLOUT,),
         ),
         # --- login (login.py) ---
@@ -749,14 +753,12 @@ def _endpoints() -> tuple[Endpoint, ...]:
             "post_register",
             (Field("user_id", STR, "the newly registered user"),),
             Route.main(),
-            "Runs what follows a registration (consent, pushers for the email, "
-            "auto-joined rooms, ...).",
+            "Runs what follows a registration: records the email address or phone "
+            "number registered with (an email pusher for the email) and the terms consent.",
             "ReplicationPostRegisterActionsServlet",
             fields=(
                 Field("auth_result", OBJECT_T, "the credentials the user registered with"),
-                Field(
-                    "access_token", OPT_STR, "the new device's access token, null when no login"
-                ),
+                Field("access_token", OPT_STR, "the new device's access token, null when no login"),
             ),
             served_by=_MAIN_ONLY,
         ),

@@ -76,11 +76,11 @@ class ReplicationRequestError(SynreplError):
         super().__init__(f"{endpoint} on {instance}: {message}")
 
 
-#: Hints for answers whose real cause Synapse hides.
-_STATUS_HINTS = {
-    404: "is this endpoint served by that instance? some are registered only on the main "
-    "process, on event persisters, or behind an experimental option",
-    500: "a missing or wrong worker_replication_secret also shows as this error",
+#: Hints for answers whose real cause Synapse hides, by (status, errcode).
+_HINTS = {
+    (404, "M_UNRECOGNIZED"): "is this endpoint served by that instance? some are registered "
+    "only on the main process, on event persisters, or behind an experimental option",
+    (500, "M_UNKNOWN"): "a missing or wrong worker_replication_secret also shows as this error",
 }
 
 
@@ -114,8 +114,8 @@ class HttpReplicationError(ReplicationRequestError):
         self.error = error
         self.details: Mapping[str, Any] = dict(details or {})
         message = f"HTTP {status} {errcode}: {excerpt(error)}"
-        hint = _STATUS_HINTS.get(status)
-        if hint and errcode in ("M_UNKNOWN", "M_UNRECOGNIZED"):
+        hint = _HINTS.get((status, errcode))
+        if hint:
             message += f" ({hint})"
         super().__init__(message, endpoint=endpoint, instance=instance)
 
@@ -181,7 +181,9 @@ class MalformedResponseError(ReplicationRequestError, ProtocolError):
 
     def __init__(self, *, endpoint: str, instance: str, reason: str) -> None:
         self.reason = reason
-        super().__init__(f"malformed answer: {excerpt(reason)}", endpoint=endpoint, instance=instance)
+        super().__init__(
+            f"malformed answer: {excerpt(reason)}", endpoint=endpoint, instance=instance
+        )
 
 
 class PositionWaitTimeoutError(ReplicationRequestError):

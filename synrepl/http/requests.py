@@ -234,9 +234,7 @@ def _json_default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-_encoder = json.JSONEncoder(
-    allow_nan=False, separators=(",", ":"), default=_json_default
-)
+_encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=_json_default)
 
 
 def build_request(
@@ -382,9 +380,7 @@ def _http_error(
     )
 
 
-def parse_result(
-    response: ReplicationResponse, parser: Callable[[Mapping[str, Any]], _T]
-) -> _T:
+def parse_result(response: ReplicationResponse, parser: Callable[[Mapping[str, Any]], _T]) -> _T:
     """Type an answer body with ``parser`` (one of :mod:`synrepl.http.results`).
 
     Raises:

@@ -57,8 +57,7 @@ def _room_of(endpoint: Endpoint, room_from: str | None, args: Mapping[str, Any])
         if not isinstance(room_id, str):
             raise RequestArgumentError(
                 endpoint.name,
-                "cannot tell the room: the first event has no event.room_id; "
-                "name the instance",
+                "cannot tell the room: the first event has no event.room_id; name the instance",
                 "events",
             ) from None
         return room_id

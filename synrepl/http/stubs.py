@@ -64,4 +64,6 @@ class StubBase:
             HttpReplicationError: 400 for a stream the writer does not know.
         """
         args = {"stream_name": stream, "from_token": from_token, "upto_token": upto_token}
-        return await self._typed_call("get_repl_stream_updates", instance, args, parse_stream_updates)
+        return await self._typed_call(
+            "get_repl_stream_updates", instance, args, parse_stream_updates
+        )

@@ -25,13 +25,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from synrepl.commands import (
     CancelTaskCommand,
@@ -77,7 +77,7 @@ _C = TypeVar("_C", bound=Command)
 
 #: What a row handler gets: one token's rows of one writer (``RowsReceived``
 #: has ``stream``, ``writer``, ``token``, ``rows`` and ``fetched``).
-RowHandler = Callable[[RowsReceived], "None | Awaitable[None] | defer.Deferred[None]"]
+RowHandler = Callable[[RowsReceived], "Awaitable[None] | defer.Deferred[None] | None"]
 GapHandler = Callable[[GapUnfillable], None]
 CommandHandler = Callable[[_C], object]
 
@@ -421,9 +421,11 @@ class ReplicationClient:
             try:
                 result = handler(cmd)
                 if isinstance(result, defer.Deferred) or hasattr(result, "__await__"):
-                    defer.ensureDeferred(_as_coroutine(result)).addErrback(self._handler_failed)
-            except Exception:
-                self._handler_failed(Failure())
+                    defer.ensureDeferred(_as_coroutine(result)).addErrback(
+                        lambda f: self._handler_failed(f.getTraceback())
+                    )
+            except Exception:  # noqa: BLE001 - a user's handler may raise anything
+                self._handler_failed(traceback.format_exc())
 
     # ------------------------------------------------------------ events
 
@@ -443,7 +445,7 @@ class ReplicationClient:
                 need.writer, need.stream, need.from_token, need.upto_token
             )
             updates = self._typed(need.stream, page.updates)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure to fetch is a gap to report
             reason = f"{type(e).__name__}: {e}"
             logger.warning(
                 "cannot fetch %s rows from %s (%d, %d]: %s",
@@ -482,8 +484,7 @@ class ReplicationClient:
         return queue
 
     def _enqueue(self, event: Event) -> None:
-        stream: str = getattr(event, "stream")
-        writer: str = getattr(event, "writer")
+        stream, writer = _pair_of(event)
         queue = self._queue(stream)
         overflow = queue.overflow.get(writer)
         if isinstance(event, RowsReceived):
@@ -553,8 +554,8 @@ class ReplicationClient:
                 result = handler(event)
                 if result is not None:
                     await _as_coroutine(result)
-            except Exception:
-                self._handler_failed(Failure())
+            except Exception:  # noqa: BLE001 - a user's handler may raise anything
+                self._handler_failed(traceback.format_exc())
 
     def _handled(self, result: object, stream: str, event: RowsReceived) -> None:
         queue = self._queue(stream)
@@ -563,11 +564,9 @@ class ReplicationClient:
         self._processed(event)
         self._pump(stream)
 
-    def _handler_failed(self, failure: Failure) -> None:
+    def _handler_failed(self, trace: str) -> None:
         self.counters["handler_errors"] += 1
-        self._handler_errors.warning(
-            "replication handler failed: %s", failure.getTraceback().rstrip()
-        )
+        self._handler_errors.warning("replication handler failed: %s", trace.rstrip())
 
     def _report_gap(self, gap: GapUnfillable) -> None:
         self.counters["gaps"] += 1
@@ -582,15 +581,14 @@ class ReplicationClient:
         for handler in self._gap_handlers:
             try:
                 handler(gap)
-            except Exception:
-                self._handler_failed(Failure())
+            except Exception:  # noqa: BLE001 - a user's handler may raise anything
+                self._handler_failed(traceback.format_exc())
 
     def _processed(self, event: Event) -> None:
         token = _event_token(event)
         if token is None:
             return
-        stream: str = getattr(event, "stream")
-        writer: str = getattr(event, "writer")
+        stream, writer = _pair_of(event)
         key = (stream, writer)
         if isinstance(event, StreamReset):
             self._delivered[key] = token  # the writer's tokens start over
@@ -623,7 +621,7 @@ class ReplicationClient:
                 writer, stream, overflow.from_token, overflow.upto_token
             )
             updates = self._typed(stream, page.updates)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure to fetch is a gap to report
             del queue.overflow[writer]
             queue.items.append(
                 GapUnfillable(
@@ -652,6 +650,13 @@ class ReplicationClient:
             del queue.overflow[writer]
             queue.items.append(PositionAdvanced(stream, writer, overflow.upto_token))
         self._pump(stream)
+
+
+def _pair_of(event: Event) -> tuple[str, str]:
+    """(stream, writer) of a delivery event."""
+    if isinstance(event, (RowsReceived, PositionAdvanced, GapUnfillable, StreamReset)):
+        return event.stream, event.writer
+    raise TypeError(f"not a delivery event: {event!r}")
 
 
 def _event_token(event: Event) -> int | None:

@@ -150,7 +150,9 @@ class PositionWaiter(Protocol):
     :class:`~synrepl.twisted.client.ReplicationClient` provides it.
     """
 
-    def wait_for_stream_position(self, stream: str, writer: str, token: int) -> defer.Deferred[None]:
+    def wait_for_stream_position(
+        self, stream: str, writer: str, token: int
+    ) -> defer.Deferred[None]:
         """Fire once ``stream`` from ``writer`` has been seen up to ``token``.
 
         May raise :class:`ValueError` at once for a stream it does not
@@ -375,7 +377,9 @@ class ReplicationHttpClient(ReplicationStubs):
 
     # ------------------------------------------------------------ calls
 
-    async def call(self, endpoint: str | Endpoint, instance: str | None, /, **args: Any) -> dict[str, Any]:
+    async def call(
+        self, endpoint: str | Endpoint, instance: str | None, /, **args: Any
+    ) -> dict[str, Any]:
         """Call an endpoint by name with keyword arguments; return the answer body.
 
         ``instance`` None routes the call by the endpoint's rule.
@@ -493,7 +497,9 @@ class ReplicationHttpClient(ReplicationStubs):
         if kind is None:
             return None
         failures[kind] += 1
-        allowed = endpoint.retry_on_timeout if kind == "timeout" else endpoint.retry_on_connect_error
+        allowed = (
+            endpoint.retry_on_timeout if kind == "timeout" else endpoint.retry_on_connect_error
+        )
         return self._retry.delay(kind, failures[kind]) if allowed else None
 
     def _give_up(
