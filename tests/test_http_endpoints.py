@@ -78,6 +78,9 @@ def test_table_lists_every_endpoint_by_name() -> None:
         assert isinstance(endpoint.cache, bool)
         assert all(isinstance(arg, str) for arg in endpoint.path_args)
         assert endpoint.summary and endpoint.send_to and endpoint.synapse_class
+    assert ENDPOINTS["remote_join"].request_fields == ("requester", "remote_room_hosts", "content")
+    assert ENDPOINTS["remote_join"].response_fields == ("event_id", "stream_id")
+    assert ENDPOINTS["get_repl_stream_updates"].request_fields == ("from_token", "upto_token")
 
 
 def test_table_is_read_only() -> None:

@@ -104,11 +104,12 @@ def _stub(endpoint: Endpoint) -> list[str]:
     else:
         lines.append("        call_args: dict[str, Any] = {}")
     parser = endpoint.response.parser.__name__
-    lines += [
-        "        return await self._typed_call(",
-        f'            "{endpoint.name}", instance, call_args, {parser}',
-        "        )",
-    ]
+    call = f'"{endpoint.name}", instance, call_args, {parser}'
+    one_line = f"        return await self._typed_call({call})"
+    if len(one_line) <= _WIDTH:  # as ruff format would have it
+        lines.append(one_line)
+    else:
+        lines += ["        return await self._typed_call(", f"            {call}", "        )"]
     return lines
 
 

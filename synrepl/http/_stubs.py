@@ -411,7 +411,7 @@ class ReplicationStubs(StubBase):
             - kept by Synapse for rolling upgrades; no Synapse 1.163.2 code calls it, so Synapse may
               remove it in any release.
             - Synapse's handler reads `origin` from the body, which its own client does not send;
-              the stub sends it.
+              the stub sends it, and Synapse 1.163.2 then answers.
         """
         call_args: dict[str, Any] = {
             "query_type": query_type,

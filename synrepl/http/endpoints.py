@@ -300,6 +300,16 @@ class Endpoint:
         return self.path + self.fields
 
     @property
+    def request_fields(self) -> tuple[str, ...]:
+        """The names of the body fields (query parameters for GET)."""
+        return tuple(field.name for field in self.fields)
+
+    @property
+    def response_fields(self) -> tuple[str, ...]:
+        """The fields of the answer the stub reads (empty: none or free-form)."""
+        return self.response.fields
+
+    @property
     def send_to(self) -> str:
         """Which instance to send the request to, in words."""
         return self.route.describe()
@@ -540,7 +550,7 @@ def _endpoints() -> tuple[Endpoint, ...]:
                 _ROLLOUT,
                 (
                     "Synapse's handler reads `origin` from the body, which its own client "
-                    "does not send; the stub sends it"
+                    "does not send; the stub sends it, and Synapse 1.163.2 then answers"
                 ),
             ),
         ),

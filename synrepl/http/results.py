@@ -174,37 +174,46 @@ class ResponseShape:
         annotation: the Python type a stub returns, as written in the stubs.
         parser: turns the answer body into that type; raises ``ValueError``.
         doc: the JSON answer, in words (used in docs and stub docstrings).
+        fields: the answer's fields (empty for nothing or a free-form object).
     """
 
     annotation: str
     parser: Callable[[Mapping[str, Any]], Any]
     doc: str
+    fields: tuple[str, ...] = ()
 
 
 NOTHING = ResponseShape("None", parse_nothing, "`{}`; the stub returns None")
 MAX_STREAM_ID = ResponseShape(
-    "int", parse_max_stream_id, '`{"max_stream_id": int}`; the stub returns the integer'
+    "int",
+    parse_max_stream_id,
+    '`{"max_stream_id": int}`; the stub returns the integer',
+    ("max_stream_id",),
 )
 OPTIONAL_MAX_STREAM_ID = ResponseShape(
     "int | None",
     parse_optional_max_stream_id,
     '`{"max_stream_id": int or null}`; the stub returns it (None: nothing was removed)',
+    ("max_stream_id",),
 )
 EVENT_WRITTEN = ResponseShape(
     "EventWritten",
     parse_event_written,
     '`{"event_id": str, "stream_id": int}`; the stub returns an `EventWritten`',
+    ("event_id", "stream_id"),
 )
 REGISTERED_DEVICE = ResponseShape(
     "RegisteredDevice",
     parse_registered_device,
     '`{"device_id", "access_token", "valid_until_ms", "refresh_token"}`; '
     "the stub returns a `RegisteredDevice` (tokens hidden from its repr)",
+    ("device_id", "access_token", "valid_until_ms", "refresh_token"),
 )
 STREAM_UPDATES = ResponseShape(
     "StreamUpdates",
     parse_stream_updates,
     '`{"updates": [[token, row], ...], "upto_token": int, "limited": bool}`; '
     "returned as `StreamUpdates`",
+    ("updates", "upto_token", "limited"),
 )
 OBJECT = ResponseShape("dict[str, Any]", parse_object, "a JSON object, returned as a dict")

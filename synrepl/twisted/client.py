@@ -62,6 +62,7 @@ from synrepl.positions import (
     StreamReset,
 )
 from synrepl.streams import AnyRow, parse_row
+from synrepl.twisted.http_client import ReplicationHttpClient
 
 __all__ = (
     "ReadOnlyError",
@@ -204,6 +205,9 @@ class ReplicationClient:
             local_instance=self.instance_name, streams=self._streams, start=start
         )
         self._parse = SelectiveParser(streams=self._streams)
+        #: The HTTP replication client (typed stubs for every endpoint) when the
+        #: client built it; its stubs wait for read-after-write positions here.
+        self.http: ReplicationHttpClient | None = None
         self._fetcher = fetcher if fetcher is not None else self._default_fetcher()
         self._row_handlers: dict[str | None, list[RowHandler]] = {}
         self._gap_handlers: list[GapHandler] = []
@@ -245,10 +249,9 @@ class ReplicationClient:
         )
 
     def _default_fetcher(self) -> StreamFetcher:
-        from synrepl.twisted.http_client import ReplicationHttpClient
-
-        fetcher: StreamFetcher = ReplicationHttpClient(self._reactor, self._config)
-        return fetcher
+        http = ReplicationHttpClient(self._reactor, self._config, position_waiter=self)
+        self.http = http
+        return http
 
     # ------------------------------------------------------------ handlers
 
