@@ -723,10 +723,12 @@ def _resp_values() -> st.SearchStrategy[Any]:
         st.binary(max_size=40).map(lambda b: ("bulk", b)),
         st.integers(-(2**63), 2**63 - 1).map(lambda i: ("int", i)),
         st.just(("nil", None)),
-        st.text(st.characters(exclude_characters="\r\n"), max_size=20).map(lambda t: ("status", t)),
-        st.text(st.characters(exclude_characters="\r\n"), min_size=1, max_size=20).map(
-            lambda t: ("error", t)
+        st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20).map(
+            lambda t: ("status", t)
         ),
+        st.text(
+            st.characters(codec="utf-8", exclude_characters="\r\n"), min_size=1, max_size=20
+        ).map(lambda t: ("error", t)),
     )
     return st.recursive(
         leaves, lambda inner: st.lists(inner, max_size=4).map(lambda v: ("array", v))
