@@ -537,13 +537,20 @@ class StreamPositions:
             pair = pairs[writer] = _Pair(stream, writer, stream in self._resettable)
         return pair
 
-    def _receive_rdata(self, cmd: RdataCommand) -> list[Event]:
+    def _pair_of(self, cmd: RdataCommand | PositionCommand) -> _Pair | None:
+        """The pair a command is about, or None (counted) for our own echoes
+        and streams we do not follow."""
         if cmd.instance_name == self.local_instance:
             self.counters.own_echoes += 1
-            return []
+            return None
         pair = self._pair(cmd.stream_name, cmd.instance_name)
         if pair is None:
             self.counters.ignored_streams += 1
+        return pair
+
+    def _receive_rdata(self, cmd: RdataCommand) -> list[Event]:
+        pair = self._pair_of(cmd)
+        if pair is None:
             return []
         token = cmd.token
         if pair.fetch is None and not pair.connected:
@@ -579,12 +586,8 @@ class StreamPositions:
         return out
 
     def _receive_position(self, cmd: PositionCommand) -> list[Event]:
-        if cmd.instance_name == self.local_instance:
-            self.counters.own_echoes += 1
-            return []
-        pair = self._pair(cmd.stream_name, cmd.instance_name)
+        pair = self._pair_of(cmd)
         if pair is None:
-            self.counters.ignored_streams += 1
             return []
         if cmd.prev_token > cmd.new_token:
             self.counters.malformed_positions += 1

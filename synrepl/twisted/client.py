@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -62,6 +61,7 @@ from synrepl.positions import (
     StreamReset,
 )
 from synrepl.streams import AnyRow, parse_row
+from synrepl.twisted._ratelimit import RateLimitedWarning
 from synrepl.twisted.http_client import ReplicationHttpClient
 
 __all__ = (
@@ -126,29 +126,6 @@ class _StreamQueue:
     pending_rows: int = 0
     busy: bool = False
     overflow: dict[str, _Overflow] = attrs.Factory(dict)
-
-
-class _RateLimitedLog:
-    """Log the first few occurrences per period, then only a count."""
-
-    def __init__(self, per_period: int = 10, period: float = 60.0) -> None:
-        self._per_period = per_period
-        self._period = period
-        self._window_start = 0.0
-        self._in_window = 0
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._window_start > self._period:
-            if self._suppressed:
-                logger.warning("%d similar messages suppressed", self._suppressed)
-            self._window_start, self._in_window, self._suppressed = now, 0, 0
-        if self._in_window < self._per_period:
-            self._in_window += 1
-            logger.warning(message, *args)
-        else:
-            self._suppressed += 1
 
 
 class ReplicationClient:
@@ -218,8 +195,8 @@ class ReplicationClient:
         }
         self._waiters: dict[tuple[str, str], list[tuple[int, defer.Deferred[None]]]] = {}
         self._syncing_users: set[tuple[str, str | None]] = set()
-        self._bad_lines = _RateLimitedLog()
-        self._handler_errors = _RateLimitedLog()
+        self._bad_lines = RateLimitedWarning(logger, reactor)
+        self._handler_errors = RateLimitedWarning(logger, reactor)
         self._subscribed_once: defer.Deferred[None] = defer.Deferred()
         self._stopped = False
         self.counters: dict[str, int] = {

@@ -80,6 +80,7 @@ from twisted.python.failure import Failure
 
 from synrepl.config import RedisConfig
 from synrepl.errors import ConfigError, EncodeError, SynreplError
+from synrepl.twisted._ratelimit import RateLimitedWarning
 
 __all__ = (
     "RedisTransport",
@@ -164,27 +165,6 @@ class RedisTransportStats:
     #: PUBLISH commands answered by Redis / failed (not connected, refused, lost).
     published: int = 0
     publish_failures: int = 0
-
-
-class _RateLimitedWarning:
-    """Logs the first warning of a period and counts the rest."""
-
-    def __init__(self, clock: _Clock, period: float = _RATE_LIMIT_PERIOD) -> None:
-        self._clock = clock
-        self._period = period
-        self._last: float | None = None
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object, exc_info: bool = False) -> None:
-        now = self._clock.seconds()
-        if self._last is not None and now - self._last < self._period:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            message += " (%d more like this in the last %.0f s were not logged)"
-            args = (*args, self._suppressed, now - self._last if self._last else 0.0)
-        self._last, self._suppressed = now, 0
-        logger.warning(message, *args, exc_info=exc_info)
 
 
 class _Incomplete(Exception):
@@ -778,9 +758,11 @@ class RedisTransport:
         self._stopping: defer.Deferred[None] | None = None
         self._announced = False
         self._reading_paused = False
-        self._undecodable_warning = _RateLimitedWarning(self._clock)
-        self._handler_warning = _RateLimitedWarning(self._clock)
-        self._setname_warning = _RateLimitedWarning(self._clock, period=3600.0)
+        self._undecodable_warning = RateLimitedWarning(logger, self._clock, _RATE_LIMIT_PERIOD)
+        self._handler_warning = RateLimitedWarning(logger, self._clock, _RATE_LIMIT_PERIOD)
+        self._setname_warning = RateLimitedWarning(
+            logger, self._clock, period=_RATE_LIMIT_PERIOD * 360
+        )
 
     # --- public ----------------------------------------------------------------
 
