@@ -63,6 +63,7 @@ from synrepl.positions import (
 from synrepl.streams import AnyRow, parse_row
 from synrepl.twisted._ratelimit import RateLimitedWarning
 from synrepl.twisted.http_client import ReplicationHttpClient
+from synrepl.twisted.redis_transport import RedisTransport
 
 __all__ = (
     "ReadOnlyError",
@@ -212,8 +213,6 @@ class ReplicationClient:
             "reconnects": 0,
         }
         channels = [config.server_name, *(f"{config.server_name}/{c}" for c in extra_channels)]
-        from synrepl.twisted.redis_transport import RedisTransport
-
         self._transport = RedisTransport(
             reactor,
             config.redis,
