@@ -48,3 +48,19 @@ def test_decode_corpus_reports_bad_lines() -> None:
     assert result.returncode == 1
     assert "malformed RDATA" in result.stderr
     assert "2 commands" not in result.stdout and "1 commands, 1 undecodable" in result.stdout
+
+
+def test_readme_first_command_shows_decoded_traffic() -> None:
+    """`python3 -m synrepl demo --duration N` (the README's first command, after
+    the install) prints decoded RDATA lines and a summary, and exits 0."""
+    result = subprocess.run(
+        [sys.executable, "-m", "synrepl", "demo", "--duration", "3"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert " RDATA " in result.stdout
+    assert "events" in result.stdout
+    assert "synrepl demo:" in result.stderr  # banner and summary go to stderr

@@ -1,0 +1,5 @@
+"""``python -m synrepl.cli``: the ``synrepl`` command."""
+
+from synrepl.cli import main
+
+main()

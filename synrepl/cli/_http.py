@@ -1,0 +1,192 @@
+"""HTTP replication for the CLI: a client that also records the ``Server``
+header (Synapse puts its version there), and failures explained with a fix."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+from urllib.parse import unquote
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from synrepl.config import SynapseConfig
+from synrepl.http import (
+    HttpReplicationError,
+    ReplicationRequestError,
+    ReplicationTimeoutError,
+    ReplicationTransportError,
+    ReplicationUnreachableError,
+    RetryPolicy,
+    UnknownInstanceError,
+)
+from synrepl.sharding import InstanceLocation
+from synrepl.twisted.http_client import ReplicationHttpClient
+
+__all__ = (
+    "ProbeClient",
+    "Explained",
+    "explain_http_failure",
+    "describe_location",
+    "synapse_version",
+)
+
+
+@implementer(IAgentEndpointFactory)
+class _EndpointFactory:
+    """``http``, ``https`` and ``http+unix`` URIs (see ``synrepl.http.target_uri``)."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._tls = BrowserLikePolicyForHTTPS()  # type: ignore[no-untyped-call]
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme == b"http+unix":
+            path = unquote(uri.host.decode("ascii"))
+            unix: Any = UNIXClientEndpoint(  # type: ignore[no-untyped-call]
+                self._reactor, path, timeout=self._timeout
+            )
+            return cast(IStreamClientEndpoint, unix)
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+        tcp: Any = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            return wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), tcp)
+        return cast(IStreamClientEndpoint, tcp)
+
+
+@implementer(IAgent)
+class _RecordingAgent:
+    """Passes requests on, remembering the last answer's ``Server`` header."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+        self.server: str | None = None
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: Any = None
+    ) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = self._agent.request(method, uri, headers, bodyProducer)
+
+        def got(response: Any) -> Any:
+            values = response.headers.getRawHeaders(b"server") or []
+            self.server = values[0].decode("latin-1") if values else None
+            return response
+
+        return d.addCallback(got)
+
+
+class ProbeClient:
+    """A ``ReplicationHttpClient`` with few retries that records ``Server``."""
+
+    def __init__(
+        self, reactor: Any, config: SynapseConfig, *, timeout: float, retries: int = 0
+    ) -> None:
+        pool: Any = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+        inner = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+            reactor, _EndpointFactory(reactor, timeout), pool=pool
+        )
+        self._agent = _RecordingAgent(inner)
+        policy = RetryPolicy(
+            connect_retries=retries, timeout_retries=retries, connect_base_delay=0.5, max_delay=4.0
+        )
+        self.http = ReplicationHttpClient(
+            reactor, config, agent=cast(IAgent, self._agent), timeout=timeout, retry=policy
+        )
+
+    @property
+    def server_header(self) -> str | None:
+        """The ``Server`` header of the last answer (None: none, or no answer)."""
+        return self._agent.server
+
+
+def synapse_version(server_header: str | None) -> str | None:
+    """``"1.163.2"`` from ``"Synapse/1.163.2"`` (None when it is not Synapse's)."""
+    if not server_header:
+        return None
+    match = re.match(r"Synapse/(\S+)", server_header)
+    return match.group(1) if match else None
+
+
+def describe_location(location: InstanceLocation) -> str:
+    if location.is_unix:
+        return f"unix:{location.path}"
+    return location.url_base()
+
+
+@attrs.frozen
+class Explained:
+    """A failure in words, and what to do about it."""
+
+    problem: str
+    fix: str
+
+
+def explain_http_failure(
+    error: BaseException, instance: str, location: str, *, has_secret: bool
+) -> Explained:
+    """Turn an HTTP replication failure into a one-line problem and its fix."""
+    if isinstance(error, UnknownInstanceError):
+        return Explained(
+            f"{instance!r} is not in instance_map",
+            f"add instance_map.{instance} with host and port (or path), "
+            f"or pass --instance {instance}=http://host:port",
+        )
+    if isinstance(error, HttpReplicationError):
+        if error.status == 500:
+            if has_secret:
+                return Explained(
+                    f"{instance} at {location} answered 500: the replication secret was refused "
+                    "(Synapse answers 500 for a wrong worker_replication_secret), or it failed",
+                    "give every process the same worker_replication_secret "
+                    "(or worker_replication_secret_path); else see that instance's log",
+                )
+            return Explained(
+                f"{instance} at {location} answered 500: it wants a replication secret, or failed",
+                "set worker_replication_secret as in the Synapse processes' config "
+                "(or pass --secret-file)",
+            )
+        if error.status == 404:
+            return Explained(
+                f"{instance} at {location} answered 404: not a replication listener",
+                "point instance_map at the listener that has the replication resource: "
+                "listeners: [{port: N, type: http, resources: [{names: [replication]}]}]",
+            )
+        if error.status in (401, 403):
+            return Explained(
+                f"{instance} at {location} refused the request ({error.status} {error.errcode})",
+                "check worker_replication_secret",
+            )
+        return Explained(
+            f"{instance} at {location} answered HTTP {error.status} {error.errcode}: {error.error}",
+            "see that instance's log",
+        )
+    if isinstance(error, ReplicationUnreachableError):
+        return Explained(
+            f"cannot connect to {instance} at {location}: {error.reason}",
+            f"is {instance} running, with an HTTP listener that has the replication "
+            "resource on that address? (check instance_map and its listeners)",
+        )
+    if isinstance(error, ReplicationTimeoutError):
+        return Explained(
+            f"{instance} at {location} did not answer within {error.timeout:g} s",
+            "is a firewall dropping the connection, or is the instance overloaded or stuck?",
+        )
+    if isinstance(error, ReplicationTransportError):
+        return Explained(
+            f"request to {instance} at {location} failed: {error.reason}",
+            "TLS settings? (instance_map.<name>.tls must match the listener's tls)",
+        )
+    if isinstance(error, ReplicationRequestError):
+        return Explained(f"{instance} at {location}: {error}", "see that instance's log")
+    return Explained(
+        f"{instance} at {location}: {type(error).__name__}: {error}", "see that instance's log"
+    )

@@ -1,0 +1,300 @@
+"""Options shared by the subcommands, and the cluster configuration they describe.
+
+A command finds the cluster either from Synapse's own files
+(``-c homeserver.yaml [-c worker.yaml]``) or from plain options
+(``--server-name``, ``--redis-url``, ``--instance NAME=URL``,
+``--secret-file``); plain options given with ``-c`` override the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+
+from synrepl.cli._errors import UsageError
+from synrepl.commands import COMMAND_TYPES
+from synrepl.config import RedisConfig, Secret, SynapseConfig, load_config
+from synrepl.errors import ConfigError
+from synrepl.sharding import InstanceLocation, canonical_instance_name
+
+__all__ = (
+    "DEFAULT_REDIS_URL",
+    "add_cluster_options",
+    "add_filter_options",
+    "add_output_options",
+    "cluster_config",
+    "parse_redis_url",
+    "parse_instance",
+    "split_words",
+)
+
+#: Where Redis is looked for when neither a config file nor ``--redis-url`` says.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+
+
+def add_cluster_options(
+    parser: argparse.ArgumentParser, *, redis: bool = True, http: bool = False
+) -> None:
+    """``-c``, ``--server-name`` and, as asked, the Redis and HTTP options."""
+    group = parser.add_argument_group("cluster (Synapse's config files, or plain options)")
+    group.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a Synapse config file (homeserver.yaml, then a worker file); repeatable, "
+        "later files replace top-level keys as in Synapse; a directory means its *.yaml",
+    )
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the homeserver's server_name, which is also the Redis channel (overrides the config)",
+    )
+    if redis:
+        group.add_argument(
+            "--redis-url",
+            metavar="URL",
+            help="redis://[[user]:password@]host[:port][/db], rediss:// for TLS, or "
+            "unix:///path/to/redis.sock[?db=N] (overrides the config's redis section; "
+            f"default without -c: {DEFAULT_REDIS_URL})",
+        )
+        group.add_argument(
+            "--connect-timeout",
+            metavar="SECONDS",
+            type=positive_float,
+            default=10.0,
+            help="give up when Redis does not answer within this time (default: 10)",
+        )
+    if http:
+        group.add_argument(
+            "--instance",
+            metavar="NAME=URL",
+            action="append",
+            default=[],
+            help="where an instance serves HTTP replication: http://host:port, "
+            "https://host:port or unix:/path (adds to or overrides instance_map; repeatable)",
+        )
+        group.add_argument(
+            "--secret-file",
+            metavar="FILE",
+            help="read worker_replication_secret from FILE (overrides the config)",
+        )
+
+
+def add_filter_options(parser: argparse.ArgumentParser) -> None:
+    """``--stream``, ``--command``, ``--writer``: what to show."""
+    group = parser.add_argument_group("filters (repeatable, or comma-separated)")
+    group.add_argument(
+        "-s", "--stream", metavar="STREAM", action="append", default=[], help="only these streams"
+    )
+    group.add_argument(
+        "--command",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="only these commands (RDATA, POSITION, USER_SYNC, USER_IP, ...)",
+    )
+    group.add_argument(
+        "-w",
+        "--writer",
+        metavar="INSTANCE",
+        action="append",
+        default=[],
+        help="only commands from these instances ('main' means 'master')",
+    )
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, tokens: bool = True) -> None:
+    """``--json``, ``--color`` and, as asked, ``--show-access-tokens``."""
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line on stdout instead of aligned text",
+    )
+    group.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour the text output: auto (when stdout is a terminal and NO_COLOR "
+        "is not set), always or never",
+    )
+    if tokens:
+        group.add_argument(
+            "--show-access-tokens",
+            action="store_true",
+            help="print USER_IP access tokens in clear (they are redacted by default)",
+        )
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    if not re.fullmatch(r"[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"must be a whole number (0 or more), got {text!r}")
+    return int(text)
+
+
+def split_words(values: Sequence[str]) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``."""
+    return [word for value in values for word in value.split(",") if word.strip()]
+
+
+def command_names(values: Sequence[str]) -> frozenset[str] | None:
+    """The ``--command`` filter, checked against the known command names."""
+    names = {word.strip().upper() for word in split_words(values)}
+    if not names:
+        return None
+    unknown = sorted(names - set(COMMAND_TYPES))
+    if unknown:
+        raise UsageError(
+            f"unknown command {', '.join(unknown)} for --command; "
+            f"known: {', '.join(sorted(COMMAND_TYPES))}"
+        )
+    return frozenset(names)
+
+
+def parse_redis_url(url: str) -> RedisConfig:
+    """A ``RedisConfig`` from a redis://, rediss:// or unix:// URL.
+
+    Raises:
+        UsageError: the URL cannot be read (the message never quotes a password).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise UsageError(
+            "--redis-url must start with redis://, rediss:// or unix://, got "
+            f"{_without_password(url)!r}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"--redis-url has an invalid port: {_without_password(url)!r}") from None
+    query = parse_qs(parts.query)
+    dbid: int | None = None
+    if scheme == "unix":
+        db_text = query.get("db", [""])[0]
+    else:
+        db_text = parts.path.strip("/") or query.get("db", [""])[0]
+    if db_text:
+        if not db_text.isdigit():
+            raise UsageError(f"--redis-url: the database must be a number, got {db_text!r}")
+        dbid = int(db_text)
+    username = unquote(parts.username) if parts.username else None
+    password = Secret(unquote(parts.password)) if parts.password is not None else None
+    if username and password is None:
+        raise UsageError("--redis-url: a username needs a password (user:password@host)")
+    if scheme == "unix":
+        if not parts.path:
+            raise UsageError(
+                "--redis-url: unix:// needs a socket path, e.g. unix:///run/redis.sock"
+            )
+        return RedisConfig(
+            enabled=True, path=unquote(parts.path), dbid=dbid, username=username, password=password
+        )
+    return RedisConfig(
+        enabled=True,
+        host=parts.hostname or "127.0.0.1",
+        port=port or 6379,
+        dbid=dbid,
+        username=username,
+        password=password,
+        use_tls=scheme == "rediss",
+    )
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"//([^/@]*):[^/@]*@", r"//\1:***@", url)
+
+
+def parse_instance(text: str) -> tuple[str, InstanceLocation]:
+    """``NAME=http://host:port`` (or ``https://``, or ``unix:/path``) for ``--instance``."""
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise UsageError(f"--instance must be NAME=URL, got {text!r}")
+    if url.startswith("unix:"):
+        path = url.removeprefix("unix:").removeprefix("//")
+        return canonical_instance_name(name), InstanceLocation.unix(path)
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"--instance {name}: invalid port in {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(
+            f"--instance {name}: the URL must be http://host:port, https://host:port "
+            f"or unix:/path, got {url!r}"
+        )
+    tls = parts.scheme == "https"
+    return canonical_instance_name(name), InstanceLocation.tcp(
+        parts.hostname, port or (443 if tls else 80), tls
+    )
+
+
+def cluster_config(
+    args: argparse.Namespace, *, need_redis: bool, need_server_name: bool = True
+) -> SynapseConfig:
+    """The cluster's configuration from ``-c`` files and plain options.
+
+    Raises:
+        UsageError: nothing says where the cluster is, a file cannot be read,
+            or the configuration is invalid (the message is the ConfigError's).
+    """
+    files: list[str] = list(getattr(args, "config", []) or [])
+    server_name: str | None = getattr(args, "server_name", None)
+    try:
+        if files:
+            config = load_config(*files)
+        else:
+            if not server_name and need_server_name:
+                raise UsageError(
+                    "say where the cluster is: -c homeserver.yaml [-c worker.yaml], "
+                    "or --server-name NAME (with --redis-url)"
+                )
+            config = SynapseConfig(server_name=server_name or "synrepl.invalid")
+    except ConfigError as e:
+        raise UsageError(f"bad config: {e}") from None
+    changes: dict[str, object] = {}
+    if server_name:
+        changes["server_name"] = server_name
+    redis_url: str | None = getattr(args, "redis_url", None)
+    if redis_url:
+        changes["redis"] = parse_redis_url(redis_url)
+    elif need_redis and not config.redis.enabled:
+        if files:
+            raise UsageError(
+                "bad config: redis.enabled is not true, so the cluster has no Redis "
+                "replication to look at; set redis: {enabled: true, host: ..., port: ...} "
+                "as the Synapse processes have it, or pass --redis-url"
+            )
+        changes["redis"] = parse_redis_url(DEFAULT_REDIS_URL)
+    instances = getattr(args, "instance", None) or []
+    if instances:
+        extra = dict(parse_instance(text) for text in instances)
+        changes["instance_map"] = {**config.instance_map, **extra}
+    secret_file: str | None = getattr(args, "secret_file", None)
+    if secret_file:
+        try:
+            secret = Path(secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise UsageError(f"cannot read --secret-file {secret_file!r}: {reason}") from None
+        changes["worker_replication_secret"] = Secret(secret) if secret else None
+    return attrs.evolve(config, **changes) if changes else config  # type: ignore[arg-type]

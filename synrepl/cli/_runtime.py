@@ -1,0 +1,288 @@
+"""Running a subcommand on the reactor: stopping, signals, logging, Redis.
+
+- :class:`Session` is how a long-running command ends: Ctrl-C (SIGINT),
+  SIGTERM, ``--duration`` or the command itself; a second Ctrl-C exits at once.
+- :func:`setup_logging` sends synrepl's log records to stderr as one line
+  each, and keeps the Redis transport's "cannot connect" retries quiet until
+  the first connection, remembering the last reason instead, so that an
+  unreachable Redis is reported once, by :func:`connect_redis`, with a hint.
+- :func:`connect_redis` opens a :class:`RedisTransport` and waits, at most
+  ``--connect-timeout`` seconds, for its subscription.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from twisted.internet import defer
+from twisted.logger import ILogObserver, formatEventAsClassicLogText, globalLogBeginner
+
+from synrepl.cli._errors import RuntimeFailure
+from synrepl.config import SynapseConfig
+from synrepl.twisted.redis_transport import RedisTransport
+
+__all__ = (
+    "Session",
+    "LogSetup",
+    "setup_logging",
+    "connect_redis",
+    "redis_hint",
+    "redis_failure",
+    "RedisUnreachable",
+    "sleep",
+)
+
+
+class Session:
+    """When a command stops: a signal, a duration, or the command's own decision.
+
+    Args:
+        reactor: the running reactor.
+        duration: stop by itself after this many seconds (None: never).
+    """
+
+    def __init__(self, reactor: Any, *, duration: float | None = None) -> None:
+        self.reactor = reactor
+        self._waiters: list[defer.Deferred[str]] = []
+        self.reason: str | None = None
+        self._interrupts = 0
+        self._timer: Any = None
+        if duration is not None:
+            self._timer = reactor.callLater(duration, self.stop, "duration")
+        reactor.callLater(0, self._install_signals)
+
+    @property
+    def stopping(self) -> bool:
+        """True once something asked the command to stop."""
+        return self.reason is not None
+
+    def stop(self, reason: str) -> None:
+        """Ask the command to stop (idempotent); ``reason`` says why."""
+        if self.reason is not None:
+            return
+        self.reason = reason
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(reason)
+
+    def wait(self) -> defer.Deferred[str]:
+        """Fires with the reason once :meth:`stop` is called."""
+        if self.reason is not None:
+            return defer.succeed(self.reason)
+        d: defer.Deferred[str] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _install_signals(self) -> None:
+        # Replaces Twisted's handlers (which would stop the reactor under us):
+        # the first signal asks for a clean stop, a second one exits at once.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._interrupts += 1
+        if self._interrupts > 1:
+            os.write(2, b"synrepl: interrupted again; exiting at once\n")
+            os._exit(130)
+        name = "interrupted" if signum == signal.SIGINT else "terminated"
+        self.reactor.callFromThread(self.stop, name)
+
+
+class _LineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "error" if record.levelno >= logging.ERROR else record.levelname.lower()
+        text = f"synrepl: {level}: {record.getMessage()}"
+        if record.exc_info and LogSetup.debug:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class LogSetup(logging.Filter):
+    """Filters and remembers what the Redis transport says while connecting."""
+
+    debug = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Hold back Redis connection warnings (until the first connection).
+        self.quiet_redis = True
+        #: The last reason a Redis connection attempt failed.
+        self.last_redis_failure: str | None = None
+        #: Called with each such reason, while set.
+        self.on_redis_failure: Callable[[str], None] | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "synrepl.redis":
+            message = str(record.msg)
+            if ("cannot connect" in message or "failed:" in message) and record.args:
+                args = record.args if isinstance(record.args, tuple) else (record.args,)
+                self.last_redis_failure = str(args[-1])
+                if self.on_redis_failure is not None:
+                    self.on_redis_failure(self.last_redis_failure)
+            if self.quiet_redis and record.levelno < logging.ERROR:
+                return False
+        return True
+
+
+_setup: LogSetup | None = None
+
+
+def setup_logging(verbosity: int, *, debug: bool = False) -> LogSetup:
+    """Log synrepl's records to stderr, one line each.
+
+    ``verbosity`` 0 shows warnings, 1 info, 2 debug.  Twisted's own log
+    (unhandled errors in Deferreds) is shown only with ``debug``.
+    """
+    global _setup
+    setup = LogSetup()
+    LogSetup.debug = debug
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LineFormatter())
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
+    handler.setLevel(level)
+    handler.addFilter(setup)
+    logger = logging.getLogger("synrepl")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)  # the filter sees retries; the handler's level decides
+    # Twisted's log: "Unhandled error in Deferred" and the like.
+    observer = _twisted_observer if debug else _ignore
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, observer)], redirectStandardIO=False)
+    _setup = setup
+    return setup
+
+
+def _ignore(event: dict[str, Any]) -> None:
+    """Twisted's log without --debug: synrepl reports what matters itself."""
+
+
+def _twisted_observer(event: dict[str, Any]) -> None:
+    text = formatEventAsClassicLogText(event)
+    if text:
+        sys.stderr.write(text)
+
+
+def current_log_setup() -> LogSetup:
+    """The :class:`LogSetup` in force (a fresh one outside the CLI)."""
+    return _setup if _setup is not None else LogSetup()
+
+
+class RedisUnreachable(RuntimeFailure):
+    """Redis could not be reached: where, why, and what to do about it."""
+
+    def __init__(self, address: str, reason: str, hint: str) -> None:
+        super().__init__(f"cannot connect to Redis at {address}: {reason} ({hint})")
+        self.address = address
+        self.reason = reason
+        self.hint = hint
+
+
+def redis_failure(address: str, reason: str | None, timeout: float) -> RedisUnreachable:
+    """The one-line error for a Redis that could not be reached."""
+    if reason is None:
+        reason = f"no answer within {timeout:g} s"
+    elif "refused" in reason.lower() and "auth" not in reason.lower():
+        reason = "connection refused"
+    return RedisUnreachable(address, reason, redis_hint(reason))
+
+
+def redis_hint(reason: str) -> str:
+    """What to do about a Redis connection failure, from its reason."""
+    text = reason.lower()
+    if "wrongpass" in text or "invalid password" in text or "invalid username" in text:
+        return "the password (or username) is wrong: check redis.password / redis.username"
+    if "noauth" in text or "authentication required" in text:
+        return "this Redis wants a password: set redis.password (or password_path)"
+    if "auth failed" in text:
+        return "Redis refused AUTH: check redis.password / redis.username"
+    if "select" in text:
+        return "Redis refused SELECT: check redis.dbid"
+    if "refused" in text:
+        return "is redis-server running there? check redis.host and redis.port (or --redis-url)"
+    if "dns" in text or "no address" in text or "name or service" in text:
+        return "the host name does not resolve: check redis.host"
+    if "no such file" in text:
+        return "no socket at that path: check redis.path"
+    if "ssl" in text or "tls" in text or "certificate" in text:
+        return "TLS failed: check redis.use_tls and the certificate options"
+    if "within" in text or "timeout" in text or "timed out" in text:
+        return "no answer: a firewall, the wrong port, or TLS on one side only (redis.use_tls)?"
+    return "check the redis section of the config (or --redis-url)"
+
+
+async def connect_redis(
+    reactor: Any,
+    config: SynapseConfig,
+    *,
+    on_line: Callable[[str, str], None],
+    timeout: float,
+    publish: bool = False,
+    channels: Sequence[str] | None = None,
+    on_subscribed: Callable[[], None] | None = None,
+    client_name: str | None = "synrepl-cli",
+    fail_fast: bool = True,
+) -> RedisTransport:
+    """Connect to the cluster's Redis and subscribe to its channels.
+
+    Subscribes to ``<server_name>`` and ``<server_name>/USER_IP`` unless
+    ``channels`` says otherwise.  ``on_subscribed`` runs on every
+    (re)subscription, after the first one too.  With ``fail_fast`` the first
+    attempt that fails outright (refused, AUTH, ...) is final; otherwise
+    attempts go on until ``timeout``.
+
+    Raises:
+        RuntimeFailure: not subscribed within ``timeout`` seconds; the
+            message says why, with a hint.
+    """
+    setup = current_log_setup()
+    first: defer.Deferred[None] = defer.Deferred()
+
+    def subscribed() -> None:
+        if on_subscribed is not None:
+            on_subscribed()
+        if not first.called:
+            first.callback(None)  # resumes the caller at once
+
+    transport = RedisTransport(
+        reactor,
+        config.redis,
+        channels or [config.server_name, f"{config.server_name}/USER_IP"],
+        on_line=on_line,
+        on_subscribed=subscribed,
+        on_connection_lost=lambda: None,
+        publish_enabled=publish,
+        connect_timeout=min(timeout, 10.0),
+        max_backoff=min(2.0, timeout),
+        client_name=client_name,
+    )
+    setup.quiet_redis = True
+    setup.last_redis_failure = None
+    if fail_fast:
+        setup.on_redis_failure = lambda reason: reactor.callLater(0, first.cancel)
+    timer = reactor.callLater(timeout, first.cancel)
+    transport.start()
+    try:
+        await first
+    except defer.CancelledError:
+        await transport.stop()
+        raise redis_failure(transport.address, setup.last_redis_failure, timeout) from None
+    finally:
+        setup.on_redis_failure = None
+        if timer.active():
+            timer.cancel()
+    setup.quiet_redis = False
+    return transport
+
+
+async def sleep(reactor: Any, seconds: float) -> None:
+    """Wait ``seconds`` on the reactor."""
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d

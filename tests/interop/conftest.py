@@ -1,0 +1,151 @@
+"""Fixtures of the interop suite: real Redis, real Synapse, torn down whatever happens.
+
+Two deployments, each started once per run (session scope) and shared by
+the tests that need it:
+
+- ``main_only``: one Synapse main process on SQLite, with its own
+  ``redis-server`` on a free port;
+- ``cluster``: a Synapse main process and four generic workers (two event
+  persisters, a typing writer, a to_device/account_data/receipts/presence
+  writer) on a fresh PostgreSQL database, with their own ``redis-server``.
+
+Start-up waits on ``GET /health`` of every process, never on sleeps.  Logs
+are kept in the run's directory (``SYNREPL_INTEROP_LOGS=<dir>`` to choose
+it; otherwise pytest's temporary directory, where the last three runs are
+kept) and the tail of every live process's log is added to the report of a
+failing test.  Start-up and total times are printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The unit suite's helpers (RedisServer, wait_until) live one level up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import harness
+from redis_server import RedisServer, redis_server_available
+
+TIMINGS: dict[str, float] = {}
+_SESSION_START = time.monotonic()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.interop)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for proc in list(harness.LIVE.values()):
+            report.sections.append(
+                (f"Synapse {proc.name} ({proc.directory.name})", proc.log_tail())
+            )
+        for server in list(_REDIS.values()):
+            report.sections.append((f"redis {server.port}", server.log()))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if not TIMINGS:
+        return
+    terminalreporter.section("interop timings")
+    for name, seconds in TIMINGS.items():
+        terminalreporter.write_line(f"{name:40} {seconds:7.2f} s")
+    terminalreporter.write_line(f"{'whole session':40} {time.monotonic() - _SESSION_START:7.2f} s")
+
+
+_REDIS: dict[str, RedisServer] = {}
+
+
+@pytest.fixture(scope="session")
+def interop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    chosen = os.environ.get("SYNREPL_INTEROP_LOGS")
+    if chosen:
+        path = Path(chosen) / time.strftime("run-%Y%m%d-%H%M%S")
+        path.mkdir(parents=True)
+        return path
+    return tmp_path_factory.mktemp("interop")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _check_versions() -> None:
+    version = harness.installed_synapse_version()
+    if version != harness.SYNAPSE_VERSION:
+        pytest.exit(
+            f"the interop suite is pinned to Synapse {harness.SYNAPSE_VERSION}, "
+            f"but {version} is installed",
+            returncode=2,
+        )
+    if not redis_server_available():
+        pytest.exit("the interop suite needs a redis-server executable on PATH", returncode=2)
+
+
+def _redis(directory: Path, name: str) -> Iterator[RedisServer]:
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    _REDIS[name] = server
+    try:
+        yield server
+    finally:
+        _REDIS.pop(name, None)
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def main_redis(interop_dir: Path) -> Iterator[RedisServer]:
+    yield from _redis(interop_dir / "main-redis", "main")
+
+
+@pytest.fixture(scope="session")
+def cluster_redis(interop_dir: Path) -> Iterator[RedisServer]:
+    yield from _redis(interop_dir / "cluster-redis", "cluster")
+
+
+@pytest.fixture(scope="session")
+def main_only(interop_dir: Path, main_redis: RedisServer) -> Iterator[harness.Deployment]:
+    """One Synapse main process (SQLite) on free ports, with Redis."""
+    directory = interop_dir / "main-only"
+    directory.mkdir()
+    deployment = harness.main_only(directory, main_redis.port)
+    try:
+        started = time.monotonic()
+        took = deployment.start()
+        TIMINGS["main-only: start"] = time.monotonic() - started
+        for name, seconds in took.items():
+            TIMINGS[f"main-only:   {name} after"] = seconds
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(interop_dir: Path, cluster_redis: RedisServer) -> Iterator[harness.Deployment]:
+    """Main + two event persisters + typing writer + to_device/account_data/
+    receipts/presence writer, on a fresh PostgreSQL database, with Redis."""
+    directory = interop_dir / "cluster"
+    directory.mkdir()
+    database = harness.PostgresDatabase()
+    database.create()
+    try:
+        deployment = harness.cluster(directory, cluster_redis.port, database)
+        try:
+            started = time.monotonic()
+            took = deployment.start()
+            TIMINGS["cluster: start (5 processes)"] = time.monotonic() - started
+            for name, seconds in took.items():
+                TIMINGS[f"cluster:   {name} after"] = seconds
+            yield deployment
+        finally:
+            deployment.stop()
+    finally:
+        database.drop()
