@@ -114,11 +114,10 @@ def filters_from(args: argparse.Namespace) -> Filters:
     )
 
 
-async def run(reactor: Any, args: argparse.Namespace) -> int:
-    config = cluster_config(args, need_redis=True)
-    filters = filters_from(args)
-    if args.resume:
-        return await _run_resumable(reactor, args, config, filters)
+def _printing_session(
+    reactor: Any, args: argparse.Namespace, filters: Filters
+) -> tuple[Session, Stats, Output, LineWatcher]:
+    """The session, counters, output and line printer every watch mode shares."""
     session = Session(reactor, duration=args.duration)
     stats = Stats()
     output = Output(
@@ -132,6 +131,15 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         limit=args.count,
         on_limit=lambda: session.stop("count"),
     )
+    return session, stats, output, watcher
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> int:
+    config = cluster_config(args, need_redis=True)
+    filters = filters_from(args)
+    if args.resume:
+        return await _run_resumable(reactor, args, config, filters)
+    session, stats, _output, watcher = _printing_session(reactor, args, filters)
     transport = await watch_channel(
         reactor,
         config,
@@ -210,19 +218,7 @@ async def _run_resumable(
         raise UsageError(
             f"cannot write the position file '{args.resume}': {e.strerror or e}"
         ) from None
-    session = Session(reactor, duration=args.duration)
-    stats = Stats()
-    output = Output(
-        json_mode=args.json, color=args.color, on_closed=lambda: session.stop("output closed")
-    )
-    watcher = LineWatcher(
-        output,
-        filters,
-        stats,
-        show_access_tokens=args.show_access_tokens,
-        limit=args.count,
-        on_limit=lambda: session.stop("count"),
-    )
+    session, stats, output, watcher = _printing_session(reactor, args, filters)
     client = ReplicationClient(
         reactor,
         config,
