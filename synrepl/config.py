@@ -440,7 +440,7 @@ def _writer_names(value: object, path: KeyPath) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_stream_writers(raw: object) -> StreamWriters:
+def _parse_stream_writers(raw: object, federation_senders: object = None) -> StreamWriters:
     section = _mapping(raw, ("stream_writers",))
     values: dict[str, tuple[str, ...]] = {}
     for key, value in section.items():
@@ -450,7 +450,10 @@ def _parse_stream_writers(raw: object) -> StreamWriters:
                 f"unknown stream writer key; known keys: {', '.join(STREAM_WRITER_KEYS)}", path
             )
         values[key] = _writer_names(value, path)
-    return StreamWriters(**values)
+    senders: tuple[str, ...] = ()
+    if federation_senders is not None:
+        senders = _writer_names(federation_senders, ("federation_sender_instances",))
+    return StreamWriters(**values, federation_senders=senders)
 
 
 def _check_writers_located(
@@ -503,7 +506,9 @@ def _build(data: Mapping[str, Any], base_dir: StrPath | None, warnings: list[str
     worker_app, worker_name = _worker_identity(data)
     instance_map = _parse_instance_map(data.get("instance_map"), warnings)
     _add_old_main(data, instance_map, warnings)
-    writers = _parse_stream_writers(data.get("stream_writers"))
+    writers = _parse_stream_writers(
+        data.get("stream_writers"), data.get("federation_sender_instances")
+    )
     _check_writers_located(writers, instance_map)
     secret = _secret(data, "worker_replication_secret", (), base_dir)
     if worker_name and MAIN_INSTANCE_NAME not in instance_map:

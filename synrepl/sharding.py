@@ -203,6 +203,10 @@ def _writer_list(value: str | Iterable[str]) -> tuple[str, ...]:
 _MAIN_ONLY: tuple[str, ...] = (MAIN_INSTANCE_NAME,)
 
 
+def _writer_tuple(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(names)
+
+
 @attrs.frozen
 class StreamWriters:
     """The ``stream_writers`` option: writers for each key, main by default.
@@ -225,6 +229,10 @@ class StreamWriters:
     quarantined_media_changes: tuple[str, ...] = attrs.field(
         default=_MAIN_ONLY, converter=_writer_list
     )
+    #: ``federation_sender_instances``: the processes that send federation.
+    #: The main process publishes the ``federation`` stream only for them;
+    #: with none (the default) it sends federation itself and nobody writes it.
+    federation_senders: tuple[str, ...] = attrs.field(default=(), converter=_writer_tuple)
 
     def __attrs_post_init__(self) -> None:
         for key in STREAM_WRITER_KEYS:
@@ -245,13 +253,16 @@ class StreamWriters:
         """The instances that publish a replication stream.
 
         Returns ``("master",)`` for streams only the main process writes, and
-        an empty tuple when the set is not fixed in configuration: ``caches``
+        an empty tuple when nobody does (``federation`` without federation
+        senders) or when the set is not fixed in configuration: ``caches``
         (any instance) and stream names synrepl does not know. For those,
         learn the writers from the ``POSITION`` and ``RDATA`` commands seen.
         """
         key = WRITER_KEY_BY_STREAM.get(stream_name)
         if key is not None:
             return self.for_key(key)
+        if stream_name == "federation" and not self.federation_senders:
+            return ()
         if stream_name in MAIN_ONLY_STREAMS:
             return _MAIN_ONLY
         return ()

@@ -158,9 +158,16 @@ def test_writers_for_stream_follows_its_key(stream: str, key: str) -> None:
 
 @pytest.mark.parametrize("stream", sorted(MAIN_ONLY_STREAMS))
 def test_main_only_streams(stream: str) -> None:
-    """pushers, federation and un-partial-stated streams come from master only."""
-    writers = StreamWriters(events=["a", "b"])
+    """pushers, federation (for federation senders) and un-partial-stated
+    streams come from master only."""
+    writers = StreamWriters(events=["a", "b"], federation_senders=["fed1"])
     assert writers.writers_for_stream(stream) == ("master",)
+
+
+def test_nobody_writes_federation_without_federation_senders() -> None:
+    """With no federation_sender_instances the main process sends federation
+    itself and publishes no federation stream (seen against a real Synapse)."""
+    assert StreamWriters().writers_for_stream("federation") == ()
 
 
 def test_caches_and_unknown_streams_have_no_fixed_writers() -> None:

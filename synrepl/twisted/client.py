@@ -225,7 +225,11 @@ class ReplicationClient:
         )
 
     def _default_fetcher(self) -> StreamFetcher:
-        http = ReplicationHttpClient(self._reactor, self._config, position_waiter=self)
+        # Our own name matters: answers whose positions were written by the
+        # instance we are would otherwise not be waited for.
+        http = ReplicationHttpClient(
+            self._reactor, self._config, instance_name=self.instance_name, position_waiter=self
+        )
         self.http = http
         return http
 
@@ -286,6 +290,22 @@ class ReplicationClient:
         for (stream, writer), token in self._delivered.items():
             out.setdefault(stream, {})[writer] = token
         return out
+
+    def persisted_upto(self, stream: str) -> int | None:
+        """The lowest processed token over the stream's writers: every row
+        below it has been handled, whoever wrote it.
+
+        The writers are those the config names for the stream (for streams it
+        does not fix, such as ``caches``, those heard from); None until each
+        of them has been heard from.
+        """
+        writers = set(self._config.stream_writers.writers_for_stream(stream))
+        writers |= {w for (s, w) in self._delivered if s == stream}
+        writers.discard(self.instance_name)
+        tokens = [self._delivered.get((stream, w)) for w in writers]
+        if not tokens or any(t is None for t in tokens):
+            return None
+        return min(t for t in tokens if t is not None)
 
     def wait_for_stream_position(
         self, stream: str, writer: str, token: int

@@ -75,7 +75,7 @@ class Api:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 8
         self._pool = pool
-        self._http = HTTPClient(Agent(reactor, pool=pool))
+        self._http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type]
 
     async def close(self) -> None:
         await self._pool.closeCachedConnections()

@@ -379,14 +379,15 @@ async def test_offline_catch_up_from_a_saved_position_map(
     # While the client is away: rows on many streams.
     missed_messages = [await alice.message(room, f"missed {n}") for n in range(5)]
     await alice.typing(room, True)
-    # Two receipts of one user in one room, and one account data type set
-    # twice: Synapse keeps only the latest of each.
+    # Two receipts of one user in one room, one account data type set twice,
+    # and two presence changes: Synapse keeps only the latest of each.
     await bob.receipt(room, missed_messages[-2])
     await bob.receipt(room, missed_messages[-1])
     await alice.set_account_data("org.example.offline", {"n": 0})
     await alice.set_account_data("org.example.offline", {"n": 1})
     await alice.send_to_device("org.example.offline", {bob.user_id: {bob.device_id: {}}})
     await alice.set_push_rule("offline", "pie")
+    await alice.set_presence("unavailable", "first")
     await alice.set_presence("online", "away from synrepl")
     reference = obs.rec
     await reference.wait_for(
