@@ -450,9 +450,13 @@ def _parse_stream_writers(raw: object, federation_senders: object = None) -> Str
                 f"unknown stream writer key; known keys: {', '.join(STREAM_WRITER_KEYS)}", path
             )
         values[key] = _writer_names(value, path)
-    senders: tuple[str, ...] = ()
-    if federation_senders is not None:
-        senders = _writer_names(federation_senders, ("federation_sender_instances",))
+    if federation_senders is None:  # Synapse's default: the main process sends
+        return StreamWriters(**values)
+    senders = (
+        ()
+        if federation_senders == []
+        else _writer_names(federation_senders, ("federation_sender_instances",))
+    )
     return StreamWriters(**values, federation_senders=senders)
 
 

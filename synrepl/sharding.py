@@ -229,10 +229,11 @@ class StreamWriters:
     quarantined_media_changes: tuple[str, ...] = attrs.field(
         default=_MAIN_ONLY, converter=_writer_list
     )
-    #: ``federation_sender_instances``: the processes that send federation.
-    #: The main process publishes the ``federation`` stream only for them;
-    #: with none (the default) it sends federation itself and nobody writes it.
-    federation_senders: tuple[str, ...] = attrs.field(default=(), converter=_writer_tuple)
+    #: ``federation_sender_instances``: the processes that send federation
+    #: (absent from the config: the main process).  The main process publishes
+    #: the ``federation`` stream, to feed the others, only when it does not
+    #: send federation itself.
+    federation_senders: tuple[str, ...] = attrs.field(default=_MAIN_ONLY, converter=_writer_tuple)
 
     def __attrs_post_init__(self) -> None:
         for key in STREAM_WRITER_KEYS:
@@ -253,15 +254,15 @@ class StreamWriters:
         """The instances that publish a replication stream.
 
         Returns ``("master",)`` for streams only the main process writes, and
-        an empty tuple when nobody does (``federation`` without federation
-        senders) or when the set is not fixed in configuration: ``caches``
+        an empty tuple when nobody does (``federation`` while the main process
+        sends federation itself) or when the set is not fixed in configuration: ``caches``
         (any instance) and stream names synrepl does not know. For those,
         learn the writers from the ``POSITION`` and ``RDATA`` commands seen.
         """
         key = WRITER_KEY_BY_STREAM.get(stream_name)
         if key is not None:
             return self.for_key(key)
-        if stream_name == "federation" and not self.federation_senders:
+        if stream_name == "federation" and MAIN_INSTANCE_NAME in self.federation_senders:
             return ()
         if stream_name in MAIN_ONLY_STREAMS:
             return _MAIN_ONLY

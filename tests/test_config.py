@@ -868,10 +868,13 @@ def test_rejects_what_synapse_rejects(bad: dict[str, Any]) -> None:
 
 
 def test_federation_sender_instances_make_master_the_federation_writer() -> None:
-    """federation_sender_instances (a name or a list) is read; with senders the
-    main process writes the federation stream, without them nobody does."""
+    """federation_sender_instances (a name or a list, absent = the main process)
+    is read: the main process writes the federation stream only when it does
+    not send federation itself."""
     base = {"server_name": "example.com"}
     assert config_from_dict(base).stream_writers.writers_for_stream("federation") == ()
     with_senders = config_from_dict({**base, "federation_sender_instances": "fed1"})
     assert with_senders.stream_writers.federation_senders == ("fed1",)
     assert with_senders.stream_writers.writers_for_stream("federation") == ("master",)
+    nobody = config_from_dict({**base, "federation_sender_instances": []})
+    assert nobody.stream_writers.writers_for_stream("federation") == ("master",)

@@ -164,10 +164,11 @@ def test_main_only_streams(stream: str) -> None:
     assert writers.writers_for_stream(stream) == ("master",)
 
 
-def test_nobody_writes_federation_without_federation_senders() -> None:
-    """With no federation_sender_instances the main process sends federation
-    itself and publishes no federation stream (seen against a real Synapse)."""
+def test_nobody_writes_federation_while_main_sends_it() -> None:
+    """By default the main process sends federation itself and publishes no
+    federation stream (seen against a real Synapse)."""
     assert StreamWriters().writers_for_stream("federation") == ()
+    assert StreamWriters(federation_senders=[]).writers_for_stream("federation") == ("master",)
 
 
 def test_caches_and_unknown_streams_have_no_fixed_writers() -> None:

@@ -527,3 +527,12 @@ async def test_user_sync_and_clear_user_sync_drive_presence(
     )
     assert {r.user_id for r in offline} == {syncing.user_id, cleared.user_id, control.user_id}
     await obs.assert_matches_wire()
+
+
+def test_config_names_master_as_the_federation_writer(main_only: Deployment) -> None:
+    """With federation sending moved off the main process
+    (`federation_sender_instances: []`), the main process publishes the
+    federation stream (scenario 1 sees its POSITION) and synrepl's reading
+    of the config says so."""
+    config = load_config(*main_only.config_files["master"])
+    assert config.stream_writers.writers_for_stream("federation") == ("master",)
