@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import harness
+import pytest_twisted
+from matrix_api import Api, main_only_route
 from redis_server import RedisServer, redis_server_available
+from repl import Observation, every
+
+from synrepl.config import load_config
+from synrepl.streams import STREAM_NAMES
 
 TIMINGS: dict[str, float] = {}
 _SESSION_START = time.monotonic()
@@ -149,3 +155,26 @@ def cluster(interop_dir: Path, cluster_redis: RedisServer) -> Iterator[harness.D
             deployment.stop()
     finally:
         database.drop()
+
+
+# The main-only deployment's client-API client and synrepl observer, shared
+# by the test modules that use it (test_cluster.py overrides both for the
+# cluster).
+
+
+@pytest_twisted.async_yield_fixture
+async def api(main_only: harness.Deployment) -> AsyncIterator[Api]:
+    client = Api(main_only_route(main_only.client_urls))
+    yield client
+    await client.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def obs(main_only: harness.Deployment, main_redis: RedisServer) -> AsyncIterator[Observation]:
+    """A synrepl client following every stream of the main process, and a tap."""
+    observation = Observation(load_config(*main_only.config_files["master"]), main_redis.port)
+    await observation.start(every(STREAM_NAMES, {"master"}))
+    try:
+        yield observation
+    finally:
+        await observation.stop()

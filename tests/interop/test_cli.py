@@ -6,14 +6,14 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 import yaml
 from harness import Deployment, subscribers
-from matrix_api import Api, main_only_route
+from matrix_api import Api
 from twisted.internet import reactor, task
 
 
@@ -42,13 +42,6 @@ async def run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProce
         await sleep(0.1)
     out, err = proc.communicate()
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
-
-
-@pytest_twisted.async_yield_fixture
-async def api(main_only: Deployment) -> AsyncIterator[Api]:
-    client = Api(main_only_route(main_only.client_urls))
-    yield client
-    await client.close()
 
 
 @pytest_twisted.ensureDeferred

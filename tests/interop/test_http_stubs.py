@@ -12,42 +12,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
 from harness import Deployment
-from matrix_api import Api, User, main_only_route
-from redis_server import RedisServer
-from repl import Observation, every
+from matrix_api import Api, User
+from repl import Observation
 from twisted.internet import reactor
 from twisted.web.client import Agent
 
 from synrepl.config import Secret, load_config
 from synrepl.http import HttpReplicationError, RetryPolicy
-from synrepl.streams import STREAM_NAMES, AccountDataRow, PresenceRow, parse_row
+from synrepl.streams import AccountDataRow, PresenceRow, parse_row
 from synrepl.twisted.http_client import ReplicationHttpClient
 
 pytestmark = pytest.mark.main_only
-
-
-@pytest_twisted.async_yield_fixture
-async def api(main_only: Deployment) -> AsyncIterator[Api]:
-    client = Api(main_only_route(main_only.client_urls))
-    yield client
-    await client.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def obs(main_only: Deployment, main_redis: RedisServer) -> AsyncIterator[Observation]:
-    observation = Observation(load_config(*main_only.config_files["master"]), main_redis.port)
-    await observation.start(every(STREAM_NAMES, {"master"}))
-    try:
-        yield observation
-    finally:
-        await observation.stop()
 
 
 async def new_user(api: Api, name: str) -> User:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 from client_helpers import sleep, wait_until
 from harness import Deployment
-from matrix_api import Api, User, main_only_route
+from matrix_api import Api, User
 from redis_server import RedisServer
 from repl import Observation, Recorder, every, start_client
 
@@ -47,24 +46,6 @@ MASTER = {"master"}
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@pytest_twisted.async_yield_fixture
-async def api(main_only: Deployment) -> AsyncIterator[Api]:
-    client = Api(main_only_route(main_only.client_urls))
-    yield client
-    await client.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def obs(main_only: Deployment, main_redis: RedisServer) -> AsyncIterator[Observation]:
-    """A synrepl client following every stream of the main process, and a tap."""
-    observation = Observation(load_config(*main_only.config_files["master"]), main_redis.port)
-    await observation.start(every(STREAM_NAMES, MASTER))
-    try:
-        yield observation
-    finally:
-        await observation.stop()
 
 
 _users = iter(range(10**6))
