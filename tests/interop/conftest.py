@@ -117,6 +117,15 @@ def cluster_redis(interop_dir: Path) -> Iterator[RedisServer]:
     yield from _redis(interop_dir / "cluster-redis", "cluster")
 
 
+def _start_timed(deployment: harness.Deployment, label: str, total: str) -> None:
+    """Start a deployment, recording its start-up times for the summary."""
+    started = time.monotonic()
+    took = deployment.start()
+    TIMINGS[total] = time.monotonic() - started
+    for name, seconds in took.items():
+        TIMINGS[f"{label}:   {name} after"] = seconds
+
+
 @pytest.fixture(scope="session")
 def main_only(interop_dir: Path, main_redis: RedisServer) -> Iterator[harness.Deployment]:
     """One Synapse main process (SQLite) on free ports, with Redis."""
@@ -124,11 +133,7 @@ def main_only(interop_dir: Path, main_redis: RedisServer) -> Iterator[harness.De
     directory.mkdir()
     deployment = harness.main_only(directory, main_redis.port)
     try:
-        started = time.monotonic()
-        took = deployment.start()
-        TIMINGS["main-only: start"] = time.monotonic() - started
-        for name, seconds in took.items():
-            TIMINGS[f"main-only:   {name} after"] = seconds
+        _start_timed(deployment, "main-only", "main-only: start")
         yield deployment
     finally:
         deployment.stop()
@@ -145,11 +150,7 @@ def cluster(interop_dir: Path, cluster_redis: RedisServer) -> Iterator[harness.D
     try:
         deployment = harness.cluster(directory, cluster_redis.port, database)
         try:
-            started = time.monotonic()
-            took = deployment.start()
-            TIMINGS["cluster: start (5 processes)"] = time.monotonic() - started
-            for name, seconds in took.items():
-                TIMINGS[f"cluster:   {name} after"] = seconds
+            _start_timed(deployment, "cluster", "cluster: start (5 processes)")
             yield deployment
         finally:
             deployment.stop()
