@@ -49,15 +49,12 @@ ROW_TYPES: Mapping[str, type[Row]] = MappingProxyType({cls.STREAM: cls for cls i
 #: Every stream synrepl can type, in Synapse's registry order.
 STREAM_NAMES: tuple[str, ...] = ("events", *ROW_TYPES)
 
-_events_parsers = {kind: cls.from_raw for kind, cls in EVENTS_ROW_TYPES.items()}
+_parse_events_kind = compile_kind_dispatch(EVENTS_ROW_TYPES, strict_length=False)
 
 
 def _parse_events_row(raw: Any) -> AnyRow:
-    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str:
-        parser = _events_parsers.get(raw[0])
-        if parser is not None:
-            return parser(raw[1])
-    return RawRow("events", raw)
+    row = _parse_events_kind(raw)
+    return RawRow("events", raw) if row is None else row
 
 
 #: Stream name -> its row parser.
@@ -75,7 +72,7 @@ FAST_ROW_PARSERS: dict[str, Callable[[Any], Row | None]] = {
     for name, cls in ROW_TYPES.items()
     if not cls.IS_OPEN  # type: ignore[attr-defined]
 }
-FAST_ROW_PARSERS["events"] = compile_kind_dispatch(EVENTS_ROW_TYPES)
+FAST_ROW_PARSERS["events"] = compile_kind_dispatch(EVENTS_ROW_TYPES, strict_length=True)
 
 
 def parse_row(stream: str, raw: Any) -> AnyRow:

@@ -239,11 +239,15 @@ def _compile(cls: type[Row], *, strict_length: bool) -> Callable[[Any], Any]:
     return _function(["def parse(raw):", *body], namespace)
 
 
-def compile_kind_dispatch(kinds: Mapping[str, type[Row]]) -> Callable[[Any], Row | None]:
-    """A fast-path parser for ``[kind, [fields...]]`` rows (the events stream):
-    the kinds' checks inlined in one function, so one call parses a row.
+def compile_kind_dispatch(
+    kinds: Mapping[str, type[Row]], *, strict_length: bool
+) -> Callable[[Any], Row | None]:
+    """A parser for ``[kind, [fields...]]`` rows (the events stream): the
+    kinds' checks inlined in one function, so one call parses a row.
 
-    Returns None for an unknown kind or extra values (decode exactly then).
+    Returns None for an unknown kind or shape, and with ``strict_length``
+    also for extra values (the fast path then decodes exactly); without it
+    extra values are kept.
     """
     source = [
         "def parse(wrapped):",
@@ -253,7 +257,7 @@ def compile_kind_dispatch(kinds: Mapping[str, type[Row]]) -> Callable[[Any], Row
     ]
     namespace: dict[str, Any] = {}
     for index, (kind, cls) in enumerate(kinds.items()):
-        body, names = _parser_body(cls, f"_{index}", strict_length=True)
+        body, names = _parser_body(cls, f"_{index}", strict_length=strict_length)
         source.append(f"    {'if' if index == 0 else 'elif'} kind == {kind!r}:")
         source.extend(_indent(line, "    ") for line in body)
         namespace.update(names)
