@@ -9,11 +9,21 @@ Every mistake is a :class:`~synrepl.errors.ConfigError` whose ``path`` names
 the offending key. Secrets (the replication secret, the Redis password) are
 wrapped in :class:`Secret` so they never show in a repr, a log line or an
 error message.
+
+Input is bounded, because a config error must be quick and short whatever
+the file holds: only regular files are read (a FIFO or a device would block
+or never end), config files up to :data:`MAX_CONFIG_FILE_SIZE` and secret
+files up to :data:`MAX_SECRET_FILE_SIZE`; YAML may nest
+:data:`MAX_YAML_DEPTH` levels and its aliases may add
+:data:`MAX_ALIAS_EXPANSION` nodes, checked while composing, before anything
+is expanded; and an error message quotes at most an excerpt of a value.
 """
 
 from __future__ import annotations
 
 import os
+import reprlib
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -23,10 +33,11 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
-from synrepl.errors import ConfigError
+from synrepl.errors import ConfigError, excerpt
 from synrepl.sharding import (
     MAIN_INSTANCE_NAME,
     MAIN_MAP_KEY,
+    SINGLE_WRITER_KEYS,
     STREAM_WRITER_KEYS,
     InstanceLocation,
     StreamWriters,
@@ -36,9 +47,15 @@ from synrepl.sharding import (
 __all__ = (
     "load_config",
     "config_from_dict",
+    "read_config_files",
+    "read_secret_file",
     "SynapseConfig",
     "RedisConfig",
     "Secret",
+    "MAX_CONFIG_FILE_SIZE",
+    "MAX_SECRET_FILE_SIZE",
+    "MAX_YAML_DEPTH",
+    "MAX_ALIAS_EXPANSION",
 )
 
 KeyPath = tuple[str, ...]
@@ -53,6 +70,68 @@ _OLD_PORT = "worker_replication_http_port"
 _OLD_TLS = "worker_replication_http_tls"
 _OLD_URI = "worker_main_http_uri"
 _OLD_KEYS = (_OLD_HOST, _OLD_PORT, _OLD_TLS, _OLD_URI)
+
+#: The largest config file read, in bytes (1 MiB). A homeserver.yaml is a
+#: few KiB (Synapse's old fully commented sample was about 100 KiB), and
+#: PyYAML's pure-Python parser, the one Synapse uses, reads adversarial
+#: YAML at a few hundred KiB a second: 1 MiB keeps a wrong file to seconds.
+MAX_CONFIG_FILE_SIZE = 1 << 20
+
+#: The largest secret file read, in bytes (64 KiB): a secret is a line.
+MAX_SECRET_FILE_SIZE = 64 << 10
+
+#: The deepest nesting of sequences and mappings in a config file. Synapse's
+#: options nest a handful of levels; the parser recurses about three Python
+#: frames a level, so this stays far from the recursion limit.
+MAX_YAML_DEPTH = 100
+
+#: How many nodes a config file's aliases may add once expanded. Anchors
+#: shared a few dozen times add hundreds; "billion laughs" adds billions.
+MAX_ALIAS_EXPANSION = 100_000
+
+#: The longest key (of a path, or a file name) quoted in an error message.
+_KEY_LIMIT = 80
+#: The longest rendering of a value or a path quoted in an error message.
+_SHOW_LIMIT = 120
+#: The longest error message, a net under the bounds above.
+_MESSAGE_LIMIT = 1000
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 6
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong = 40
+
+
+def _show(value: object) -> str:
+    """A short repr of user data for an error message. reprlib stops at a
+    few items and levels, so even a value built of shared references (a
+    YAML alias bomb, given to config_from_dict) costs next to nothing."""
+    return excerpt(_REPR.repr(value), _SHOW_LIMIT)
+
+
+def _one_line(text: str) -> str:
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _key(key: object) -> str:
+    """A key of the user's, bounded, for a ConfigError path or message."""
+    return excerpt(_one_line(str(key)), _KEY_LIMIT)
+
+
+def _show_path(path: object) -> str:
+    """A file name for an error message (from argv or from the config)."""
+    return excerpt(_one_line(os.fsdecode(path) if isinstance(path, bytes) else str(path)), 300)
+
+
+def _capped(error: ConfigError) -> ConfigError:
+    """``error`` with message and path cut to a readable length: a net under
+    the checks, for messages built elsewhere (``synrepl.sharding``)."""
+    path = tuple(excerpt(_one_line(p), _KEY_LIMIT) for p in error.path)
+    message = excerpt(_one_line(error.message), _MESSAGE_LIMIT)
+    if path == error.path and message == error.message:
+        return error
+    return ConfigError(message, path)
 
 
 @attrs.frozen(repr=False)
@@ -136,13 +215,23 @@ class SynapseConfig:
         """
         location = self.instance_map.get(canonical_instance_name(instance_name))
         if location is None:
-            known = ", ".join(sorted(self.instance_map)) or "none"
             raise ConfigError(
-                f"no entry for instance {instance_name!r} (known instances: {known}); "
+                f"no entry for instance {_show(instance_name)} "
+                f"(known instances: {_some_names(self.instance_map)}); "
                 "add it with host and port, or path",
                 ("instance_map",),
             )
         return location
+
+
+def _some_names(names: Iterable[str], shown: int = 10) -> str:
+    """``a, b, c and 7 more``: a bounded list of names for a message."""
+    ordered = sorted(names)
+    if not ordered:
+        return "none"
+    text = ", ".join(_key(name) for name in ordered[:shown])
+    rest = len(ordered) - shown
+    return f"{text} and {rest} more" if rest > 0 else text
 
 
 # --- files -----------------------------------------------------------------
@@ -154,46 +243,275 @@ def load_config(*paths: StrPath) -> SynapseConfig:
     A directory stands for its ``*.yaml`` files in sorted order, as with
     Synapse's ``-c``. Relative secret file paths are taken from the current
     directory, as Synapse takes them.
+
+    Raises:
+        ConfigError: a file cannot be read, is not a regular file, is too
+            large, is not YAML or is refused by the limits above, or the
+            merged configuration is invalid.
     """
+    warnings: list[str] = []
+    try:
+        merged = _read_merged(paths, warnings)
+        return _build(merged, None, warnings)
+    except ConfigError as e:
+        raise _capped(e) from None
+
+
+def read_config_files(*paths: StrPath) -> dict[str, Any]:
+    """The merged YAML of config files, read as :func:`load_config` reads
+    them (same file checks and limits), for options SynapseConfig does not
+    keep (``listeners``, ...).
+
+    Raises:
+        ConfigError: a file cannot be read, or is refused.
+    """
+    try:
+        return _read_merged(paths, [])
+    except ConfigError as e:
+        raise _capped(e) from None
+
+
+def read_secret_file(path: StrPath) -> str:
+    """A secret read from a file, stripped, with the checks config files
+    get: a regular file of at most :data:`MAX_SECRET_FILE_SIZE` bytes.
+
+    Raises:
+        ConfigError: it cannot be read; the message names the file and says
+            why, but never shows what it holds.
+    """
+    return _secret_text(path, f"cannot read the secret file '{_show_path(path)}'", ())
+
+
+def _read_merged(paths: tuple[StrPath, ...], warnings: list[str]) -> dict[str, Any]:
     if not paths:
         raise ConfigError("no config file given; pass homeserver.yaml (and the worker file)")
     merged: dict[str, Any] = {}
-    warnings: list[str] = []
-    for file in _expand_paths(paths):
+    for file in _expand_paths(paths, warnings):
         merged.update(_read_yaml_file(file, warnings))
-    return _build(merged, None, warnings)
+    return merged
 
 
-def _expand_paths(paths: Iterable[StrPath]) -> list[Path]:
+def _expand_paths(paths: Iterable[StrPath], warnings: list[str]) -> list[Path]:
+    """Files to read, with directories replaced by their ``*.yaml`` entries.
+
+    Entries that are not regular files are skipped, as Synapse skips them,
+    with a warning (Synapse says nothing); checking with ``stat`` means a
+    FIFO among them is never opened.
+    """
     files: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".yaml"))
-        else:
+        if not os.path.isdir(path):
             files.append(path)
+            continue
+        try:
+            entries = sorted(path.iterdir())
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read config directory '{_show_path(path)}': {_os_reason(e)}"
+            ) from None
+        for entry in entries:
+            if entry.suffix != ".yaml":
+                continue
+            try:
+                kind = _file_kind(os.stat(entry).st_mode)
+            except OSError as e:
+                kind = f"unreadable ({_os_reason(e)})"
+            if kind is None:
+                files.append(entry)
+            else:
+                warnings.append(
+                    f"config file '{_show_path(entry)}' skipped: it is {kind}, "
+                    "not a regular file (Synapse skips it too)"
+                )
     return files
+
+
+class _Refused(Exception):
+    """A file was not read; ``reason`` says why, in words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is, in words."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
+
+
+#: Never wait: a FIFO opened for reading would wait for a writer. It is
+#: refused after ``stat`` already; the flag closes the race where the path
+#: is replaced by one in between. Reads from regular files ignore it.
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def _read_regular_file(path: StrPath, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; never blocks
+    on a FIFO, never reads a device.
+
+    Raises:
+        _Refused: it cannot be read, is not a regular file, or is too large.
+    """
+    too_large = f"it is larger than {_size_text(limit)}, too large for {what}"
+    try:
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind is not None:
+            raise _Refused(f"it is {kind}, not a regular file")
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        raise _Refused(_os_reason(e)) from None
+    except ValueError:  # "embedded null byte"
+        raise _Refused("the path contains a NUL character") from None
+    try:
+        with os.fdopen(fd, "rb") as stream:
+            info = os.fstat(stream.fileno())
+            kind = _file_kind(info.st_mode)
+            if kind is not None:
+                raise _Refused(f"it is {kind}, not a regular file")
+            if info.st_size > limit:
+                raise _Refused(too_large)
+            data = stream.read(limit + 1)
+    except OSError as e:
+        raise _Refused(_os_reason(e)) from None
+    if len(data) > limit:
+        raise _Refused(too_large)
+    return data
 
 
 def _read_yaml_file(file: Path, warnings: list[str]) -> Mapping[str, Any]:
     """Parse one file; its error messages name the file but quote none of it."""
+    name = _show_path(file)
     try:
-        with file.open(encoding="utf-8") as stream:
-            data = yaml.safe_load(stream)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file '{file}': {_os_reason(e)}") from None
+        text = _read_regular_file(file, MAX_CONFIG_FILE_SIZE, "a config file").decode("utf-8")
+    except _Refused as e:
+        raise ConfigError(f"cannot read config file '{name}': {e.reason}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file '{file}' is not UTF-8 text") from None
+        raise ConfigError(f"config file '{name}' is not UTF-8 text") from None
+    try:
+        data = yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader
+    except _LimitError as e:
+        hint = f"; {e.note}" if e.note else ""
+        raise ConfigError(f"config file '{name}' is refused: {_yaml_reason(e)}{hint}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{file}' is not valid YAML: {_yaml_reason(e)}") from None
+        raise ConfigError(f"config file '{name}' is not valid YAML: {_yaml_reason(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{name}' is nested too deeply to read") from None
     if data is None:
-        warnings.append(f"config file '{file}' is empty")
+        warnings.append(f"config file '{name}' is empty")
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config file '{file}' must hold a mapping of option names to values, "
+            f"config file '{name}' must hold a mapping of option names to values, "
             f"not a {type(data).__name__}"
         )
     return data
+
+
+class _LimitError(yaml.MarkedYAMLError):
+    """A document refused by a limit (not a syntax error)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """Synapse's loader (``yaml.safe_load``), refusing while it composes a
+    document that nests deeper than :data:`MAX_YAML_DEPTH` or whose aliases
+    would add more than :data:`MAX_ALIAS_EXPANSION` nodes once expanded.
+
+    Composing never expands an alias (it reuses the anchored node), so the
+    check costs one counter per node: each alias adds its anchor's expanded
+    size, remembered when that node was composed. ``<<`` merges are covered
+    too, since a merge copies at most what its alias expands to.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0  # the document's nodes so far, aliases expanded
+        self._added = 0  # of which brought in by aliases
+        self._anchor_sizes: dict[str, int] = {}
+
+    def compose_document(self) -> yaml.Node | None:
+        self._anchor_sizes = {}
+        return super().compose_document()
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            self._count_alias(event)
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _LimitError(
+                problem=f"it is nested more than {MAX_YAML_DEPTH} levels deep",
+                problem_mark=event.start_mark,
+            )
+        anchor: str | None = getattr(event, "anchor", None)
+        before = self._nodes
+        self._nodes += 1
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if anchor is not None:
+            self._anchor_sizes[anchor] = self._nodes - before
+        return node
+
+    def _count_alias(self, event: Any) -> None:
+        anchor: str | None = event.anchor
+        if anchor is None or anchor not in self.anchors:
+            return  # undefined: the composer says so
+        size = self._anchor_sizes.get(anchor)
+        if size is None:
+            raise _LimitError(
+                problem=f"the alias *{_key(anchor)} refers to itself",
+                problem_mark=event.start_mark,
+                note="it is inside the node it names",
+            )
+        self._nodes += size
+        self._added += size
+        if self._added > MAX_ALIAS_EXPANSION:
+            raise _LimitError(
+                problem=f"its aliases expand to more than {MAX_ALIAS_EXPANSION} extra values",
+                problem_mark=event.start_mark,
+                note="write the values out, or use fewer aliases",
+            )
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        """A scalar the constructors choke on (``9`` x 5000, ``2020-02-30``)
+        is a YAML error with its line, not a ValueError."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as e:
+            why = str(e)
+            value = getattr(node, "value", None)
+            if not why or (isinstance(value, str) and value and value in why):
+                why = type(e).__name__  # never echo the value: it may be a secret
+            raise yaml.constructor.ConstructorError(
+                problem=f"cannot read this value: {excerpt(why, 100)}",
+                problem_mark=node.start_mark,
+            ) from None
 
 
 def _os_reason(error: OSError) -> str:
@@ -205,19 +523,24 @@ def _yaml_reason(error: yaml.YAMLError) -> str:
     if isinstance(error, yaml.MarkedYAMLError):
         mark = error.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        return f"{error.problem or 'syntax error'}{where}"
+        problem = excerpt(_one_line(error.problem or "syntax error"), 200)
+        return f"{problem}{where}"
     return type(error).__name__
 
 
-def _read_secret_file(file: str, path: KeyPath, base_dir: StrPath | None) -> str:
+def _secret_text(file: StrPath, cannot: str, path: KeyPath) -> str:
     """Read a secret file, stripped; errors say why but never what it held."""
-    full = Path(base_dir, file) if base_dir is not None else Path(file)
     try:
-        return full.read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise ConfigError(f"cannot read the file '{file}': {_os_reason(e)}", path) from None
+        return _read_regular_file(file, MAX_SECRET_FILE_SIZE, "a secret").decode("utf-8").strip()
+    except _Refused as e:
+        raise ConfigError(f"{cannot}: {e.reason}", path) from None
     except UnicodeDecodeError:
-        raise ConfigError(f"the file '{file}' is not UTF-8 text", path) from None
+        raise ConfigError(f"{cannot}: it is not UTF-8 text", path) from None
+
+
+def _read_secret_file(file: str, path: KeyPath, base_dir: StrPath | None) -> str:
+    full = Path(base_dir, file) if base_dir is not None else Path(file)
+    return _secret_text(full, f"cannot read the file '{_show_path(file)}'", path)
 
 
 # --- values ----------------------------------------------------------------
@@ -234,20 +557,20 @@ def _mapping(value: object, path: KeyPath) -> Mapping[str, Any]:
 def _opt_str(section: Mapping[str, Any], key: str, where: KeyPath) -> str | None:
     value = section.get(key)
     if value is not None and not isinstance(value, str):
-        raise ConfigError(f"must be a string, got {value!r}", (*where, key))
+        raise ConfigError(f"must be a string, got {_show(value)}", (*where, key))
     return value
 
 
 def _bool(section: Mapping[str, Any], key: str, where: KeyPath, default: bool) -> bool:
     value = section.get(key, default)
     if type(value) is not bool:
-        raise ConfigError(f"must be true or false, got {value!r}", (*where, key))
+        raise ConfigError(f"must be true or false, got {_show(value)}", (*where, key))
     return value
 
 
 def _port(value: object, path: KeyPath) -> int:
     if type(value) is not int or not 1 <= value <= 65535:
-        raise ConfigError(f"must be a whole number from 1 to 65535, got {value!r}", path)
+        raise ConfigError(f"must be a whole number from 1 to 65535, got {_show(value)}", path)
     return value
 
 
@@ -300,23 +623,39 @@ def _parse_redis(raw: object, base_dir: StrPath | None) -> RedisConfig:
 
 def _text(value: object, path: KeyPath) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"must be a non-empty string, got {value!r}", path)
+        raise ConfigError(f"must be a non-empty string, got {_show(value)}", path)
     return value
 
 
 def _dbid(value: object, path: KeyPath) -> int | None:
     if value is not None and (type(value) is not int or value < 0):
-        raise ConfigError(f"must be a Redis database number (0 or more), got {value!r}", path)
+        raise ConfigError(f"must be a Redis database number (0 or more), got {_show(value)}", path)
     return value
 
 
 def _location(fields: Mapping[str, Any], paths: Mapping[str, KeyPath]) -> InstanceLocation:
-    """Build a location, re-rooting its error path at the config key."""
+    """Build a location, re-rooting its error path at the config key.
+
+    The fields' values are checked here first, so that only short messages
+    come from InstanceLocation (its own quote the whole value).
+    """
+
+    def where(field: str) -> KeyPath:
+        return paths.get(field, paths[""])
+
+    if "host" in fields:
+        _text(fields["host"], where("host"))
+    if "port" in fields:
+        _port(fields["port"], where("port"))
+    if "tls" in fields and type(fields["tls"]) is not bool:
+        raise ConfigError(f"must be true or false, got {_show(fields['tls'])}", where("tls"))
+    if "path" in fields:
+        _text(fields["path"], where("path"))
     try:
         return InstanceLocation(**fields)
     except ConfigError as e:
         field = e.path[0] if e.path else ""
-        raise ConfigError(e.message, paths.get(field, paths[""])) from None
+        raise _capped(ConfigError(e.message, where(field))) from None
 
 
 def _parse_location(entry: object, where: KeyPath, warnings: list[str]) -> InstanceLocation:
@@ -356,9 +695,11 @@ def _parse_instance_map(raw: object, warnings: list[str]) -> dict[str, InstanceL
     result: dict[str, InstanceLocation] = {}
     for key, entry in entries.items():
         if not isinstance(key, str):
-            raise ConfigError(f"instance names must be strings, got {key!r}", ("instance_map",))
+            raise ConfigError(
+                f"instance names must be strings, got {_show(key)}", ("instance_map",)
+            )
         result[canonical_instance_name(key)] = _parse_location(
-            entry, ("instance_map", key), warnings
+            entry, ("instance_map", _key(key)), warnings
         )
     return result
 
@@ -389,14 +730,14 @@ def _old_host_port_location(data: Mapping[str, Any]) -> InstanceLocation:
 def _location_from_uri(uri: object) -> InstanceLocation:
     path: KeyPath = (_OLD_URI,)
     if not isinstance(uri, str):
-        raise ConfigError(f"must be a URL string, got {uri!r}", path)
+        raise ConfigError(f"must be a URL string, got {_show(uri)}", path)
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"must be an http:// or https:// URL with a host, got {uri!r}", path)
+        raise ConfigError(f"must be an http:// or https:// URL with a host, got {_show(uri)}", path)
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"has an invalid port: {uri!r}", path) from None
+        raise ConfigError(f"has an invalid port: {_show(uri)}", path) from None
     tls = parts.scheme == "https"
     default_port = 443 if tls else 80
     return _location({"host": parts.hostname, "port": port or default_port, "tls": tls}, {"": path})
@@ -433,10 +774,14 @@ def _add_old_main(
     )
 
 
-def _writer_names(value: object, path: KeyPath) -> tuple[str, ...]:
+def _writer_names(value: object, path: KeyPath, single: bool = False) -> tuple[str, ...]:
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"must be an instance name or a list of them, got {value!r}", path)
+        raise ConfigError(f"must be an instance name or a list of them, got {_show(value)}", path)
+    if single and len(names) > 1:
+        raise ConfigError(
+            f"Synapse allows exactly one writer here, got {len(names)}: {_show(names)}", path
+        )
     return tuple(names)
 
 
@@ -444,20 +789,23 @@ def _parse_stream_writers(raw: object, federation_senders: object = None) -> Str
     section = _mapping(raw, ("stream_writers",))
     values: dict[str, tuple[str, ...]] = {}
     for key, value in section.items():
-        path = ("stream_writers", str(key))
+        path = ("stream_writers", _key(key))
         if key not in STREAM_WRITER_KEYS:
             raise ConfigError(
                 f"unknown stream writer key; known keys: {', '.join(STREAM_WRITER_KEYS)}", path
             )
-        values[key] = _writer_names(value, path)
-    if federation_senders is None:  # Synapse's default: the main process sends
-        return StreamWriters(**values)
-    senders = (
-        ()
-        if federation_senders == []
-        else _writer_names(federation_senders, ("federation_sender_instances",))
-    )
-    return StreamWriters(**values, federation_senders=senders)
+        values[key] = _writer_names(value, path, single=key in SINGLE_WRITER_KEYS)
+    extra: dict[str, tuple[str, ...]] = {}
+    if federation_senders is not None:  # None: Synapse's default, the main process sends
+        extra["federation_senders"] = (
+            ()
+            if federation_senders == []
+            else _writer_names(federation_senders, ("federation_sender_instances",))
+        )
+    try:
+        return StreamWriters(**values, **extra)
+    except ConfigError as e:
+        raise _capped(e) from None
 
 
 def _check_writers_located(
@@ -471,10 +819,10 @@ def _check_writers_located(
             hint = (
                 f"; the main process is called {MAIN_INSTANCE_NAME!r} here"
                 if name == MAIN_MAP_KEY
-                else f"; add instance_map.{name} with host and port, or path"
+                else f"; add instance_map.{_key(name)} with host and port, or path"
             )
             raise ConfigError(
-                f"writer {name!r} is not in instance_map{hint}", ("stream_writers", key)
+                f"writer {_show(name)} is not in instance_map{hint}", ("stream_writers", key)
             )
 
 
@@ -485,7 +833,7 @@ def _worker_identity(data: Mapping[str, Any]) -> tuple[str | None, str | None]:
         app = None
     name = data.get("worker_name", app)
     if name is not None and not isinstance(name, str):
-        raise ConfigError(f"must be a string, got {name!r}", ("worker_name",))
+        raise ConfigError(f"must be a string, got {_show(name)}", ("worker_name",))
     return app, name or None
 
 
@@ -498,7 +846,10 @@ def config_from_dict(data: Mapping[str, Any], *, base_dir: StrPath | None = None
     ``base_dir`` anchors relative ``*_path`` secret files; by default they
     are taken from the current directory, as Synapse does.
     """
-    return _build(data, base_dir, [])
+    try:
+        return _build(data, base_dir, [])
+    except ConfigError as e:
+        raise _capped(e) from None
 
 
 def _build(data: Mapping[str, Any], base_dir: StrPath | None, warnings: list[str]) -> SynapseConfig:

@@ -452,7 +452,10 @@ async def test_catchup_prints_a_range_page_by_page(tmp_path: Path) -> None:
     for cli in (refused, unknown):
         no_traceback(cli.stderr)
         assert cli.stderr.count("synrepl: error:") == 1
-    assert "answered 500: the replication secret was refused" in refused.stderr
+    assert (
+        "answered HTTP 500 M_UNKNOWN 'Internal server error': either it refused the "
+        "replication secret" in refused.stderr
+    )
     assert "'nobody' is not in instance_map" in unknown.stderr
 
 

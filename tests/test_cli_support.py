@@ -1,12 +1,14 @@
 """Helpers for the CLI tests: run ``python -m synrepl.cli`` as a subprocess
-on the reactor (so a FakeHomeserver in the test keeps serving meanwhile), and
-write config files for a FakeHomeserver.  No tests here."""
+on the reactor (so a FakeHomeserver in the test keeps serving meanwhile), or
+blocking with a timeout (for input that might hang it), and write config
+files for a FakeHomeserver.  No tests here."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,16 @@ from twisted.python.failure import Failure
 
 from synrepl.testing.homeserver import FakeHomeserver
 
-__all__ = ("Cli", "start_cli", "run_cli", "write_config", "json_lines", "kill_leftover_clis")
+__all__ = (
+    "Cli",
+    "start_cli",
+    "run_cli",
+    "run_synrepl_blocking",
+    "limit_memory",
+    "write_config",
+    "json_lines",
+    "kill_leftover_clis",
+)
 
 _running: list[Cli] = []
 
@@ -129,3 +140,39 @@ def write_config(path: Path, hs: FakeHomeserver, **overrides: Any) -> Path:
 
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def limit_memory(limit: int) -> Any:
+    """A preexec_fn capping the child's address space, so a runaway input
+    fails fast instead of swapping a shared machine (None where unsupported)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        return None
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def run_synrepl_blocking(
+    *args: str, timeout: float = 20.0, memory: int = 2 << 30
+) -> subprocess.CompletedProcess[str]:
+    """``python -m synrepl ARGS`` without a reactor, failing the test (not
+    hanging it) when the command does not end within ``timeout`` seconds."""
+    environment = dict(os.environ)
+    environment["NO_COLOR"] = "1"
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "synrepl", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env=environment,
+            preexec_fn=limit_memory(memory),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"synrepl {' '.join(args)} did not end within {timeout} s")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +14,19 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_cli_support import limit_memory, run_synrepl_blocking
 
-from synrepl.config import RedisConfig, Secret, SynapseConfig, config_from_dict, load_config
+from synrepl.config import (
+    MAX_CONFIG_FILE_SIZE,
+    MAX_SECRET_FILE_SIZE,
+    RedisConfig,
+    Secret,
+    SynapseConfig,
+    config_from_dict,
+    load_config,
+    read_config_files,
+    read_secret_file,
+)
 from synrepl.errors import ConfigError
 from synrepl.sharding import (
     SINGLE_WRITER_KEYS,
@@ -878,3 +893,454 @@ def test_federation_sender_instances_make_master_the_federation_writer() -> None
     assert with_senders.stream_writers.writers_for_stream("federation") == ("master",)
     nobody = config_from_dict({**base, "federation_sender_instances": []})
     assert nobody.stream_writers.writers_for_stream("federation") == ("master",)
+
+
+# --- hostile input: bounded time, bounded messages, clear errors ------------------
+#
+# What could hang or exhaust memory runs in a child process with a timeout and
+# a memory cap, so that a regression fails the test instead of the run.
+
+_CHILD = """
+import json, sys
+from synrepl.config import config_from_dict, load_config
+from synrepl.errors import ConfigError
+try:
+    if sys.argv[1] == "load":
+        load_config(*sys.argv[2:])
+    else:
+        exec(sys.argv[2])  # builds `data`
+        config_from_dict(data)  # noqa: F821
+except ConfigError as e:
+    print(json.dumps({"raised": "ConfigError", "message": e.message, "path": list(e.path)}))
+except BaseException as e:
+    print(json.dumps({"raised": type(e).__name__}))
+else:
+    print(json.dumps({"raised": None}))
+"""
+
+
+def _child(*args: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Run _CHILD; its one-line JSON verdict, or fail after ``timeout``."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=limit_memory(1 << 30),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no answer within {timeout} s")
+    assert done.stdout, done.stderr[-2000:]
+    *printed, last = done.stdout.splitlines()
+    verdict: dict[str, Any] = json.loads(last)
+    verdict["printed"] = printed
+    return verdict
+
+
+def load_in_child(*paths: Path | str) -> dict[str, Any]:
+    """load_config(*paths) in a child process."""
+    return _child("load", *map(str, paths))
+
+
+def config_error_in_child(*paths: Path | str) -> ConfigError:
+    verdict = load_in_child(*paths)
+    assert verdict["raised"] == "ConfigError", verdict
+    return ConfigError(verdict["message"], tuple(verdict["path"]))
+
+
+#: Nine lists of nine aliases to the one before: 9**9 (387 million) leaves.
+BILLION_LAUGHS = "\n".join(
+    [
+        "server_name: example.com",
+        "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]",
+        *(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)),
+        "stream_writers:",
+        "  events: *l8",
+        "",
+    ]
+)
+
+
+def _bounded(err: ConfigError, limit: int = 600) -> None:
+    text = str(err)
+    assert len(text) <= limit, f"{len(text)} chars: {text[:300]}..."
+    assert "\n" not in text
+
+
+def test_alias_bomb_is_refused_without_expanding_it(tmp_path: Path) -> None:
+    """Billion laughs under stream_writers: a quick, short ConfigError that
+    names the file, not a hang and a 2 GB message."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BILLION_LAUGHS, encoding="utf-8")
+    err = config_error_in_child(bomb)
+    assert "bomb.yaml" in err.message
+    assert "alias" in err.message
+    _bounded(err)
+
+
+def test_merge_key_bomb_is_refused(tmp_path: Path) -> None:
+    """`<<:` merges copy their mapping at construction time: the same bound holds."""
+    lines = ["server_name: example.com", "m0: &m0 {a: 1, b: 2, c: 3, d: 4}"]
+    for i in range(1, 12):
+        merged = ", ".join([f"*m{i - 1}"] * 8)
+        lines.append(f"m{i}: &m{i} {{<<: [{merged}], k{i}: {i}}}")
+    bomb = tmp_path / "merge.yaml"
+    bomb.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    err = config_error_in_child(bomb)
+    assert "alias" in err.message
+    _bounded(err)
+
+
+def test_recursive_alias_is_refused(tmp_path: Path) -> None:
+    """A node that contains itself has no finite expansion."""
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("server_name: example.com\nx: &x [1, *x]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"loop\.yaml.*itself") as info:
+        load_config(loop)
+    _bounded(info.value)
+
+
+def test_ordinary_aliases_and_merges_still_load(tmp_path: Path) -> None:
+    """Anchors used the way operators use them (shared lists, `<<:` merges) load."""
+    path = tmp_path / "homeserver.yaml"
+    path.write_text(
+        "server_name: example.com\n"
+        "worker_name: w1\n"
+        "x-persisters: &persisters [p1, p2]\n"
+        "x-local: &local {host: 127.0.0.1, tls: false}\n"
+        "instance_map:\n"
+        "  main: {<<: *local, port: 9093}\n"
+        "  w1: {<<: *local, port: 9094}\n"
+        "  p1: {<<: *local, port: 9095}\n"
+        "  p2: {<<: *local, port: 9096}\n"
+        "stream_writers:\n"
+        "  events: *persisters\n"
+        "  typing: w1\n",
+        encoding="utf-8",
+    )
+    config = load_config(path)
+    assert config.stream_writers.events == ("p1", "p2")
+    assert config.location_of("p2") == InstanceLocation.tcp("127.0.0.1", 9096)
+
+
+def test_shared_structure_in_a_dict_gives_a_short_message() -> None:
+    """config_from_dict has no YAML to bound: the error message itself is
+    what must not expand a value made of shared references."""
+    code = "x = ['lol'] * 9\nfor _ in range(8): x = [x] * 9\ndata = {'server_name': 'hs', 'stream_writers': {'events': x}}"
+    verdict = _child("dict", code)
+    assert verdict["raised"] == "ConfigError", verdict
+    assert verdict["path"] == ["stream_writers", "events"]
+    err = ConfigError(verdict["message"], tuple(verdict["path"]))
+    _bounded(err)
+    assert "..." in err.message
+
+
+_HUGE = "x" * 100_000
+_MANY = list(range(100_000))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"worker_name": _MANY},
+        {"worker_app": _MANY},
+        {"redis": {"enabled": True, "host": _MANY}},
+        {"redis": {"enabled": True, "port": _HUGE}},
+        {"redis": {"enabled": True, "dbid": _HUGE}},
+        {"redis": {"enabled": True, "use_tls": _HUGE}},
+        {"redis": {"enabled": True, "path": _MANY}},
+        {"redis": {"enabled": _MANY}},
+        {"redis": {"enabled": True, "password_path": f"/nonexistent/{_HUGE}"}},
+        {"worker_replication_secret_path": f"/nonexistent/{_HUGE}"},
+        {"worker_main_http_uri": _MANY},
+        {"worker_main_http_uri": f"ftp://{_HUGE}"},
+        {"worker_main_http_uri": f"http://h:{_HUGE}"},
+        {"worker_replication_host": _HUGE},
+        {"worker_replication_host": "h", "worker_replication_http_port": _HUGE},
+        {
+            "instance_map": {_HUGE: {"host": "h", "port": 1}, "main": {"path": "/m"}},
+            "stream_writers": {"events": [f"{_HUGE}-other"]},
+        },
+        {"instance_map": {_HUGE: {"host": _MANY, "port": 1}}},
+        {"instance_map": {"w": {"host": "h", "port": _HUGE}}},
+        {"instance_map": {"w": {"host": "h", "port": 1, "tls": _HUGE}}},
+        {"instance_map": {"w": {"path": _MANY}}},
+        {"instance_map": {"w": _MANY}},
+        {"stream_writers": {_HUGE: ["master"]}},
+        {"stream_writers": {"events": _MANY}},
+        {"stream_writers": {"events": [_HUGE]}},
+        {"stream_writers": {"typing": ["master", _HUGE]}, "instance_map": {_HUGE: {"path": "/s"}}},
+        {"federation_sender_instances": _MANY},
+    ],
+)
+def test_error_messages_are_bounded(bad: dict[str, Any]) -> None:
+    """However big the offending value or key, the message stays short and
+    on one line (an excerpt, with the rest elided)."""
+    _bounded(error(bad))
+
+
+def test_location_of_lists_a_bounded_number_of_instances() -> None:
+    """Thousands of instances are summed up, not all listed."""
+    instance_map = {f"worker{i}": {"path": f"/s{i}"} for i in range(5000)}
+    config = conf(instance_map=instance_map)
+    with pytest.raises(ConfigError) as info:
+        config.location_of("x" * 100_000)
+    _bounded(info.value)
+    assert "more" in info.value.message
+
+
+def test_fifo_as_config_file_does_not_block(tmp_path: Path) -> None:
+    """A FIFO is refused at once, by name, instead of waiting for a writer."""
+    fifo = tmp_path / "homeserver.yaml"
+    os.mkfifo(fifo)
+    err = config_error_in_child(fifo)
+    assert str(fifo) in err.message
+    assert "not a regular file" in err.message
+    assert "FIFO" in err.message
+
+
+def test_device_as_config_file_is_refused(tmp_path: Path) -> None:
+    """/dev/zero would never end: a device is not a config file."""
+    err = config_error_in_child("/dev/zero")
+    assert "/dev/zero" in err.message
+    assert "not a regular file" in err.message
+
+
+def test_fifo_in_a_config_directory_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """A directory's *.yaml entries that are not regular files are skipped, as
+    Synapse skips them, without blocking; unlike Synapse, synrepl says so."""
+    conf_dir = tmp_path / "conf.d"
+    conf_dir.mkdir()
+    write_yaml(conf_dir, "10-base.yaml", HS)
+    os.mkfifo(conf_dir / "20-worker.yaml")
+    (conf_dir / "30-dir.yaml").mkdir()
+    code = (
+        "import json\n"
+        "from synrepl.config import load_config\n"
+        f"print(json.dumps(load_config({str(conf_dir)!r}).warnings))\n"
+        "data = {'server_name': 'hs'}"
+    )
+    verdict = _child("dict", code)
+    assert verdict["raised"] is None, verdict
+    skipped = [w for w in json.loads(verdict["printed"][0]) if "not a regular file" in w]
+    assert len(skipped) == 2, skipped
+    assert any("20-worker.yaml" in w and "FIFO" in w for w in skipped)
+    assert any("30-dir.yaml" in w and "directory" in w for w in skipped)
+
+
+def test_unreadable_config_directory(tmp_path: Path) -> None:
+    """A directory that cannot be listed is a ConfigError naming it."""
+    if os.geteuid() == 0:
+        pytest.skip("root can list any directory")
+    conf_dir = tmp_path / "conf.d"
+    conf_dir.mkdir(mode=0)
+    try:
+        with pytest.raises(ConfigError, match=r"conf\.d"):
+            load_config(conf_dir)
+    finally:
+        conf_dir.chmod(0o700)
+
+
+def test_nul_in_a_path_is_a_config_error(tmp_path: Path) -> None:
+    """Paths with a NUL byte cannot exist; that is the user's error, not ours."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(f"{tmp_path}/a\0b.yaml")
+    err = error({"worker_replication_secret_path": "/etc/a\0b"})
+    assert err.path == ("worker_replication_secret_path",)
+
+
+def test_config_file_size_is_limited(tmp_path: Path) -> None:
+    """A file over MAX_CONFIG_FILE_SIZE is refused before it is parsed
+    (pure-Python YAML reads about 0.2 MiB/s in the worst case)."""
+    big = tmp_path / "big.yaml"
+    line = "# " + "padding " * 12 + "\n"
+    with big.open("w", encoding="utf-8") as f:
+        f.write("server_name: example.com\n")
+        f.write(line * (MAX_CONFIG_FILE_SIZE // len(line) + 1))
+    with pytest.raises(ConfigError, match=r"big\.yaml.*larger than 1 MiB"):
+        load_config(big)
+
+
+def test_config_file_just_under_the_limit_loads(tmp_path: Path) -> None:
+    """The limit is on bytes; a file at the limit (comments mostly) loads."""
+    path = tmp_path / "homeserver.yaml"
+    head = "server_name: example.com\n"
+    path.write_text(head + "#" * (MAX_CONFIG_FILE_SIZE - len(head) - 1) + "\n")
+    assert path.stat().st_size == MAX_CONFIG_FILE_SIZE
+    assert load_config(path).server_name == "example.com"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x: " + "[" * 100_000,
+        "x: " + "[" * 100_000 + "]" * 100_000,
+        "x: " + "{a: " * 50_000 + "1" + "}" * 50_000,
+        "x:\n" + "- " * 3000 + "1",
+    ],
+    ids=["open-flow", "closed-flow", "flow-mappings", "block-sequences"],
+)
+def test_deep_nesting_is_a_config_error(tmp_path: Path, text: str) -> None:
+    """Nesting beyond MAX_YAML_DEPTH is a ConfigError with the line, never a
+    RecursionError (an 'internal error' in the CLI)."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("server_name: example.com\n" + text + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"deep\.yaml") as info:
+        load_config(deep)
+    assert "nested" in info.value.message
+    _bounded(info.value)
+
+
+def test_nesting_within_the_limit_loads(tmp_path: Path) -> None:
+    """Options Synapse does not know may nest; 50 levels is fine."""
+    path = tmp_path / "homeserver.yaml"
+    path.write_text("server_name: example.com\nx: " + "[" * 50 + "]" * 50 + "\n")
+    assert load_config(path).server_name == "example.com"
+
+
+def test_parse_near_the_recursion_limit_is_a_config_error(tmp_path: Path) -> None:
+    """Even when the caller's stack is already deep, the loader's own
+    RecursionError becomes a ConfigError."""
+    path = tmp_path / "homeserver.yaml"
+    path.write_text("server_name: example.com\nx: " + "[" * 90 + "]" * 90 + "\n")
+
+    def dive(depth: int) -> ConfigError:
+        if depth:
+            return dive(depth - 1)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        return info.value
+
+    err = dive(sys.getrecursionlimit() - 150)
+    assert "nested" in err.message
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("port: " + "9" * 5000, 2),
+        ("since: 2020-02-30", 2),
+    ],
+    ids=["int-too-long", "no-such-date"],
+)
+def test_values_yaml_cannot_convert(tmp_path: Path, text: str, line: int) -> None:
+    """Scalars the YAML constructors choke on (ValueError) are ConfigErrors
+    with the line, not internal errors."""
+    path = tmp_path / "homeserver.yaml"
+    path.write_text(f"server_name: example.com\n{text}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"line {line}\b") as info:
+        load_config(path)
+    _bounded(info.value)
+
+
+@pytest.mark.parametrize("key", ["worker_replication_secret_path", "redis.password_path"])
+def test_fifo_as_secret_file_does_not_block(tmp_path: Path, key: str) -> None:
+    """Secret files get the same treatment as config files."""
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo)
+    data: dict[str, Any] = {**HS}
+    if key.startswith("redis."):
+        data["redis"] = {"enabled": True, "password_path": str(fifo)}
+    else:
+        data[key] = str(fifo)
+    path = write_yaml(tmp_path, "homeserver.yaml", data)
+    err = config_error_in_child(path)
+    assert err.path == tuple(key.split("."))
+    assert "not a regular file" in err.message
+    assert "FIFO" in err.message
+
+
+def test_device_as_secret_file_is_refused() -> None:
+    """/dev/zero as password_path is refused, not read for ever."""
+    verdict = _child(
+        "dict",
+        "data = {'server_name': 'hs', 'redis': {'enabled': True, 'password_path': '/dev/zero'}}",
+    )
+    assert verdict["raised"] == "ConfigError", verdict
+    assert verdict["path"] == ["redis", "password_path"]
+    assert "not a regular file" in verdict["message"]
+
+
+def test_secret_file_size_is_limited(tmp_path: Path) -> None:
+    """A secret is short; a big file named as one is a mistake."""
+    big = tmp_path / "secret"
+    big.write_bytes(b"s" * (MAX_SECRET_FILE_SIZE + 1))
+    err = error({"worker_replication_secret_path": str(big)})
+    assert err.path == ("worker_replication_secret_path",)
+    assert "larger than 64 KiB" in err.message
+    exact = tmp_path / "exact"
+    exact.write_bytes(b"s" * MAX_SECRET_FILE_SIZE)
+    secret = conf(worker_replication_secret_path=str(exact)).worker_replication_secret
+    assert secret is not None and len(secret.reveal()) == MAX_SECRET_FILE_SIZE
+
+
+def test_read_secret_file_is_public(tmp_path: Path) -> None:
+    """The CLI's --secret-file reads through the same checks."""
+    (tmp_path / "s").write_text(f"{SECRET}\n", encoding="utf-8")
+    assert read_secret_file(tmp_path / "s") == SECRET
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_secret_file(tmp_path)
+
+
+def test_read_config_files_merges_with_the_same_limits(tmp_path: Path) -> None:
+    """The raw merged YAML (for what SynapseConfig does not keep) is read
+    with the same checks as load_config."""
+    a = write_yaml(tmp_path, "a.yaml", {**HS, "listeners": [{"port": 1}]})
+    b = write_yaml(tmp_path, "b.yaml", {"worker_name": "w1"})
+    assert read_config_files(a, b) == {**HS, "listeners": [{"port": 1}], "worker_name": "w1"}
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BILLION_LAUGHS, encoding="utf-8")
+    with pytest.raises(ConfigError, match="alias"):
+        read_config_files(bomb)
+
+
+# --- the same inputs through the CLI: exit status 2, one line ----------------------
+
+
+def _cli_inputs(tmp_path: Path) -> dict[str, Path]:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BILLION_LAUGHS, encoding="utf-8")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("server_name: example.com\nx: " + "[" * 100_000 + "\n", encoding="utf-8")
+    return {"alias-bomb": bomb, "fifo": fifo, "deep": deep}
+
+
+@pytest.mark.parametrize("command", ["watch", "doctor"])
+@pytest.mark.parametrize("case", ["alias-bomb", "fifo", "deep"])
+def test_cli_reports_hostile_config_as_a_usage_error(
+    tmp_path: Path, command: str, case: str
+) -> None:
+    """`synrepl watch|doctor -c FILE` ends at once with status 2 and one
+    `synrepl: error: ...` line, never a hang or an 'internal error'."""
+    path = _cli_inputs(tmp_path)[case]
+    done = run_synrepl_blocking(command, "-c", str(path), timeout=20)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1, lines[:5]
+    assert lines[0].startswith("synrepl: error: ")
+    assert "internal error" not in lines[0]
+    assert str(path) in lines[0]
+    assert len(lines[0]) < 600
+
+
+@pytest.mark.parametrize("key", ["worker_replication_secret_path", "redis.password_path"])
+def test_cli_reports_a_fifo_secret_file_as_a_usage_error(tmp_path: Path, key: str) -> None:
+    """A secret file that is a FIFO ends `synrepl watch` at once, status 2."""
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo)
+    redis: dict[str, Any] = {"enabled": True, "host": "127.0.0.1", "port": 1}
+    data: dict[str, Any] = {**HS, "redis": redis}
+    if key.startswith("redis."):
+        redis["password_path"] = str(fifo)
+    else:
+        data[key] = str(fifo)
+    done = run_synrepl_blocking("watch", "-c", str(write_yaml(tmp_path, "hs.yaml", data)))
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"synrepl: error: bad config: {key}: cannot read the file '{fifo}'")
+    assert "FIFO" in line

@@ -20,6 +20,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from synrepl.cli._http import explain_http_failure
 from synrepl.config import SynapseConfig, config_from_dict
 from synrepl.errors import ConfigError
 from synrepl.http import (
@@ -33,6 +34,7 @@ from synrepl.http import (
     StreamUpdates,
     UnknownInstanceError,
 )
+from synrepl.http.errors import SYNAPSE_INTERNAL_ERROR
 from synrepl.twisted.http_client import ReplicationHttpClient
 
 SECRET = "Repl-S3cret-value"
@@ -253,6 +255,175 @@ async def test_server_error_without_json() -> None:
             await client.delete_all_pushers_for_user(user_id="@u:hs")
     assert (info.value.status, info.value.errcode) == (502, "M_UNKNOWN")
     assert len(server.requests) == 1
+
+
+# --- error answers as Synapse gives them -------------------------------------------
+#
+# Read in Synapse 1.163.2: a replication servlet checks the Authorization
+# header first (ReplicationEndpoint._check_auth in
+# synapse/replication/http/_base.py) and raises a plain RuntimeError when it
+# is missing, repeated or wrong; any exception that is not a SynapseError is
+# answered by return_json_error (synapse/http/server.py) as a 500 with the
+# body below, in canonical JSON. A SynapseError is answered with its own
+# status, errcode and text.
+
+SYNAPSE_INTERNAL_ERROR_BODY = b'{"errcode":"M_UNKNOWN","error":"Internal server error"}'
+
+
+@attrs.define
+class SynapseLike:
+    """A handler answering as a Synapse replication listener: its auth check
+    (the installed Synapse's own code) first, then ``failure`` or success."""
+
+    server_secret: str | None
+    failure: tuple[int, Any] | None = None
+    refusals: list[str] = attrs.Factory(list)
+    _check_auth: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        base = pytest.importorskip("synapse.replication.http._base")
+        self._check_auth = base.ReplicationEndpoint._check_auth
+
+    def __call__(self, recorded: Recorded, request: Request) -> Any:
+        if self.server_secret:
+            endpoint = type("Endpoint", (), {"_replication_secret": self.server_secret})()
+            try:
+                self._check_auth(endpoint, request)
+            except RuntimeError as e:
+                self.refusals.append(str(e))
+                return 500, SYNAPSE_INTERNAL_ERROR_BODY
+        return self.failure or (200, {"updates": [], "upto_token": 0, "limited": False})
+
+
+def test_synapse_internal_error_body_is_what_synapse_encodes() -> None:
+    """The body above is Synapse's error dict through Synapse's own encoder."""
+    canonicaljson = pytest.importorskip("canonicaljson")
+    codes = pytest.importorskip("synapse.api.errors").Codes
+    body = {"error": "Internal server error", "errcode": codes.UNKNOWN}
+    assert canonicaljson.encode_canonical_json(body) == SYNAPSE_INTERNAL_ERROR_BODY
+    assert SYNAPSE_INTERNAL_ERROR == (500, body["errcode"], body["error"])
+
+
+async def _fail_against(
+    handler: SynapseLike, *, client_secret: bool = True
+) -> tuple[HttpReplicationError, int]:
+    async with serving(handler) as (server, port):
+        config = make_config(port)
+        if not client_secret:
+            config = attrs.evolve(config, worker_replication_secret=None)
+        async with client_for(config) as client:
+            with pytest.raises(HttpReplicationError) as info:
+                await client.get_repl_stream_updates("master", "caches", 0, 0)
+    return info.value, len(server.requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_right_secret_passes_synapse_auth_check() -> None:
+    handler = SynapseLike(SECRET)
+    async with server_and_client(handler) as (_, client):
+        await client.get_repl_stream_updates("master", "caches", 0, 0)
+    assert handler.refusals == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_secret_is_explained_as_one_of_two_causes() -> None:
+    """Synapse's answer to a wrong secret is its answer to any internal
+    failure: the message quotes it and names both causes, not just one."""
+    handler = SynapseLike("the-secret-the-cluster-uses")
+    error, requests = await _fail_against(handler)
+    assert handler.refusals == ["Invalid Authorization header."]
+    assert (error.status, error.errcode, error.error) == SYNAPSE_INTERNAL_ERROR
+    assert error.may_be_secret_refusal
+    assert requests == 1
+    text = str(error)
+    assert "HTTP 500 M_UNKNOWN: Internal server error" in text
+    assert "worker_replication_secret" in text
+    assert "when the request fails inside it" in text
+    explained = explain_http_failure(error, "main", "http://h:1", has_secret=True)
+    assert "answered HTTP 500 M_UNKNOWN 'Internal server error'" in explained.problem
+    assert "either it refused the replication secret" in explained.problem
+    assert "or the request failed inside it" in explained.problem
+    assert "worker_replication_secret" in explained.fix
+    assert "Invalid Authorization header" in explained.fix
+    assert SECRET not in f"{text} {error!r} {explained}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_secret_is_explained_as_one_of_two_causes() -> None:
+    handler = SynapseLike("the-secret-the-cluster-uses")
+    error, _ = await _fail_against(handler, client_secret=False)
+    assert handler.refusals == ["Missing Authorization header."]
+    assert error.may_be_secret_refusal
+    explained = explain_http_failure(error, "main", "http://h:1", has_secret=False)
+    assert "answered HTTP 500 M_UNKNOWN 'Internal server error'" in explained.problem
+    assert "either it requires a replication secret and none was sent" in explained.problem
+    assert "or the request failed inside it" in explained.problem
+    assert "--secret-file" in explained.fix
+    assert "Missing Authorization header" in explained.fix
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "quoted"),
+    [
+        # synapse/replication/http/_base.py: a worker that cannot reach the
+        # instance it relays to answers with this SynapseError.
+        (
+            502,
+            {"errcode": "M_UNKNOWN", "error": "Failed to talk to persister1 process"},
+            "HTTP 502 M_UNKNOWN 'Failed to talk to persister1 process'",
+        ),
+        # A SynapseError(500, ...) raised by an endpoint keeps its own text.
+        (
+            500,
+            {"errcode": "M_UNKNOWN", "error": "Could not persist the event"},
+            "HTTP 500 M_UNKNOWN 'Could not persist the event'",
+        ),
+        (
+            500,
+            {"errcode": "M_LIMIT_EXCEEDED", "error": "Internal server error"},
+            "HTTP 500 M_LIMIT_EXCEEDED 'Internal server error'",
+        ),
+        # Not Synapse's answer at all (a proxy's page): the reason phrase.
+        (500, b"<html>Internal Server Error</html>", "HTTP 500 M_UNKNOWN 'Internal Server Error'"),
+        (
+            403,
+            {"errcode": "M_FORBIDDEN", "error": "User is not in the room"},
+            "HTTP 403 M_FORBIDDEN 'User is not in the room'",
+        ),
+    ],
+    ids=["relay-502", "endpoint-500", "other-errcode", "proxy-html", "forbidden"],
+)
+@pytest_twisted.ensureDeferred
+async def test_other_error_answers_are_not_blamed_on_the_secret(
+    status: int, body: Any, quoted: str
+) -> None:
+    """An answer Synapse does not give a refused secret is quoted as it came,
+    with no word about worker_replication_secret."""
+    handler = SynapseLike(SECRET, failure=(status, body))
+    error, _ = await _fail_against(handler)
+    assert handler.refusals == []
+    assert not error.may_be_secret_refusal
+    assert "worker_replication_secret" not in str(error)
+    for has_secret in (True, False):
+        explained = explain_http_failure(error, "main", "http://h:1", has_secret=has_secret)
+        assert f"main at http://h:1 answered {quoted}" in explained.problem
+        assert "either" not in explained.problem
+        assert "worker_replication_secret" not in f"{explained.problem} {explained.fix}"
+        assert "--secret-file" not in explained.fix
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_text_is_quoted_bounded_and_on_one_line() -> None:
+    """A peer's error text can be anything: messages keep an excerpt, on one line."""
+    text = "first line\nsecond line " + "x" * 100_000
+    handler = SynapseLike(SECRET, failure=(500, {"errcode": "E" * 10_000, "error": text}))
+    error, _ = await _fail_against(handler)
+    assert error.error == text  # the attribute keeps it whole
+    explained = explain_http_failure(error, "main", "http://h:1", has_secret=True)
+    for message in (str(error), explained.problem):
+        assert len(message) < 600, len(message)
+        assert "\n" not in message
+        assert "first line\\nsecond line" in message
 
 
 @pytest_twisted.ensureDeferred

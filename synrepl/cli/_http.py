@@ -1,5 +1,12 @@
 """HTTP replication for the CLI: a client that also records the ``Server``
-header (Synapse puts its version there), and failures explained with a fix."""
+header (Synapse puts its version there), and failures explained with a fix.
+
+An explanation quotes what the instance answered (status, errcode, error
+text, bounded) and blames the replication secret only for the answer that
+Synapse gives a refused secret, and then as one of two causes: Synapse
+answers ``500 M_UNKNOWN "Internal server error"`` to a missing or wrong
+secret and to any unexpected failure alike.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from synrepl.config import SynapseConfig
+from synrepl.errors import excerpt
 from synrepl.http import (
     HttpReplicationError,
     ReplicationRequestError,
@@ -27,6 +35,7 @@ from synrepl.http import (
     RetryPolicy,
     UnknownInstanceError,
 )
+from synrepl.http.errors import quoted_text
 from synrepl.sharding import InstanceLocation
 from synrepl.twisted.http_client import ReplicationHttpClient
 
@@ -34,6 +43,7 @@ __all__ = (
     "ProbeClient",
     "Explained",
     "explain_http_failure",
+    "describe_answer",
     "describe_location",
     "synapse_version",
 )
@@ -141,37 +151,10 @@ def explain_http_failure(
             f"or pass --instance {instance}=http://host:port",
         )
     if isinstance(error, HttpReplicationError):
-        if error.status == 500:
-            if has_secret:
-                return Explained(
-                    f"{instance} at {location} answered 500: the replication secret was refused "
-                    "(Synapse answers 500 for a wrong worker_replication_secret), or it failed",
-                    "give every process the same worker_replication_secret "
-                    "(or worker_replication_secret_path); else see that instance's log",
-                )
-            return Explained(
-                f"{instance} at {location} answered 500: it wants a replication secret, or failed",
-                "set worker_replication_secret as in the Synapse processes' config "
-                "(or pass --secret-file)",
-            )
-        if error.status == 404:
-            return Explained(
-                f"{instance} at {location} answered 404: not a replication listener",
-                "point instance_map at the listener that has the replication resource: "
-                "listeners: [{port: N, type: http, resources: [{names: [replication]}]}]",
-            )
-        if error.status in (401, 403):
-            return Explained(
-                f"{instance} at {location} refused the request ({error.status} {error.errcode})",
-                "check worker_replication_secret",
-            )
-        return Explained(
-            f"{instance} at {location} answered HTTP {error.status} {error.errcode}: {error.error}",
-            "see that instance's log",
-        )
+        return _explain_answer(error, instance, location, has_secret=has_secret)
     if isinstance(error, ReplicationUnreachableError):
         return Explained(
-            f"cannot connect to {instance} at {location}: {error.reason}",
+            f"cannot connect to {instance} at {location}: {quoted_text(error.reason)}",
             f"is {instance} running, with an HTTP listener that has the replication "
             "resource on that address? (check instance_map and its listeners)",
         )
@@ -182,11 +165,63 @@ def explain_http_failure(
         )
     if isinstance(error, ReplicationTransportError):
         return Explained(
-            f"request to {instance} at {location} failed: {error.reason}",
+            f"request to {instance} at {location} failed: {quoted_text(error.reason)}",
             "TLS settings? (instance_map.<name>.tls must match the listener's tls)",
         )
     if isinstance(error, ReplicationRequestError):
-        return Explained(f"{instance} at {location}: {error}", "see that instance's log")
+        return Explained(
+            f"{instance} at {location}: {quoted_text(str(error), 400)}", "see that instance's log"
+        )
     return Explained(
-        f"{instance} at {location}: {type(error).__name__}: {error}", "see that instance's log"
+        f"{instance} at {location}: {type(error).__name__}: {quoted_text(str(error))}",
+        "see that instance's log",
     )
+
+
+def describe_answer(error: HttpReplicationError) -> str:
+    """What the instance answered, quoted and bounded:
+    ``HTTP 500 M_UNKNOWN 'Internal server error'``."""
+    errcode = quoted_text(error.errcode, 60)
+    return f"HTTP {error.status} {errcode} {quoted_text(repr(excerpt(error.error)), 260)}"
+
+
+def _explain_answer(
+    error: HttpReplicationError, instance: str, location: str, *, has_secret: bool
+) -> Explained:
+    answered = f"{instance} at {location} answered {describe_answer(error)}"
+    same = "Synapse gives this same answer to both"
+    if error.may_be_secret_refusal and has_secret:
+        return Explained(
+            f"{answered}: either it refused the replication secret, "
+            f"or the request failed inside it ({same})",
+            "give every process the same worker_replication_secret "
+            "(or worker_replication_secret_path); if they match, that instance's log "
+            "shows the failure, and a refused secret logs 'Invalid Authorization header'",
+        )
+    if error.may_be_secret_refusal:
+        return Explained(
+            f"{answered}: either it requires a replication secret and none was sent, "
+            f"or the request failed inside it ({same})",
+            "set worker_replication_secret as the Synapse processes have it "
+            "(or pass --secret-file); if it has none, its log shows the failure, "
+            "and a missing secret logs 'Missing Authorization header'",
+        )
+    if error.status == 404 and error.errcode in ("M_UNRECOGNIZED", "M_UNKNOWN"):
+        return Explained(
+            f"{answered}: not a replication listener, or it does not serve that endpoint",
+            "point instance_map at the listener that has the replication resource: "
+            "listeners: [{port: N, type: http, resources: [{names: [replication]}]}]",
+        )
+    if error.status in (401, 403):
+        return Explained(
+            f"{answered}: the request was refused",
+            "Synapse answers a refused replication secret with a 500, not this: the "
+            "endpoint itself refused, or a proxy in front of it did; see their logs",
+        )
+    if error.status >= 500:
+        return Explained(
+            f"{answered}: the request failed there "
+            "(not the answer Synapse gives a refused replication secret)",
+            "see that instance's log",
+        )
+    return Explained(answered, "see that instance's log")

@@ -14,6 +14,7 @@ from synrepl import __version__
 from synrepl.cli import catchup, demo, doctor, positions, top, watch
 from synrepl.cli._errors import EXIT_FAILURE, EXIT_USAGE, CliError
 from synrepl.cli._runtime import setup_logging
+from synrepl.errors import ConfigError, excerpt
 
 __all__ = ("main", "build_parser")
 
@@ -83,10 +84,15 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
     except CliError as e:
         _error_line(e.message)
         code = e.code
+    except ConfigError as e:  # one a subcommand did not wrap: still the user's config
+        _error_line(f"bad config: {e}")
+        code = EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - one line, never a traceback by default
         if args.debug:
             traceback.print_exc()
-        _error_line(f"internal error: {type(e).__name__}: {e} (--debug shows the traceback)")
+        _error_line(
+            f"internal error: {type(e).__name__}: {excerpt(str(e))} (--debug shows the traceback)"
+        )
         code = EXIT_FAILURE
     try:
         sys.stdout.flush()
@@ -96,5 +102,8 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
 
 
 def _error_line(message: str) -> None:
+    """One line, whatever the message holds (a file name, a peer's error text)."""
+    if not message.isprintable():
+        message = repr(message)[1:-1]
     sys.stderr.write(f"synrepl: error: {message}\n")
     sys.stderr.flush()

@@ -27,7 +27,25 @@ __all__ = (
     "ReplicationTransportError",
     "MalformedResponseError",
     "PositionWaitTimeoutError",
+    "SYNAPSE_INTERNAL_ERROR",
 )
+
+#: Synapse's answer to any exception that is not a deliberate Matrix error
+#: (``return_json_error`` in synapse/http/server.py): status, errcode and
+#: error text. Its replication listener gives exactly this answer when it
+#: refuses the replication secret too (the ``Authorization`` check raises a
+#: plain RuntimeError, in synapse/replication/http/_base.py), so on the wire
+#: a refused secret and an internal failure look the same.
+SYNAPSE_INTERNAL_ERROR = (500, "M_UNKNOWN", "Internal server error")
+
+#: Longest errcode quoted in a message (a real one is a few words).
+_ERRCODE_LIMIT = 60
+
+
+def quoted_text(text: str, limit: int = 200) -> str:
+    """A peer's text for a one-line message: bounded, control characters escaped."""
+    short = excerpt(text, limit)
+    return short if short.isprintable() else repr(short)[1:-1]
 
 
 class RequestArgumentError(SynreplError, TypeError):
@@ -80,8 +98,13 @@ class ReplicationRequestError(SynreplError):
 _HINTS = {
     (404, "M_UNRECOGNIZED"): "is this endpoint served by that instance? some are registered "
     "only on the main process, on event persisters, or behind an experimental option",
-    (500, "M_UNKNOWN"): "a missing or wrong worker_replication_secret also shows as this error",
 }
+
+_SECRET_OR_FAILURE = (
+    "Synapse gives this same answer when it refuses the replication secret (a missing or "
+    "different worker_replication_secret) and when the request fails inside it; "
+    "that instance's log says which"
+)
 
 
 class HttpReplicationError(ReplicationRequestError):
@@ -113,11 +136,18 @@ class HttpReplicationError(ReplicationRequestError):
         self.errcode = errcode
         self.error = error
         self.details: Mapping[str, Any] = dict(details or {})
-        message = f"HTTP {status} {errcode}: {excerpt(error)}"
-        hint = _HINTS.get((status, errcode))
+        message = f"HTTP {status} {quoted_text(errcode, _ERRCODE_LIMIT)}: {quoted_text(error)}"
+        hint = _SECRET_OR_FAILURE if self.may_be_secret_refusal else _HINTS.get((status, errcode))
         if hint:
             message += f" ({hint})"
         super().__init__(message, endpoint=endpoint, instance=instance)
+
+    @property
+    def may_be_secret_refusal(self) -> bool:
+        """True for the one answer Synapse gives to a refused replication
+        secret, :data:`SYNAPSE_INTERNAL_ERROR`, which is also its answer to
+        any unexpected failure. Any other answer is not about the secret."""
+        return (self.status, self.errcode, self.error) == SYNAPSE_INTERNAL_ERROR
 
 
 class ReplicationUnreachableError(ReplicationRequestError):
