@@ -25,11 +25,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis_server import RedisServer, TlsFiles, redis_server_available
+from redis_server import RedisServer, TlsFiles, free_port, redis_server_available
 from twisted.internet import reactor as _reactor
 from twisted.internet.task import deferLater
 
 from synrepl.config import RedisConfig
+from synrepl.connection import AttemptFailure, TransportOptions
 from synrepl.errors import ConfigError, EncodeError
 from synrepl.twisted.redis_transport import (
     HIREDIS,
@@ -107,11 +108,17 @@ async def make_transport() -> AsyncIterator[MakeTransport]:
     made: list[RedisTransport] = []
 
     def make(
-        config: RedisConfig, channels: list[str], **kwargs: Any
+        config: RedisConfig,
+        channels: list[str],
+        *,
+        publish_enabled: bool = True,
+        on_attempt_failed: Callable[[AttemptFailure], None] | None = None,
+        **options: Any,
     ) -> tuple[RedisTransport, Recorder]:
+        """``options`` are TransportOptions fields."""
         recorder = Recorder()
-        kwargs.setdefault("min_backoff", 0.05)
-        kwargs.setdefault("max_backoff", 0.2)
+        options.setdefault("min_backoff", 0.05)
+        options.setdefault("max_backoff", 0.2)
         transport = RedisTransport(
             reactor,
             config,
@@ -119,7 +126,9 @@ async def make_transport() -> AsyncIterator[MakeTransport]:
             on_line=recorder.on_line,
             on_subscribed=recorder.on_subscribed,
             on_connection_lost=recorder.on_connection_lost,
-            **kwargs,
+            on_attempt_failed=on_attempt_failed,
+            publish_enabled=publish_enabled,
+            options=TransportOptions(**options),
         )
         made.append(transport)
         return transport, recorder
@@ -537,6 +546,74 @@ async def test_stop_closes_both_and_stops_reconnecting(
     assert down.stats.failed_attempts == attempts
 
 
+@pytest_twisted.ensureDeferred
+async def test_failed_attempts_are_reported_with_their_reason(
+    make_transport: MakeTransport,
+) -> None:
+    """Nothing listens: each failed attempt of either link reaches
+    on_attempt_failed with its role, a reason and a running count, and
+    last_failure keeps the latest; an exception from the callback is counted
+    and does not stop the retries."""
+    failures: list[AttemptFailure] = []
+
+    def record(failure: AttemptFailure) -> None:
+        failures.append(failure)
+        raise RuntimeError("callback bug")
+
+    config = RedisConfig(enabled=True, host="127.0.0.1", port=free_port())
+    transport, rec = make_transport(config, ["hs"], on_attempt_failed=record)
+    assert transport.last_failure is None
+    transport.start()
+    await wait_for(lambda: len(failures) >= 6, "several failed attempts")
+    assert {f.role for f in failures} == {"subscriber", "publisher"}
+    assert all("refused" in f.reason.lower() for f in failures)
+    subscriber = [f.failures for f in failures if f.role == "subscriber"]
+    assert subscriber == list(range(1, len(subscriber) + 1))
+    assert transport.last_failure == failures[-1]
+    assert transport.stats.handler_errors == len(failures)
+    assert transport.stats.failed_attempts == len(failures)
+    assert rec.events == []
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_a_refused_auth_is_reported_without_the_password(
+    tmp_path: Path, make_transport: MakeTransport
+) -> None:
+    """The reason given to on_attempt_failed names the refused AUTH, never
+    the password."""
+    failures: list[AttemptFailure] = []
+    with RedisServer(tmp_path, password="right-horse-battery") as server:
+        config = server.redis_config(password="wrong-horse-battery")
+        transport, _ = make_transport(config, ["hs"], on_attempt_failed=failures.append)
+        transport.start()
+        await wait_for(lambda: len(failures) >= 2, "refusals")
+    assert all(f.reason.startswith("AUTH failed") for f in failures)
+    assert not [f for f in failures if "horse-battery" in repr(f)]
+
+
+@needs_redis_server
+@pytest_twisted.ensureDeferred
+async def test_client_setname_refused_is_only_a_warning(
+    server: RedisServer, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL that forbids CLIENT SETNAME earns one warning; both connections
+    are set up anyway."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    control = server.client()
+    control.execute_command(
+        "ACL", "SETUSER", "noname", "on", ">pw", "~*", "&*", "+@all", "-client|setname"
+    )
+    config = server.redis_config(username="noname", password="pw")
+    transport, _ = make_transport(config, ["hs"], client_name="synrepl-test")
+    await started(transport)
+    assert await transport.publish("hs", "PING 1") == 1
+    assert {c["name"] for c in other_clients(control)} == {""}
+    refused = [r for r in caplog.records if "refused CLIENT SETNAME" in r.getMessage()]
+    assert len(refused) == 1
+    assert transport.stats.failed_attempts == 0
+
+
 # --- TLS ---------------------------------------------------------------------------
 
 
@@ -787,7 +864,9 @@ def test_python_reader_matches_hiredis(values: list[Any], data: st.DataObject) -
 # --- arguments -------------------------------------------------------------------
 
 
-def _transport(config: RedisConfig = SHARED, channels: Any = ("x",), **kw: Any) -> RedisTransport:
+def _transport(
+    config: RedisConfig = SHARED, channels: Any = ("x",), **options: Any
+) -> RedisTransport:
     return RedisTransport(
         reactor,
         config,
@@ -795,7 +874,7 @@ def _transport(config: RedisConfig = SHARED, channels: Any = ("x",), **kw: Any) 
         on_line=lambda c, m: None,
         on_subscribed=lambda: None,
         on_connection_lost=lambda: None,
-        **kw,
+        options=TransportOptions(**options),
     )
 
 

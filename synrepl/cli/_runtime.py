@@ -3,11 +3,12 @@
 - :class:`Session` is how a long-running command ends: Ctrl-C (SIGINT),
   SIGTERM, ``--duration`` or the command itself; a second Ctrl-C exits at once.
 - :func:`setup_logging` sends synrepl's log records to stderr as one line
-  each, and keeps the Redis transport's "cannot connect" retries quiet until
-  the first connection, remembering the last reason instead, so that an
-  unreachable Redis is reported once, by :func:`connect_redis`, with a hint.
+  each, and keeps the Redis transport's connection warnings quiet until the
+  first connection, so that an unreachable Redis is reported once, by
+  :func:`connect_redis`, with a hint.
 - :func:`connect_redis` opens a :class:`RedisTransport` and waits, at most
-  ``--connect-timeout`` seconds, for its subscription.
+  ``--connect-timeout`` seconds, for its subscription; it learns why an
+  attempt failed from the transport (``on_attempt_failed``), not the log.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from twisted.logger import ILogObserver, formatEventAsClassicLogText, globalLogB
 
 from synrepl.cli._errors import RuntimeFailure
 from synrepl.config import SynapseConfig
+from synrepl.connection import AttemptFailure, TransportOptions
 from synrepl.twisted.redis_transport import RedisTransport
 
 __all__ = (
@@ -33,6 +35,8 @@ __all__ = (
     "connect_redis",
     "redis_hint",
     "redis_failure",
+    "transport_failure",
+    "cli_transport_options",
     "RedisUnreachable",
     "sleep",
 )
@@ -105,7 +109,7 @@ class _LineFormatter(logging.Formatter):
 
 
 class LogSetup(logging.Filter):
-    """Filters and remembers what the Redis transport says while connecting."""
+    """Holds back what the Redis transport says while the CLI is connecting."""
 
     debug = False
 
@@ -113,22 +117,11 @@ class LogSetup(logging.Filter):
         super().__init__()
         #: Hold back Redis connection warnings (until the first connection).
         self.quiet_redis = True
-        #: The last reason a Redis connection attempt failed.
-        self.last_redis_failure: str | None = None
-        #: Called with each such reason, while set.
-        self.on_redis_failure: Callable[[str], None] | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "synrepl.redis":
-            message = str(record.msg)
-            if ("cannot connect" in message or "failed:" in message) and record.args:
-                args = record.args if isinstance(record.args, tuple) else (record.args,)
-                self.last_redis_failure = str(args[-1])
-                if self.on_redis_failure is not None:
-                    self.on_redis_failure(self.last_redis_failure)
-            if self.quiet_redis and record.levelno < logging.ERROR:
-                return False
-        return True
+        return not (
+            self.quiet_redis and record.name == "synrepl.redis" and record.levelno < logging.ERROR
+        )
 
 
 _setup: LogSetup | None = None
@@ -151,7 +144,7 @@ def setup_logging(verbosity: int, *, debug: bool = False) -> LogSetup:
     logger = logging.getLogger("synrepl")
     logger.handlers[:] = [handler]
     logger.propagate = False
-    logger.setLevel(logging.DEBUG)  # the filter sees retries; the handler's level decides
+    logger.setLevel(level)
     # Twisted's log: "Unhandled error in Deferred" and the like.
     observer = _twisted_observer if debug else _ignore
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, observer)], redirectStandardIO=False)
@@ -193,6 +186,9 @@ def redis_failure(address: str, reason: str | None, timeout: float) -> RedisUnre
     return RedisUnreachable(address, reason, redis_hint(reason))
 
 
+_NO_ANSWER = "no answer: a firewall, the wrong port, or TLS on one side only (redis.use_tls)?"
+
+
 def redis_hint(reason: str) -> str:
     """What to do about a Redis connection failure, from its reason."""
     text = reason.lower()
@@ -202,6 +198,8 @@ def redis_hint(reason: str) -> str:
         return "this Redis wants a password: set redis.password (or password_path)"
     if "auth failed" in text:
         return "Redis refused AUTH: check redis.password / redis.username"
+    if text.startswith("no answer"):  # a set-up timeout names AUTH/SELECT: no refusal
+        return _NO_ANSWER
     if "select" in text:
         return "Redis refused SELECT: check redis.dbid"
     if "refused" in text:
@@ -213,7 +211,7 @@ def redis_hint(reason: str) -> str:
     if "ssl" in text or "tls" in text or "certificate" in text:
         return "TLS failed: check redis.use_tls and the certificate options"
     if "within" in text or "timeout" in text or "timed out" in text:
-        return "no answer: a firewall, the wrong port, or TLS on one side only (redis.use_tls)?"
+        return _NO_ANSWER
     return "check the redis section of the config (or --redis-url)"
 
 
@@ -250,6 +248,10 @@ async def connect_redis(
         if not first.called:
             first.callback(None)  # resumes the caller at once
 
+    def attempt_failed(failure: AttemptFailure) -> None:
+        if fail_fast and not first.called:
+            reactor.callLater(0, first.cancel)
+
     transport = RedisTransport(
         reactor,
         config.redis,
@@ -257,28 +259,40 @@ async def connect_redis(
         on_line=on_line,
         on_subscribed=subscribed,
         on_connection_lost=lambda: None,
+        on_attempt_failed=attempt_failed,
         publish_enabled=publish,
-        connect_timeout=min(timeout, 10.0),
-        max_backoff=min(2.0, timeout),
-        client_name=client_name,
+        options=cli_transport_options(timeout, client_name),
     )
     setup.quiet_redis = True
-    setup.last_redis_failure = None
-    if fail_fast:
-        setup.on_redis_failure = lambda reason: reactor.callLater(0, first.cancel)
     timer = reactor.callLater(timeout, first.cancel)
     transport.start()
     try:
         await first
     except defer.CancelledError:
         await transport.stop()
-        raise redis_failure(transport.address, setup.last_redis_failure, timeout) from None
+        raise transport_failure(transport, timeout) from None
     finally:
-        setup.on_redis_failure = None
         if timer.active():
             timer.cancel()
     setup.quiet_redis = False
     return transport
+
+
+def cli_transport_options(timeout: float, client_name: str | None) -> TransportOptions:
+    """Transport options for a command that gives up after ``timeout`` seconds:
+    attempts and waits short enough to try several times within it."""
+    backoff = TransportOptions().min_backoff
+    return TransportOptions(
+        connect_timeout=min(timeout, 10.0),
+        max_backoff=max(backoff, min(2.0, timeout)),  # a tiny timeout must not refuse it
+        client_name=client_name,
+    )
+
+
+def transport_failure(transport: RedisTransport, timeout: float) -> RedisUnreachable:
+    """The one-line error for a transport that did not subscribe in time."""
+    failure = transport.last_failure
+    return redis_failure(transport.address, failure.reason if failure else None, timeout)
 
 
 async def sleep(reactor: Any, seconds: float) -> None:

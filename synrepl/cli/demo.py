@@ -29,6 +29,7 @@ from synrepl.cli._watcher import LineWatcher
 from synrepl.cli.watch import filters_from, redis_address, watch_channel
 from synrepl.commands import Command, encode
 from synrepl.config import RedisConfig, SynapseConfig
+from synrepl.connection import TransportOptions
 from synrepl.testing.homeserver import FakeHomeserver
 from synrepl.twisted.redis_transport import RedisTransport
 
@@ -272,7 +273,7 @@ class _WorkerPublisher:
             on_line=lambda channel, line: None,
             on_subscribed=self._subscribed,
             on_connection_lost=lambda: None,
-            client_name="synrepl-demo-worker",
+            options=TransportOptions(client_name="synrepl-demo-worker"),
         )
 
     def _subscribed(self) -> None:

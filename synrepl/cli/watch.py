@@ -24,10 +24,17 @@ from synrepl.cli._options import (
 )
 from synrepl.cli._render import Filters, Output, Stats, command_record, make_console, print_summary
 from synrepl.cli._render import row_record as _row_record
-from synrepl.cli._runtime import Session, connect_redis, current_log_setup, redis_failure
+from synrepl.cli._runtime import (
+    Session,
+    cli_transport_options,
+    connect_redis,
+    current_log_setup,
+    transport_failure,
+)
 from synrepl.cli._watcher import LineWatcher, PositionFile
 from synrepl.commands import COMMAND_TYPES, PositionCommand, RdataCommand, ReplicateCommand, encode
 from synrepl.config import RedisConfig, SynapseConfig
+from synrepl.connection import AttemptFailure
 from synrepl.positions import GapUnfillable, RowsReceived
 from synrepl.twisted.client import ReplicationClient
 from synrepl.twisted.redis_transport import RedisTransport
@@ -219,6 +226,13 @@ async def _run_resumable(
             f"cannot write the position file '{args.resume}': {e.strerror or e}"
         ) from None
     session, stats, output, watcher = _printing_session(reactor, args, filters)
+    started: defer.Deferred[None] | None = None
+
+    def give_up(failure: AttemptFailure) -> None:
+        # The first failed attempt is final, as in connect_redis.
+        if started is not None and not started.called:
+            reactor.callLater(0, started.cancel)
+
     client = ReplicationClient(
         reactor,
         config,
@@ -226,11 +240,8 @@ async def _run_resumable(
         streams=filters.streams,
         start=start,
         read_only=not args.replicate,
-        transport_options={
-            "connect_timeout": min(args.connect_timeout, 10.0),
-            "max_backoff": min(2.0, args.connect_timeout),
-            "client_name": "synrepl-watch",
-        },
+        transport_options=cli_transport_options(args.connect_timeout, "synrepl-watch"),
+        on_connection_failure=give_up,
     )
 
     def on_rows(batch: RowsReceived) -> defer.Deferred[None] | None:
@@ -264,19 +275,15 @@ async def _run_resumable(
             client.on_command(cls, on_command)
 
     setup = current_log_setup()
-    setup.quiet_redis, setup.last_redis_failure = True, None
+    setup.quiet_redis = True
     started = client.start()
-    setup.on_redis_failure = lambda reason: reactor.callLater(0, started.cancel)
     timer = reactor.callLater(args.connect_timeout, started.cancel)
     try:
         await started
     except defer.CancelledError:
         await client.stop()
-        raise redis_failure(
-            redis_address(config.redis), setup.last_redis_failure, args.connect_timeout
-        ) from None
+        raise transport_failure(client.transport, args.connect_timeout) from None
     finally:
-        setup.on_redis_failure = None
         if timer.active():
             timer.cancel()
     setup.quiet_redis = False
@@ -309,9 +316,9 @@ async def _run_resumable(
     saver.stop()
     await client.stop()
     save()
-    stats.lines = client.counters["lines"]
-    stats.bad_lines = client.counters["bad_lines"]
-    stats.unknown_commands = client.counters["unknown_commands"]
-    stats.reconnects = client.counters["reconnects"]
+    stats.lines = client.counters.lines
+    stats.bad_lines = client.counters.bad_lines
+    stats.unknown_commands = client.counters.unknown_commands
+    stats.reconnects = client.counters.reconnects
     print_summary(err, "synrepl watch", stats, [f"positions saved to {args.resume}"])
     return EXIT_OK

@@ -3,27 +3,21 @@
 A Synapse process talks to its cluster through one Redis over two
 connections: one SUBSCRIBEs to the replication channels (a subscribed
 connection cannot publish), the other PUBLISHes.  :class:`RedisTransport`
-keeps such a pair alive with txredisapi's protocol (and hiredis's reply
-parser where it is installed) and hands every received message up as text.
-It knows nothing about commands: the caller parses the lines.
+keeps such a pair alive on a Twisted reactor with txredisapi's protocol (and
+hiredis's reply parser where it is installed) and hands every received
+message up as text.  It knows nothing about commands: the caller parses the
+lines.
 
-Theory of operation
--------------------
-Each connection is a *link* running one loop until :meth:`RedisTransport.stop`:
+Every rule it follows (options, set-up sequence, backoff, counters, what is
+logged when, what a message becomes) is in :mod:`synrepl.connection`; the
+modules here only carry them out:
 
-    connect (TCP, TLS or unix socket)
-      -> set up: AUTH, SELECT, CLIENT SETNAME, and SUBSCRIBE on the
-         subscriber, all answered within ``connect_timeout``
-      -> ready: a PING every ``keepalive_interval``; no answer within
-         ``keepalive_timeout`` aborts the connection (this is what notices a
-         Redis that hangs or a network that drops packets silently)
-      -> lost -> wait (exponential backoff from ``min_backoff`` up to
-         ``max_backoff``, each wait randomly shortened by up to half) -> connect
-
-Any failure (refused, TLS, AUTH, SELECT, a timeout) ends only the attempt,
-never the loop.  AUTH and SELECT are sent here rather than handed to
-txredisapi, because txredisapi stops reconnecting for good when either
-fails (Synapse issue #9351).
+- ``_resp``: the pure-Python reply reader used without hiredis;
+- ``_redis_protocol``: one connection (txredisapi's protocol, pub/sub pushes
+  taken out, a read loop that can pause between two replies);
+- ``_redis_link``: one link's reconnect loop, set-up and keepalive timers;
+- ``_redis_endpoint``: TCP, TLS or unix socket endpoints;
+- this module: the pair, its callbacks and ``publish()``.
 
 Callbacks
 ---------
@@ -32,9 +26,11 @@ the publisher (unless ``publish_enabled=False``) is ready, so the caller can
 publish REPLICATE from inside it.  ``on_connection_lost`` runs once when that
 subscriber connection ends, including the close made by ``stop()``.  The two
 strictly alternate, starting with ``on_subscribed``; failed attempts in
-between call neither.  A message that arrives after the subscription is
-confirmed but before ``on_subscribed`` (the publisher still connecting) is
-delivered, not held back.
+between call neither, but each calls ``on_attempt_failed`` (if given) with
+an :class:`~synrepl.connection.AttemptFailure` saying which link and why.
+A message that arrives after the subscription is confirmed but before
+``on_subscribed`` (the publisher still connecting) is delivered, not held
+back.
 
 Bad input and errors
 --------------------
@@ -43,10 +39,6 @@ and ignored; an exception from a callback is logged and counted.  None of
 these affects the connection.  Such warnings are rate-limited, and message
 contents are never logged (a ``USER_IP`` line carries an access token);
 neither is the Redis password.
-
-Connection trouble is logged once per change of state: "lost" or "cannot
-connect" once, "still cannot connect" at most every ``down_log_interval``
-seconds, "reconnected" once; each attempt in between only at DEBUG level.
 
 Backpressure
 ------------
@@ -62,25 +54,42 @@ the messages in between are lost, as on any reconnect.
 from __future__ import annotations
 
 import logging
-import random
-import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, Final, Protocol, cast
+from typing import Any, cast
 
-import attrs
 import txredisapi  # type: ignore[import-untyped]
-from twisted.internet import defer, ssl
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import ClientFactory
-from twisted.internet.protocol import Protocol as TwistedProtocol
-from twisted.internet.task import LoopingCall
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from synrepl._ratelimit import RateLimitedWarning
 from synrepl.config import RedisConfig
-from synrepl.errors import ConfigError, EncodeError, SynreplError
-from synrepl.twisted._ratelimit import RateLimitedWarning
+from synrepl.connection import (
+    PUBLISHER,
+    SUBSCRIBER,
+    AttemptFailure,
+    BlankMessage,
+    LinkState,
+    NotConnectedError,
+    PublishDisabledError,
+    RedisTransportError,
+    RedisTransportStats,
+    Role,
+    SetUp,
+    TransportOptions,
+    channel_name,
+    describe_failure,
+    message_line,
+    redis_address,
+    setup_sequence,
+    subscription_channels,
+)
+from synrepl.errors import EncodeError
+from synrepl.twisted._redis_endpoint import make_endpoint
+from synrepl.twisted._redis_link import Link
+from synrepl.twisted._redis_protocol import HIREDIS, Clock
+
+# The reader's tests compare it with hiredis through this module.
+from synrepl.twisted._resp import PythonReader as _PythonReader  # noqa: F401
 
 __all__ = (
     "RedisTransport",
@@ -93,565 +102,8 @@ __all__ = (
 
 logger = logging.getLogger("synrepl.redis")
 
-#: True when txredisapi parses replies with hiredis (the C parser).
-HIREDIS: Final[bool] = txredisapi.hiredis is not None and issubclass(
-    txredisapi.RedisProtocol, txredisapi.HiredisProtocol
-)
-
 #: Rate-limited warnings (bad messages, callback errors): at most one per period.
 _RATE_LIMIT_PERIOD = 10.0
-#: Longest failure description put in a log line.
-_REASON_LIMIT = 300
-
-SUBSCRIBER: Final = "subscriber"
-PUBLISHER: Final = "publisher"
-
-
-class _DelayedCall(Protocol):
-    def active(self) -> bool: ...
-    def cancel(self) -> None: ...
-
-
-class _Clock(Protocol):
-    """The part of _Clock used here (zope interfaces do not type-check)."""
-
-    def seconds(self) -> float: ...
-    def callLater(
-        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
-    ) -> _DelayedCall: ...
-
-
-class RedisTransportError(SynreplError):
-    """Base of the errors :class:`RedisTransport` raises."""
-
-
-class NotConnectedError(RedisTransportError, ConnectionError):
-    """The publishing connection is not ready (connecting, reconnecting or stopped),
-    or it was lost before Redis answered."""
-
-
-class PublishDisabledError(RedisTransportError, RuntimeError):
-    """:meth:`RedisTransport.publish` was called on a transport built with
-    ``publish_enabled=False``."""
-
-
-@attrs.define
-class RedisTransportStats:
-    """Counters of one :class:`RedisTransport`; they only ever grow."""
-
-    #: Subscriber connections fully set up (subscribed), the first one included.
-    connects: int = 0
-    #: Of those, the ones that followed a lost connection.
-    reconnects: int = 0
-    #: Subscriber connections lost after they were set up (stop() excluded).
-    connection_losses: int = 0
-    #: Publisher connections set up / lost after set-up (stop() excluded).
-    publisher_connects: int = 0
-    publisher_losses: int = 0
-    #: Connection attempts of either link that failed before they were set up.
-    failed_attempts: int = 0
-    #: Connections aborted because a PING went unanswered.
-    keepalive_timeouts: int = 0
-    #: Every message received from Redis, good or bad.
-    messages_received: int = 0
-    #: Messages handed to ``on_line``.
-    lines_delivered: int = 0
-    #: Blank or whitespace-only messages, ignored.
-    blank_messages: int = 0
-    #: Messages that are not UTF-8, skipped.
-    undecodable_messages: int = 0
-    #: Exceptions raised by ``on_line``, ``on_subscribed`` or ``on_connection_lost``.
-    handler_errors: int = 0
-    #: PUBLISH commands answered by Redis / failed (not connected, refused, lost).
-    published: int = 0
-    publish_failures: int = 0
-
-
-class _Incomplete(Exception):
-    """The buffer ends inside a reply."""
-
-
-class _PythonReader:
-    """RESP2 with ``hiredis.Reader``'s ``feed()``/``gets()`` interface.
-
-    Used when hiredis is missing, instead of txredisapi's own line parser,
-    which pauses and resumes the transport by itself and so cannot honour
-    :meth:`RedisTransport.pause_reading`.  Like hiredis without an encoding,
-    it returns bytes for strings, int, None, lists, and a
-    ``txredisapi.ResponseError`` for an error reply.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._pos = 0
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    def gets(self) -> object:
-        """The next complete reply, or False if there is none yet."""
-        try:
-            reply, self._pos = self._parse(self._pos)
-        except _Incomplete:
-            return False
-        if self._pos == len(self._buffer) or self._pos > 65536:
-            del self._buffer[: self._pos]
-            self._pos = 0
-        return reply
-
-    def _parse(self, pos: int) -> tuple[object, int]:
-        buffer = self._buffer
-        end = buffer.find(b"\r\n", pos)
-        if end < 0:
-            raise _Incomplete
-        kind, line, pos = buffer[pos], bytes(buffer[pos + 1 : end]), end + 2
-        if kind == 0x2B:  # +
-            return line, pos
-        if kind == 0x2D:  # -
-            return txredisapi.ResponseError(line.decode("utf-8", "replace")), pos
-        try:
-            number = int(line)
-        except ValueError:
-            raise txredisapi.InvalidData(f"bad length or integer {line[:40]!r}") from None
-        if kind == 0x3A:  # :
-            return number, pos
-        if kind == 0x24:  # $
-            if number < 0:
-                return None, pos
-            if len(buffer) < pos + number + 2:
-                raise _Incomplete
-            return bytes(buffer[pos : pos + number]), pos + number + 2
-        if kind == 0x2A:  # *
-            if number < 0:
-                return None, pos
-            items = []
-            for _ in range(number):
-                item, pos = self._parse(pos)
-                items.append(item)
-            return items, pos
-        raise txredisapi.InvalidData(f"unknown reply type {chr(kind)!r}")
-
-
-class _RedisConnection(txredisapi.RedisProtocol):  # type: ignore[misc]
-    """One Redis connection of a link.
-
-    Replies to our own commands go to txredisapi's reply queue as usual;
-    pub/sub pushes (``message``, ``subscribe``) are taken out before that.
-    Values stay bytes (no charset, no number conversion), so the transport
-    decides how to decode a message.  Parsing is hiredis's reader where
-    installed, else :class:`_PythonReader`; either way this class runs the
-    read loop, so that pausing stops delivery between two replies.
-    """
-
-    def __init__(self, link: _Link) -> None:
-        super().__init__(
-            charset=None, replyTimeout=None, password=None, dbid=None, convertNumbers=False
-        )
-        # txredisapi's pure-Python parser schedules through a class attribute
-        # bound to the global reactor; use ours.
-        self.callLater = link.clock.callLater
-        if not HIREDIS:
-            self._reader = _PythonReader()
-        self._link = link
-        #: Why we closed this connection ourselves (setup error, timeout, stop).
-        self.close_reason: str | None = None
-        self.lost_reason: Failure | None = None
-        self._draining = False
-        self._unconfirmed: set[bytes] = set()
-        self._subscribing: defer.Deferred[None] | None = None
-
-    # --- commands ------------------------------------------------------------
-
-    def command(self, *args: str | bytes | int) -> defer.Deferred[object]:
-        """Send one command; the Deferred fires with its reply or fails."""
-        return cast(
-            "defer.Deferred[object]",
-            defer.maybeDeferred(self.execute_command, *args, apply_timeout=False),
-        )
-
-    def subscribe(self, channels: Sequence[str]) -> defer.Deferred[None]:
-        """SUBSCRIBE; fires once Redis has confirmed every channel."""
-        self._unconfirmed = {c.encode("utf-8") for c in channels}
-        d: defer.Deferred[None] = defer.Deferred()
-        self._subscribing = d
-        # The confirmations are pushes, not one reply: they bypass the queue.
-        self.transport.write(self._build_command("SUBSCRIBE", *channels))
-        return d
-
-    def close(self, reason: str, *, abort: bool = False) -> None:
-        """Close on purpose, remembering why; nothing more is handed up."""
-        if self.close_reason is None:
-            self.close_reason = reason
-        if self.transport is None or self.lost_reason is not None:
-            return
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
-
-    def abort(self) -> None:
-        if self.transport is not None and self.lost_reason is None:
-            self.transport.abortConnection()
-
-    # --- incoming --------------------------------------------------------------
-
-    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
-        if data:
-            self._reader.feed(data)
-        if self._draining:  # re-entered from resumeProducing inside a callback
-            return
-        self._draining = True
-        try:
-            while not self.paused and self.close_reason is None:
-                try:
-                    reply = self._reader.gets()
-                except Exception as e:  # noqa: BLE001 - any parser error ends the stream
-                    self.close(f"Redis sent an unreadable reply: {e}", abort=True)
-                    return
-                if reply is False:
-                    return
-                self.replyReceived(reply)
-        finally:
-            self._draining = False
-
-    def replyReceived(self, reply: object) -> None:
-        if isinstance(reply, list) and len(reply) == 3:
-            kind = reply[0]
-            if kind in (b"message", "message"):
-                if self.close_reason is None:
-                    self._link.transport._deliver(reply[1], reply[2])
-                return
-            if kind in (b"subscribe", "subscribe"):
-                self._confirmed(reply[1])
-                return
-        self.replyQueue.put(reply)
-
-    def _confirmed(self, channel: object) -> None:
-        if isinstance(channel, str):
-            channel = channel.encode("utf-8")
-        self._unconfirmed.discard(cast(bytes, channel))
-        if not self._unconfirmed and self._subscribing is not None:
-            d, self._subscribing = self._subscribing, None
-            d.callback(None)
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.transport.resumeProducing()
-        self.dataReceived(b"")
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.lost_reason = reason
-        pending, self._subscribing = self._subscribing, None
-        super().connectionLost(reason)
-        if pending is not None:
-            pending.errback(txredisapi.ConnectionError("Lost connection"))
-        self._link.connection_lost(self, reason)
-
-
-class _OneShotFactory(ClientFactory):
-    """Hands an endpoint the protocol instance already made for this attempt."""
-
-    def __init__(self, protocol: _RedisConnection) -> None:
-        self._protocol: _RedisConnection | None = protocol
-
-    def buildProtocol(self, addr: object) -> TwistedProtocol | None:
-        # Once only: a second connection (a racing address) is refused.
-        protocol, self._protocol = self._protocol, None
-        return cast("TwistedProtocol | None", protocol)
-
-
-class _Link:
-    """One connection of the pair and its reconnect loop (see the module docs)."""
-
-    def __init__(self, transport: RedisTransport, role: str) -> None:
-        self.transport = transport
-        self.role = role
-        self.clock: _Clock = transport._clock
-        self.current: _RedisConnection | None = None
-        self.ready = False
-        self._stopped = False
-        self._connecting: defer.Deferred[object] | None = None
-        self._retry: _DelayedCall | None = None
-        self._setup_timer: _DelayedCall | None = None
-        self._keepalive: LoopingCall | None = None
-        self._ping_timer: _DelayedCall | None = None
-        self._ping_outstanding = False
-        self._ever_ready = False
-        self._failures = 0  # consecutive failed attempts since the last set-up
-        self._down_since: float | None = None
-        self._down_logged = False
-        self._last_down_log = 0.0
-        self._closed_waiters: list[defer.Deferred[None]] = []
-
-    # --- the loop ----------------------------------------------------------------
-
-    def start(self) -> None:
-        self._connect()
-
-    def _connect(self) -> None:
-        self._retry = None
-        if self._stopped:
-            return
-        proto = _RedisConnection(self)
-        self.current = proto
-        logger.debug("Redis %s: connecting to %s", self.role, self.transport.address)
-        d: defer.Deferred[object] = defer.maybeDeferred(
-            self.transport._endpoint.connect, _OneShotFactory(proto)
-        )
-        self._connecting = d
-        d.addCallbacks(
-            self._connected, self._connect_failed, callbackArgs=(proto,), errbackArgs=(proto,)
-        )
-
-    def _connected(self, _: object, proto: _RedisConnection) -> None:
-        self._connecting = None
-        if proto is not self.current or proto.lost_reason is not None:
-            return
-        timeout = self.transport._connect_timeout
-        self._setup_timer = self.clock.callLater(timeout, self._setup_timed_out, proto, timeout)
-        d = defer.ensureDeferred(self._set_up(proto))
-        d.addCallbacks(
-            self._set_up_done, self._set_up_failed, callbackArgs=(proto,), errbackArgs=(proto,)
-        )
-
-    async def _set_up(self, proto: _RedisConnection) -> None:
-        t = self.transport
-        password = t._redis.password.reveal() if t._redis.password is not None else ""
-        if password:
-            auth: tuple[str, ...] = ("AUTH", password)
-            if t._redis.username:
-                auth = ("AUTH", t._redis.username, password)
-            await _step("AUTH", proto.command(*auth))
-        if t._redis.dbid is not None:
-            await _step(f"SELECT {t._redis.dbid}", proto.command("SELECT", t._redis.dbid))
-        if t._client_name is not None:
-            try:
-                await proto.command("CLIENT", "SETNAME", f"{t._client_name}-{self.role[:3]}")
-            except txredisapi.ResponseError as e:  # an ACL may forbid it: not fatal
-                t._setname_warning.warning("Redis refused CLIENT SETNAME: %s", e)
-        if self.role == SUBSCRIBER:
-            await proto.subscribe(t.channels)
-
-    def _set_up_done(self, _: object, proto: _RedisConnection) -> None:
-        self._cancel_setup_timer()
-        if proto is not self.current or proto.close_reason is not None:
-            return
-        now = self.clock.seconds()
-        if not self._ever_ready:
-            logger.info(
-                "Redis %s: connected to %s%s",
-                self.role,
-                self.transport.address,
-                f" after {self._failures} failed attempts" if self._failures else "",
-            )
-        elif self._down_since is not None:
-            logger.info(
-                "Redis %s: reconnected to %s after %.1f s down (%d failed attempts)",
-                self.role,
-                self.transport.address,
-                now - self._down_since,
-                self._failures,
-            )
-        was_ready_before = self._ever_ready
-        self.ready = True
-        self._ever_ready = True
-        self._failures = 0
-        self._down_since = None
-        self._down_logged = False
-        self._ping_outstanding = False
-        self._start_keepalive()
-        if self.role == SUBSCRIBER and self.transport._reading_paused:
-            proto.pauseProducing()
-        self.transport._link_ready(self, was_ready_before)
-
-    def _set_up_failed(self, failure: Failure, proto: _RedisConnection) -> None:
-        self._cancel_setup_timer()
-        if proto.lost_reason is None:
-            # Still open, so the failure is Redis's answer (AUTH, SELECT, ...):
-            # close, and connection_lost retries.
-            proto.close(self.transport._describe(failure), abort=True)
-        # Otherwise the connection is gone and connection_lost handles it.
-
-    def _setup_timed_out(self, proto: _RedisConnection, timeout: float) -> None:
-        self._setup_timer = None
-        proto.close(f"no answer to AUTH/SELECT/SUBSCRIBE within {timeout:g} s", abort=True)
-
-    def _cancel_setup_timer(self) -> None:
-        if self._setup_timer is not None and self._setup_timer.active():
-            self._setup_timer.cancel()
-        self._setup_timer = None
-
-    def _connect_failed(self, failure: Failure, proto: _RedisConnection) -> None:
-        self._connecting = None
-        if proto is self.current:
-            self.current = None
-        if self._stopped:
-            return
-        self._attempt_failed(self.transport._describe(failure))
-
-    def connection_lost(self, proto: _RedisConnection, reason: Failure) -> None:
-        if proto is not self.current:
-            return
-        self.current = None
-        self._cancel_setup_timer()
-        self._stop_keepalive()
-        was_ready, self.ready = self.ready, False
-        why = proto.close_reason or self.transport._describe(reason)
-        if self._stopped:
-            self.transport._link_lost(self, was_ready, stopping=True)
-            waiters, self._closed_waiters = self._closed_waiters, []
-            for d in waiters:
-                d.callback(None)
-            return
-        if was_ready:
-            now = self.clock.seconds()
-            logger.warning(
-                "Redis %s: connection to %s lost (%s); reconnecting",
-                self.role,
-                self.transport.address,
-                why,
-            )
-            self._down_since, self._down_logged, self._last_down_log = now, True, now
-            self.transport._link_lost(self, was_ready, stopping=False)
-            self._schedule_retry()
-        else:
-            self._attempt_failed(why)
-
-    def _attempt_failed(self, why: str) -> None:
-        self._failures += 1
-        self.transport.stats.failed_attempts += 1
-        now = self.clock.seconds()
-        if self._down_since is None:
-            self._down_since = now
-        address = self.transport.address
-        if not self._down_logged:
-            self._down_logged, self._last_down_log = True, now
-            logger.warning("Redis %s: cannot connect to %s (%s); retrying", self.role, address, why)
-        elif now - self._last_down_log >= self.transport._down_log_interval:
-            self._last_down_log = now
-            logger.warning(
-                "Redis %s: still cannot connect to %s after %d attempts over %.0f s "
-                "(last error: %s)",
-                self.role,
-                address,
-                self._failures,
-                now - self._down_since,
-                why,
-            )
-        else:
-            logger.debug("Redis %s: attempt %d failed: %s", self.role, self._failures, why)
-        self._schedule_retry()
-
-    def _schedule_retry(self) -> None:
-        if self._stopped:
-            return
-        t = self.transport
-        base = min(t._max_backoff, t._min_backoff * 2 ** min(self._failures, 32))
-        delay = base * (1.0 - t._rng.random() / 2)
-        self._retry = self.clock.callLater(delay, self._connect)
-
-    # --- keepalive -------------------------------------------------------------
-
-    def _start_keepalive(self) -> None:
-        self._stop_keepalive()
-        loop = LoopingCall(self._ping)
-        loop.clock = cast(Any, self.clock)
-        self._keepalive = loop
-        loop.start(self.transport._keepalive_interval, now=False).addErrback(
-            lambda f: logger.error("Redis %s: keepalive failed: %s", self.role, f.value)
-        )
-
-    def _stop_keepalive(self) -> None:
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
-        self._keepalive = None
-        self._cancel_ping_timer()
-        self._ping_outstanding = False
-
-    def _cancel_ping_timer(self) -> None:
-        if self._ping_timer is not None and self._ping_timer.active():
-            self._ping_timer.cancel()
-        self._ping_timer = None
-
-    def _ping(self) -> None:
-        proto = self.current
-        if proto is None or not self.ready or self._ping_outstanding or proto.paused:
-            return
-        self._ping_outstanding = True
-        self._arm_ping_timer(proto)
-        proto.command("PING").addBoth(self._pong, proto)
-
-    def _arm_ping_timer(self, proto: _RedisConnection) -> None:
-        timeout = self.transport._keepalive_timeout
-        self._ping_timer = self.clock.callLater(timeout, self._ping_timed_out, proto, timeout)
-
-    def _pong(self, _: object, proto: _RedisConnection) -> None:
-        # Any answer, even an error reply, shows the connection is alive; a
-        # lost connection is handled by connection_lost.
-        if proto is self.current:
-            self._ping_outstanding = False
-            self._cancel_ping_timer()
-
-    def _ping_timed_out(self, proto: _RedisConnection, timeout: float) -> None:
-        self._ping_timer = None
-        if proto is not self.current:
-            return
-        self.transport.stats.keepalive_timeouts += 1
-        proto.close(f"no answer to PING within {timeout:g} s", abort=True)
-
-    def set_paused(self, paused: bool) -> None:
-        proto = self.current
-        if proto is None or not self.ready:
-            return  # applied once the next connection is set up
-        if paused and not proto.paused:
-            proto.pauseProducing()
-            self._cancel_ping_timer()  # its answer cannot be read now
-        elif not paused and proto.paused:
-            proto.resumeProducing()
-            if self._ping_outstanding and self._ping_timer is None and proto is self.current:
-                self._arm_ping_timer(proto)
-
-    # --- stop --------------------------------------------------------------------
-
-    def stop(self) -> defer.Deferred[None]:
-        self._stopped = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        self._cancel_setup_timer()
-        self._stop_keepalive()
-        if self._connecting is not None:
-            connecting, self._connecting = self._connecting, None
-            self.current = None
-            connecting.cancel()
-            return defer.succeed(None)
-        proto = self.current
-        if proto is None:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._closed_waiters.append(d)
-        proto.close("stopped")
-        # A peer that never completes the close (TLS) must not hang stop().
-        force = self.clock.callLater(self.transport._connect_timeout, proto.abort)
-
-        def _cancel_force(result: None) -> None:
-            if force.active():
-                force.cancel()
-            return result
-
-        d.addBoth(_cancel_force)
-        return d
-
-    def ready_connection(self) -> _RedisConnection | None:
-        return self.current if self.ready and not self._stopped else None
-
-
-async def _step(what: str, d: defer.Deferred[object]) -> object:
-    """Await a set-up command, naming it in the error if Redis refuses it."""
-    try:
-        return await d
-    except txredisapi.ResponseError as e:
-        raise RedisTransportError(f"{what} failed: {e}") from None
 
 
 class RedisTransport:
@@ -671,27 +123,16 @@ class RedisTransport:
         on_subscribed: called once per connection, after every channel is
             confirmed and the publisher is ready (see the module docs).
         on_connection_lost: called once when that connection ends.
+        on_attempt_failed: called for each connection attempt of either link
+            that fails before it is set up (refused, TLS, AUTH, SELECT, a
+            timeout), so a caller can report why without reading the log.
         publish_enabled: False never opens the publishing connection, and
             :meth:`publish` raises :class:`PublishDisabledError`.
-        keepalive_interval: seconds between PINGs on each ready connection.
-        keepalive_timeout: seconds a PING may go unanswered before the
-            connection is aborted and re-made.
-        connect_timeout: seconds for the TCP/TLS connect, again for the
-            set-up commands (AUTH, SELECT, SUBSCRIBE), and for ``stop()`` to
-            wait for a clean close before it aborts the connection.
-        min_backoff, max_backoff: the first and the largest wait between
-            attempts, in seconds; each wait is randomly shortened by up to half.
-        client_name: if set, each connection is named ``<client_name>-sub`` or
-            ``-pub`` (CLIENT SETNAME) so operators can find it in CLIENT LIST.
-        tls_verify: check the server certificate against ``ca_file`` /
-            ``ca_path`` (or the system's CAs) and the host name.  Synapse does
-            not verify at all; pass False only to match that on a trusted
-            network.
-        down_log_interval: while a connection stays down, how often to log
-            that it still is.
+        options: keepalive, timeouts, backoff, client name, TLS verification
+            (see :class:`~synrepl.connection.TransportOptions`).
 
     Raises:
-        ValueError: an argument is out of range.
+        TypeError, ValueError: ``channels`` is one string, or empty.
         ConfigError: a TLS file cannot be read or holds no certificate/key.
     """
 
@@ -704,76 +145,48 @@ class RedisTransport:
         on_line: Callable[[str, str], None],
         on_subscribed: Callable[[], None],
         on_connection_lost: Callable[[], None],
+        on_attempt_failed: Callable[[AttemptFailure], None] | None = None,
         publish_enabled: bool = True,
-        keepalive_interval: float = 30.0,
-        keepalive_timeout: float = 10.0,
-        connect_timeout: float = 10.0,
-        min_backoff: float = 0.1,
-        max_backoff: float = 5.0,
-        client_name: str | None = None,
-        tls_verify: bool = True,
-        down_log_interval: float = 60.0,
+        options: TransportOptions = TransportOptions(),  # noqa: B008 - frozen
     ) -> None:
-        if isinstance(channels, str):
-            raise TypeError("channels must be a sequence of channel names, not one string")
-        unique = list(dict.fromkeys(channels))
-        if not unique or not all(isinstance(c, str) and c for c in unique):
-            raise ValueError(f"channels must be non-empty strings, got {list(channels)!r}")
-        for name, value in (
-            ("keepalive_interval", keepalive_interval),
-            ("keepalive_timeout", keepalive_timeout),
-            ("connect_timeout", connect_timeout),
-            ("min_backoff", min_backoff),
-            ("down_log_interval", down_log_interval),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name} must be more than 0, got {value!r}")
-        if not max_backoff >= min_backoff:
-            raise ValueError(
-                f"max_backoff ({max_backoff!r}) must not be below min_backoff ({min_backoff!r})"
-            )
-        if client_name is not None and (not client_name or re.search(r"\s", client_name)):
-            raise ValueError(f"client_name must be non-empty without spaces, got {client_name!r}")
-
-        self._clock: _Clock = reactor
+        self.channels: tuple[str, ...] = subscription_channels(channels)
+        #: The options this transport was built with.
+        self.options = options
+        self._clock: Clock = reactor
         self._redis = redis
-        self.channels: tuple[str, ...] = tuple(unique)
         self._on_line = on_line
         self._on_subscribed = on_subscribed
         self._on_connection_lost = on_connection_lost
-        self._keepalive_interval = keepalive_interval
-        self._keepalive_timeout = keepalive_timeout
-        self._connect_timeout = connect_timeout
-        self._min_backoff = min_backoff
-        self._max_backoff = max_backoff
-        self._client_name = client_name
-        self._down_log_interval = down_log_interval
-        self._rng = random.Random()
-        self._endpoint = self._make_endpoint(reactor, tls_verify)
+        self._on_attempt_failed = on_attempt_failed
+        self._endpoint = make_endpoint(reactor, redis, options)
 
         self.stats = RedisTransportStats()
-        self._subscriber = _Link(self, SUBSCRIBER)
-        self._publisher = _Link(self, PUBLISHER) if publish_enabled else None
+        #: The latest failed connection attempt of either link (None until one
+        #: fails; kept after a later success).
+        self.last_failure: AttemptFailure | None = None
         self._started = False
         self._stopping: defer.Deferred[None] | None = None
         self._announced = False
         self._reading_paused = False
+        self._subscriber = self._make_link(SUBSCRIBER)
+        self._publisher = self._make_link(PUBLISHER) if publish_enabled else None
         self._undecodable_warning = RateLimitedWarning(logger, self._clock, _RATE_LIMIT_PERIOD)
         self._handler_warning = RateLimitedWarning(logger, self._clock, _RATE_LIMIT_PERIOD)
         self._setname_warning = RateLimitedWarning(
             logger, self._clock, period=_RATE_LIMIT_PERIOD * 360
         )
 
+    def _make_link(self, role: Role) -> Link:
+        state = LinkState(role, self.address, self.options, self.stats)
+        setup = setup_sequence(self._redis, role, self.channels, self.options.client_name)
+        return Link(self, state, self._clock, self._endpoint, setup)
+
     # --- public ----------------------------------------------------------------
 
     @property
     def address(self) -> str:
         """Where Redis is, for log lines (never with credentials)."""
-        r = self._redis
-        if r.path:
-            return f"unix:{r.path}"
-        host = f"[{r.host}]" if ":" in r.host else r.host
-        return f"{host}:{r.port}{' (TLS)' if r.use_tls else ''}"
+        return redis_address(self._redis)
 
     @property
     def parser(self) -> str:
@@ -864,16 +277,62 @@ class RedisTransport:
         state = "subscribed" if self._announced else "not subscribed"
         return f"<RedisTransport {self.address} {state}>"
 
-    # --- link events -------------------------------------------------------------
+    # --- what the links report (see synrepl.twisted._redis_link.LinkOwner) ---------
 
-    def _link_ready(self, link: _Link, reconnect: bool) -> None:
-        if link is self._subscriber:
-            self.stats.connects += 1
-            if reconnect:
-                self.stats.reconnects += 1
-        else:
-            self.stats.publisher_connects += 1
+    def _describe(self, reason: Failure | BaseException) -> str:
+        """A short, password-free account of a failure for log lines."""
+        error = cast(BaseException, reason.value) if isinstance(reason, Failure) else reason
+        password = self._redis.password.reveal() if self._redis.password is not None else None
+        return describe_failure(
+            error, password, redis_reply=isinstance(error, txredisapi.ResponseError)
+        )
+
+    def _setup_refused(self, message: str) -> None:
+        self._setname_warning.warning("%s", message)
+
+    def _link_ready(self, link: Link, setup: SetUp) -> None:
         self._maybe_announce()
+
+    def _link_lost(self, link: Link) -> None:
+        if link is self._subscriber and self._announced:
+            self._announced = False
+            self._call_back("on_connection_lost", self._on_connection_lost)
+
+    def _attempt_failed(self, failure: AttemptFailure) -> None:
+        self.last_failure = failure
+        callback = self._on_attempt_failed
+        if callback is not None:
+            self._call_back("on_attempt_failed", lambda: callback(failure))
+
+    def _deliver(self, channel: object, data: object) -> None:
+        self.stats.messages_received += 1
+        if self._stopping is not None:
+            return
+        line = message_line(data)
+        if isinstance(line, str):
+            self.stats.lines_delivered += 1
+            try:
+                self._on_line(channel_name(channel), line)
+            except Exception:  # noqa: BLE001 - the caller's code must not end the connection
+                self.stats.handler_errors += 1
+                self._handler_warning.warning(
+                    "Redis: on_line raised for a message on %r; the message is skipped",
+                    channel_name(channel),
+                    exc_info=True,
+                )
+        elif isinstance(line, BlankMessage):
+            self.stats.blank_messages += 1
+        else:
+            self.stats.undecodable_messages += 1
+            self._undecodable_warning.warning(
+                "Redis: skipping a message on %r that is not UTF-8 (%s at byte %d of %d)",
+                channel_name(channel),
+                line.reason,
+                line.position,
+                line.length,
+            )
+
+    # --- internals ---------------------------------------------------------------
 
     def _maybe_announce(self) -> None:
         if self._announced or self._stopping is not None or not self._subscriber.ready:
@@ -883,53 +342,12 @@ class RedisTransport:
         self._announced = True
         self._call_back("on_subscribed", self._on_subscribed)
 
-    def _link_lost(self, link: _Link, was_ready: bool, *, stopping: bool) -> None:
-        if was_ready and not stopping:
-            if link is self._subscriber:
-                self.stats.connection_losses += 1
-            else:
-                self.stats.publisher_losses += 1
-        if link is self._subscriber and self._announced:
-            self._announced = False
-            self._call_back("on_connection_lost", self._on_connection_lost)
-
     def _call_back(self, name: str, callback: Callable[[], None]) -> None:
         try:
             callback()
         except Exception:
             self.stats.handler_errors += 1
             logger.exception("Redis transport: %s raised", name)
-
-    def _deliver(self, channel: object, data: object) -> None:
-        self.stats.messages_received += 1
-        if self._stopping is not None:
-            return
-        channel_name = _text(channel, "replace")
-        try:
-            line = _text(data, "strict")
-        except UnicodeDecodeError as e:
-            self.stats.undecodable_messages += 1
-            self._undecodable_warning.warning(
-                "Redis: skipping a message on %r that is not UTF-8 (%s at byte %d of %d)",
-                channel_name,
-                e.reason,
-                e.start,
-                len(e.object),
-            )
-            return
-        if not line.strip():
-            self.stats.blank_messages += 1
-            return
-        self.stats.lines_delivered += 1
-        try:
-            self._on_line(channel_name, line)
-        except Exception:  # noqa: BLE001 - the caller's code must not end the connection
-            self.stats.handler_errors += 1
-            self._handler_warning.warning(
-                "Redis: on_line raised for a message on %r; the message is skipped",
-                channel_name,
-                exc_info=True,
-            )
 
     def _published(self, result: object) -> int:
         self.stats.published += 1
@@ -945,145 +363,3 @@ class RedisTransport:
         if isinstance(failure.value, txredisapi.ResponseError):
             raise RedisTransportError(f"Redis refused PUBLISH: {self._describe(failure)}")
         return failure
-
-    def _describe(self, reason: Failure | BaseException) -> str:
-        """A short, password-free account of a failure for log lines."""
-        error = reason.value if isinstance(reason, Failure) else reason
-        text = str(error).strip() or type(error).__name__
-        if not isinstance(error, (RedisTransportError, txredisapi.ResponseError)):
-            text = f"{type(error).__name__}: {text}"
-        password = self._redis.password.reveal() if self._redis.password is not None else ""
-        if password:
-            text = text.replace(password, "***")
-        if len(text) > _REASON_LIMIT:
-            text = text[:_REASON_LIMIT] + "..."
-        return text
-
-    # --- endpoints ---------------------------------------------------------------
-
-    def _make_endpoint(self, reactor: Any, tls_verify: bool) -> Any:
-        """An IStreamClientEndpoint (typed Any: zope interfaces do not type-check)."""
-        r = self._redis
-        if r.path:
-            if r.use_tls:
-                logger.warning(
-                    "Redis: use_tls is ignored with a unix socket path (%s), as in Synapse",
-                    r.path,
-                )
-            return UNIXClientEndpoint(  # type: ignore[no-untyped-call]
-                reactor, r.path, timeout=self._connect_timeout
-            )
-        tcp = HostnameEndpoint(reactor, r.host, r.port, timeout=self._connect_timeout)
-        if not r.use_tls:
-            return tcp
-        return wrapClientTLS(_tls_options(r, tls_verify), cast(Any, tcp), clock=reactor)
-
-
-# --- TLS ---------------------------------------------------------------------
-
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
-)
-
-
-def _read_pem(file: str, key: str) -> bytes:
-    try:
-        return Path(file).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read '{file}': {e.strerror or e}", ("redis", key)) from None
-
-
-def _certificates(data: bytes, file: str, key: str) -> list[tuple[bytes, ssl.Certificate]]:
-    """Each PEM certificate in ``data``, as (PEM block, parsed)."""
-    found = []
-    for block in _PEM_CERTIFICATE.findall(data):
-        try:
-            found.append((block, ssl.Certificate.loadPEM(block)))
-        except Exception as e:  # noqa: BLE001 - OpenSSL has many ways to refuse
-            raise ConfigError(
-                f"'{file}' holds a certificate that cannot be read: {e}", ("redis", key)
-            ) from None
-    return found
-
-
-def _ca_certificates(redis: RedisConfig) -> list[ssl.Certificate]:
-    """Every CA certificate in ``ca_file`` and in the files of ``ca_path``."""
-    found: list[tuple[bytes, ssl.Certificate]] = []
-    if redis.ca_file:
-        found += _certificates(_read_pem(redis.ca_file, "ca_file"), redis.ca_file, "ca_file")
-        if not found:
-            raise ConfigError(f"no PEM certificate in '{redis.ca_file}'", ("redis", "ca_file"))
-    if redis.ca_path:
-        directory = Path(redis.ca_path)
-        if not directory.is_dir():
-            raise ConfigError(f"'{redis.ca_path}' is not a directory", ("redis", "ca_path"))
-        in_dir: list[tuple[bytes, ssl.Certificate]] = []
-        for file in sorted(p for p in directory.iterdir() if p.is_file()):
-            try:  # an OpenSSL CA directory may also hold CRLs and other files
-                in_dir += _certificates(file.read_bytes(), str(file), "ca_path")
-            except (OSError, ConfigError):
-                continue
-        if not in_dir:
-            raise ConfigError(
-                f"no readable PEM certificate in '{redis.ca_path}'", ("redis", "ca_path")
-            )
-        found += in_dir
-    return [cert for _, cert in found]
-
-
-def _tls_options(redis: RedisConfig, verify: bool) -> IOpenSSLClientConnectionCreator:
-    """TLS client options from the ``redis`` section; files are read once, here."""
-    client: ssl.PrivateCertificate | None = None
-    chain: list[Any] = []
-    if redis.private_key_file and not redis.certificate_file:
-        raise ConfigError("private_key_file needs certificate_file", ("redis", "private_key_file"))
-    if redis.certificate_file:
-        cert_pem = _read_pem(redis.certificate_file, "certificate_file")
-        certs = _certificates(cert_pem, redis.certificate_file, "certificate_file")
-        if not certs:
-            raise ConfigError(
-                f"no PEM certificate in '{redis.certificate_file}'", ("redis", "certificate_file")
-            )
-        key_file = redis.private_key_file or redis.certificate_file
-        key_pem = _read_pem(key_file, "private_key_file") if redis.private_key_file else cert_pem
-        try:
-            client = ssl.PrivateCertificate.loadPEM(  # type: ignore[no-untyped-call]
-                certs[0][0] + b"\n" + key_pem
-            )
-        except Exception:  # noqa: BLE001 - OpenSSL has many ways to refuse
-            # Never quote the key file's content or OpenSSL's view of it.
-            raise ConfigError(
-                f"'{key_file}' holds no readable private key for the client certificate",
-                ("redis", "private_key_file" if redis.private_key_file else "certificate_file"),
-            ) from None
-        chain = [c.original for _, c in certs[1:]]
-    if not verify:
-        logger.warning(
-            "Redis: TLS server certificate verification is off (tls_verify=False) for %s",
-            redis.host,
-        )
-        options = ssl.CertificateOptions(
-            privateKey=client.privateKey.original if client else None,
-            certificate=client.original if client else None,
-            extraCertChain=chain or None,
-            verify=False,
-        )
-        # TLSMemoryBIOFactory accepts a context factory as well as a creator.
-        return cast(IOpenSSLClientConnectionCreator, options)
-    cas = _ca_certificates(redis)
-    trust = ssl.trustRootFromCertificates(cas) if cas else None  # type: ignore[no-untyped-call]  # None: the system's CAs
-    extra: dict[str, Any] = {"extraCertChain": chain} if chain else {}
-    return ssl.optionsForClientTLS(
-        redis.host,
-        trustRoot=trust,
-        clientCertificate=client,
-        extraCertificateOptions=extra or None,
-    )
-
-
-def _text(value: object, errors: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", errors)
-    return str(value)
