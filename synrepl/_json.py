@@ -18,11 +18,12 @@ import orjson
 
 __all__ = ("loads", "dumps")
 
-# orjson turns integers beyond 64 bits (20+ digits) into floats.  To spot a
-# run of 20 digits fast, map every digit byte to "9" and every other byte to
-# "x", then search for twenty nines: two C-level passes, no regex engine.
+# orjson turns integers outside [-2**63, 2**64) into floats; the shortest is
+# -9223372036854775809, 19 digits.  To spot a run of 19 digits fast, map every
+# digit byte to "9" and every other byte to "x", then search for nineteen
+# nines: two C-level passes, no regex engine.
 _DIGITS_AS_NINES = bytes(0x39 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
-_TWENTY_DIGITS = b"9" * 20
+_LONG_DIGITS = b"9" * 19
 
 
 def _reject_constant(name: str) -> Any:
@@ -42,7 +43,7 @@ def loads(text: str) -> Any:
         data = text.encode()
     except UnicodeEncodeError:  # lone surrogates: only the stdlib reads them
         return _std_decoder.decode(text)
-    if data.translate(_DIGITS_AS_NINES).find(_TWENTY_DIGITS) < 0:
+    if data.translate(_DIGITS_AS_NINES).find(_LONG_DIGITS) < 0:
         try:
             return _orjson_loads(data)
         except _OrjsonError:

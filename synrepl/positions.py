@@ -2,32 +2,35 @@
 
 Rule 1: everything that decides what a stream position means lives in this
 module.  The Redis and HTTP adapters only move commands in and carry the
-resulting actions out; they make no decision of their own.
+resulting actions out; they make no decision of their own.  What happens to
+rows after they are known (queues, handlers, checkpoints) is
+:mod:`synrepl.delivery`'s job.
 
 Theory of operation
 ===================
 
 :class:`StreamPositions` is a pure, synchronous state machine.  Commands go
 in (:meth:`~StreamPositions.receive`, plus :meth:`~StreamPositions.fetched`,
-:meth:`~StreamPositions.fetch_failed` and
+:meth:`~StreamPositions.fetch_failed`, :meth:`~StreamPositions.resume` and
 :meth:`~StreamPositions.connection_lost` for what the adapters learn), and
 each call returns the list of :class:`Event` objects it produced, in order.
-It does no I/O, keeps no clock and calls nothing back.  One event,
-:class:`FetchNeeded`, is an *action*: the adapter must fetch that range of
-rows over HTTP and report the answer.
+It does no I/O and keeps no clock.  One event, :class:`FetchNeeded`, is an
+*action*: the adapter must fetch that range of rows over HTTP and report the
+answer.
 
 State is kept per *pair*: one stream, one writer instance.  A pair has:
 
-- ``token``: how far we have everything that writer wrote to that stream,
-  or None when we have never heard of the writer (nothing before its first
+- ``token``: how far every row that writer wrote to that stream has been
+  handed on (as :class:`RowsReceived`, or skipped by a reported gap), or
+  None when we have never heard of the writer (nothing before its first
   ``POSITION`` is expected: a "from now" start);
 - ``connected``: whether a ``POSITION`` from the writer has been processed
   on the current Redis connection, so that its RDATA can be trusted to
   follow on without a hole;
 - a pending *batch*: rows of ``RDATA ... batch`` lines waiting for the
   writer's next numeric token on that stream;
-- while a fetch is in flight: the fetch *target* and a *queue* of what the
-  writer sent meanwhile.
+- while it catches up: a *fetch* with its *target*, a flag saying whether a
+  request is in flight, and a *queue* of what the writer sent meanwhile.
 
 The rules, for a pair whose token is ``cur``:
 
@@ -36,66 +39,82 @@ The rules, for a pair whose token is ``cur``:
 2. RDATA for an unconnected pair is dropped: the ``POSITION`` that answers
    ``REPLICATE`` will reveal anything it carried.  :meth:`connection_lost`
    makes every pair unconnected and drops the pending batches, but keeps the
-   tokens and lets fetches in flight finish.
+   tokens and lets fetches finish.
 3. ``RDATA`` with token ``batch`` is held; the writer's next numeric token
-   for the stream completes the batch and all its rows are delivered
+   for the stream completes the batch and all its rows are handed on
    together at that token (:class:`RowsReceived`).  A numeric token
    ``<= cur`` is a duplicate: dropped together with its batch.
 4. ``POSITION prev new`` says the writer wrote nothing in ``(prev, new]``:
 
    - ``cur`` is None: take ``new``; connected (:class:`PositionAdvanced`).
-   - on a monotonic stream, a connected pair with ``new <= cur`` learns
-     nothing: the command is redundant and ignored.
+   - connected, ``new == cur``: the command is redundant and ignored.
    - ``prev <= cur <= new``: no hole; move to ``new`` (PositionAdvanced
      when that is a move), connected.
-   - ``cur < prev``: rows in ``(cur, prev]`` were missed: emit
-     ``FetchNeeded(cur, new)`` and start fetching, target ``new``.
-   - ``cur > new``: on a resettable stream (:data:`RESETTABLE_STREAMS`)
-     the writer restarted: :class:`StreamReset`, token ``new``.  On a
-     monotonic stream the token never goes back: keep ``cur``.
+   - ``cur < prev``: rows in ``(cur, prev]`` were missed: fetch
+     ``(cur, new]``.
+   - ``cur > new``: the writer is behind us.  On a resettable stream
+     (:data:`RESETTABLE_STREAMS`) it restarted: :class:`StreamReset`, token
+     ``new``.  On a monotonic stream tokens never go back, so our token is
+     wrong (a checkpoint kept across a database restore, a forged command):
+     :class:`WriterBehind`, loudly, and with ``trust_writer`` (the default)
+     the token becomes ``new``, since the writer's history is the truth.
      Connected either way.
 
    A ``POSITION`` that is processed also drops the pair's pending batch
    (a writer never sends one inside a batch unless it restarted mid-way,
    and then those rows come back through the fetch).
-5. While a pair is fetching, its commands are queued: numeric RDATA as one
-   entry carrying its whole batch, ``POSITION`` as itself.  The queue holds
-   at most ``max_buffered`` rows (a POSITION counts as one).  When it would
+5. A fetch asks for ``(cur, target]``, a page at a time.  While a request
+   is in flight the pair's commands are queued: numeric RDATA as one entry
+   carrying its whole batch, ``POSITION`` as itself.  The queue holds at
+   most ``max_buffered`` rows (a POSITION counts as one).  When it would
    hold more, it is collapsed into one entry standing for its highest token
    X (on a resettable stream: its latest): a ``POSITION X X`` if it held a
    ``POSITION``, otherwise a "missed up to X" marker.  Replaying that entry
    later triggers the ordinary gap rule, so the forgotten rows are fetched
    again instead of lost.  A batch that grows past ``max_buffered`` rows is
    forgotten the same way: its completing RDATA at token T becomes a fetch
-   of ``(cur, T]``.  So one pair never holds more than about twice
-   ``max_buffered`` rows.
-6. :meth:`fetched` delivers the rows above ``cur`` grouped by token
-   (``RowsReceived(fetched=True)``).  A limited page moves the token to
-   the page's end and asks for the next page; the last page moves it to the
-   target, makes the pair connected (unless the connection was lost during
-   the fetch) and replays the queue through these same rules.  A replayed
-   entry may start a new fetch; the rest of the queue then waits for it.
-7. :meth:`fetch_failed` emits :class:`GapUnfillable` for exactly the range
+   of ``(cur, T]``.  The target never changes while a request is in
+   flight, so an answer always covers exactly what was asked.
+6. The delivery side's :class:`Budget` may refuse live rows when its queue
+   is full.  The pair then starts a fetch *waiting for room*, with the
+   refused token as target: no request yet, and what the writer sends
+   meanwhile only raises the target (on a monotonic stream, while nothing
+   is queued) instead of being kept.  :meth:`resume` sends the waiting
+   requests once the budget wants pages again; the next page of a limited
+   answer also waits until then.  So memory stays bounded however slow the
+   handlers, and nothing is lost: the rows come back from the writer.
+7. :meth:`fetched` hands on the rows in ``(cur, target]`` grouped by token
+   (``RowsReceived(fetched=True)``).  A limited page moves the token to the
+   page's end and asks for the next page; the last page moves it to the
+   target, makes the pair connected (if a ``POSITION`` was processed on the
+   current connection) and replays the queue through these same rules.  A
+   replayed entry may start a new fetch; the rest of the queue then waits
+   for it.
+8. :meth:`fetch_failed` emits :class:`GapUnfillable` for exactly the range
    still missing, moves the token past it (the loss is loud, never silent)
    and carries on as if the fetch had succeeded.
-8. :meth:`wait_for` registers a waiter; :class:`PositionReached` comes out of
-   whichever call first moves the pair's token to or past the awaited one.
+9. A writer that the configuration does not name (``fetchable``) cannot be
+   asked for rows.  Its commands are counted and its rows handed on, never
+   refused; a gap one of its POSITIONs reveals is skipped (counted), not
+   reported as lost.  The first command of such a pair yields
+   :class:`UnnamedWriter`.
 
-Every time the token moves without rows being delivered (a POSITION, the
+Every time the token moves without rows being handed on (a POSITION, the
 end of a fetch, a gap given up), a :class:`PositionAdvanced` says so, so a
 consumer that tracks positions from events alone stays exact.
 
 Differences from Synapse 1.163.2 (``synapse/replication/tcp/handler.py``):
 batches and connectedness are kept per writer, not per stream (two writers'
 batches may interleave on the wire); a fetch never blocks other pairs of
-the same stream; while fetching, memory is bounded; a fetch that fails
-is reported instead of retried for ever.
+the same stream; memory is bounded; a fetch that fails is reported instead
+of retried for ever; a writer behind us is reported.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 import attrs
 
@@ -105,30 +124,33 @@ from synrepl.streams import AnyRow
 
 __all__ = (
     "StreamPositions",
+    "Budget",
     "Event",
     "RowsReceived",
     "FetchNeeded",
     "PositionAdvanced",
     "StreamReset",
+    "WriterBehind",
     "GapUnfillable",
-    "PositionReached",
+    "UnnamedWriter",
     "Counters",
     "StateError",
     "RESETTABLE_STREAMS",
+    "lowest_token",
 )
 
 #: Streams whose writer restarts its tokens from scratch (they live in the
 #: writer's memory, not in a database sequence).  On every other stream a
-#: token never goes backwards, so Synapse discards a POSITION that is not
-#: ahead of what it already has.
+#: token never goes backwards.
 RESETTABLE_STREAMS: frozenset[str] = frozenset({"typing", "presence_federation", "federation"})
 
 
 class StateError(SynreplError, ValueError):
     """The caller asked for something the position state does not allow.
 
-    For example :meth:`StreamPositions.fetched` for a pair that is not
-    fetching.  This is a bug in the calling code, never bad wire input.
+    For example :meth:`StreamPositions.fetched` for a pair that has no
+    request in flight.  This is a bug in the calling code, never bad wire
+    input.
     """
 
 
@@ -161,8 +183,8 @@ class FetchNeeded(Event):
 
     Call ``get_repl_stream_updates`` on that instance, then report the page
     with :meth:`StreamPositions.fetched` (or the failure with
-    :meth:`StreamPositions.fetch_failed`).  A pair has at most one fetch
-    outstanding.
+    :meth:`StreamPositions.fetch_failed`).  A pair has at most one request
+    in flight.
     """
 
     stream: str
@@ -195,6 +217,22 @@ class StreamReset(Event):
 
 
 @attrs.frozen
+class WriterBehind(Event):
+    """A writer's POSITION is below our token on a stream that never goes back.
+
+    Our token was wrong: a checkpoint kept across a database restore, or a
+    forged command moved it ahead.  ``trusted`` says whether the token was
+    moved back to ``new_token`` (the default policy) or kept at ``old_token``.
+    """
+
+    stream: str
+    writer: str
+    old_token: int
+    new_token: int
+    trusted: bool
+
+
+@attrs.frozen
 class GapUnfillable(Event):
     """Rows with ``from_token < token <= upto_token`` are lost for good.
 
@@ -209,16 +247,15 @@ class GapUnfillable(Event):
 
 
 @attrs.frozen
-class PositionReached(Event):
-    """The waiter registered under ``key`` is satisfied: the pair is at ``token``.
+class UnnamedWriter(Event):
+    """The first command from a writer the configuration does not name.
 
-    ``token`` is where the pair now is, which may be past the awaited token.
+    Its rows are handed on, but nothing can be fetched from it, so a gap it
+    reveals is skipped.  Add it to ``instance_map`` to have gaps filled.
     """
 
-    key: Hashable
     stream: str
     writer: str
-    token: int
 
 
 @attrs.define
@@ -243,16 +280,69 @@ class Counters:
     batch_overflows: int = 0
     #: Fetch-time queues that hit ``max_buffered`` and were collapsed.
     buffer_overflows: int = 0
+    #: Live rows the delivery side had no room for, fetched again later.
+    overflows: int = 0
     #: FetchNeeded actions emitted (pages included).
     fetches: int = 0
     #: GapUnfillable events emitted.
     gaps_unfillable: int = 0
     #: StreamReset events emitted.
     resets: int = 0
+    #: WriterBehind events emitted.
+    writers_behind: int = 0
+    #: RDATA and POSITION commands from writers the configuration does not name.
+    unnamed_writer_commands: int = 0
+    #: Gaps revealed by such writers, skipped because nothing can be fetched.
+    unnamed_writer_gaps: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """Counter name -> value."""
         return attrs.asdict(self)
+
+
+class Budget(Protocol):
+    """The delivery side's account of rows held for the handlers (rule 6)."""
+
+    def reserve(self, stream: str, rows: int, refusable: bool) -> bool:
+        """Take room for ``rows`` rows of ``stream``; False refuses them.
+
+        Rows that are not ``refusable`` (fetched pages, writers nothing can be
+        fetched from) must always be taken.
+        """
+        ...
+
+    def wants_pages(self, stream: str) -> bool:
+        """Whether a fetch for ``stream`` may ask for a page now."""
+        ...
+
+
+class _Unbounded:
+    """The budget of a StreamPositions used on its own: room for everything."""
+
+    def reserve(self, stream: str, rows: int, refusable: bool) -> bool:
+        return True
+
+    def wants_pages(self, stream: str) -> bool:
+        return True
+
+
+def lowest_token(
+    tokens: Mapping[str, int | None], expected: Iterable[str] | None, local: str | None
+) -> int | None:
+    """The lowest of ``tokens`` over the ``expected`` writers (default: all known).
+
+    ``local`` is left out (a process knows its own position better).  None
+    when an expected writer has no token, or no writer is known.
+    """
+    lowest: int | None = None
+    for name in tokens if expected is None else expected:
+        if name == local:
+            continue
+        token = tokens.get(name)
+        if token is None:
+            return None
+        lowest = token if lowest is None else min(lowest, token)
+    return lowest
 
 
 # ---------------------------------------------------------------- internal state
@@ -280,8 +370,11 @@ _Entry = _Rows | _Missed | PositionCommand
 class _Fetch:
     target: int
     #: Whether finishing the fetch makes the pair connected: False once the
-    #: connection it was started on is gone.
+    #: connection it was started on is gone, True again once a POSITION of
+    #: the new connection is absorbed (rule 6).
     connect: bool
+    #: A request is out; otherwise the fetch waits for the budget (rule 6).
+    in_flight: bool = False
     queue: deque[_Entry] = attrs.Factory(deque)
     #: Rows held in ``queue`` (a POSITION or stand-in counts as one).
     size: int = 0
@@ -292,13 +385,15 @@ class _Pair:
     stream: str
     writer: str
     resettable: bool
+    fetchable: bool
     token: int | None = None
     connected: bool = False
     batch: list[AnyRow] = attrs.Factory(list)
     #: The pending batch overflowed: its rows were forgotten.
     batch_lost: bool = False
     fetch: _Fetch | None = None
-    waiters: dict[Hashable, int] = attrs.Factory(dict)
+    #: A command of the writer was received (a start map alone does not count).
+    heard: bool = False
 
 
 def _entry_token(entry: _Entry) -> int:
@@ -315,7 +410,7 @@ def _entry_size(entry: _Entry) -> int:
 
 
 class StreamPositions:
-    """Per (stream, writer) positions, batches, gaps and waiters; no I/O.
+    """Per (stream, writer) positions, batches and gaps; no I/O.
 
     Args:
         local_instance: our own instance name; its commands are echoes and
@@ -326,10 +421,15 @@ class StreamPositions:
             listed starts "from now" at its first POSITION.
         writers: the expected writers of some streams, for
             :meth:`persisted_upto`.
+        fetchable: the writers rows can be fetched from (those the
+            configuration names); None: every writer (rule 9).
         resettable_streams: streams whose tokens may go back when their
             writer restarts; defaults to :data:`RESETTABLE_STREAMS`.
+        trust_writer: on a writer behind us (rule 4), move our token back to
+            the writer's (True) or keep ours (False).
         max_buffered: the most rows one pair's fetch-time queue, and one
-            pending batch, may hold (see rule 5 above).
+            pending batch, may hold (rule 5).
+        budget: the delivery side's account (rule 6); None: unbounded.
 
     Raises:
         ValueError: ``max_buffered`` is below 1.
@@ -342,15 +442,21 @@ class StreamPositions:
         streams: Collection[str] | None = None,
         start: Mapping[str, Mapping[str, int]] | None = None,
         writers: Mapping[str, Sequence[str]] | None = None,
+        fetchable: Collection[str] | None = None,
         resettable_streams: Collection[str] | None = None,
+        trust_writer: bool = True,
         max_buffered: int = 10_000,
+        budget: Budget | None = None,
     ) -> None:
         if max_buffered < 1:
             raise ValueError(f"max_buffered must be at least 1, not {max_buffered}")
         self.local_instance = local_instance
         self.max_buffered = max_buffered
+        self.trust_writer = trust_writer
         self.counters = Counters()
+        self._budget: Budget = budget if budget is not None else _Unbounded()
         self._tracked: frozenset[str] | None = None if streams is None else frozenset(streams)
+        self._fetchable: frozenset[str] | None = None if fetchable is None else frozenset(fetchable)
         self._resettable = frozenset(
             RESETTABLE_STREAMS if resettable_streams is None else resettable_streams
         )
@@ -358,7 +464,8 @@ class StreamPositions:
             stream: tuple(names) for stream, names in (writers or {}).items()
         }
         self._pairs: dict[str, dict[str, _Pair]] = {}
-        self._waiting: dict[Hashable, _Pair] = {}
+        #: Fetches waiting for room, by stream, in the order they began to wait.
+        self._waiting: dict[str, dict[str, _Pair]] = {}
         for stream, tokens in (start or {}).items():
             for writer, token in tokens.items():
                 pair = self._pair(stream, writer)
@@ -368,7 +475,7 @@ class StreamPositions:
     # ------------------------------------------------------------ queries
 
     def current_token(self, stream: str, writer: str) -> int | None:
-        """How far we have every row ``writer`` wrote to ``stream`` (None: unknown)."""
+        """How far every row ``writer`` wrote to ``stream`` was handed on (None: unknown)."""
         pair = self._pairs.get(stream, {}).get(writer)
         return None if pair is None else pair.token
 
@@ -378,29 +485,29 @@ class StreamPositions:
         return pair is not None and pair.connected
 
     def is_fetching(self, stream: str, writer: str) -> bool:
-        """Whether a fetch for the pair is in flight (its commands are queued)."""
+        """Whether the pair is catching up (its commands are queued or absorbed)."""
         pair = self._pairs.get(stream, {}).get(writer)
         return pair is not None and pair.fetch is not None
+
+    def is_requesting(self, stream: str, writer: str) -> bool:
+        """Whether a request for the pair is in flight (a FetchNeeded is unanswered)."""
+        pair = self._pairs.get(stream, {}).get(writer)
+        return pair is not None and pair.fetch is not None and pair.fetch.in_flight
+
+    def is_waiting(self, stream: str) -> bool:
+        """Whether a fetch for ``stream`` waits for the budget (see :meth:`resume`)."""
+        return stream in self._waiting
 
     def persisted_upto(self, stream: str) -> int | None:
         """The lowest token over the stream's writers: everything up to it is here.
 
         The writers are the ``writers`` given for the stream, else every
-        writer seen on it; ``local_instance`` is left out (a process knows
-        its own position better than we do).  None when a writer's token is
-        unknown, or no writer is known.
+        writer seen on it; ``local_instance`` is left out.  None when a
+        writer's token is unknown, or no writer is known.
         """
         pairs = self._pairs.get(stream, {})
-        names: Iterable[str] = self._writers.get(stream, pairs)
-        tokens = []
-        for name in names:
-            if name == self.local_instance:
-                continue
-            pair = pairs.get(name)
-            if pair is None or pair.token is None:
-                return None
-            tokens.append(pair.token)
-        return min(tokens) if tokens else None
+        tokens = {name: pair.token for name, pair in pairs.items()}
+        return lowest_token(tokens, self._writers.get(stream), self.local_instance)
 
     def positions(self) -> dict[str, dict[str, int]]:
         """Every known token, ``{stream: {writer: token}}``: a checkpoint for ``start``."""
@@ -410,41 +517,6 @@ class StreamPositions:
             if tokens:
                 out[stream] = tokens
         return out
-
-    # ------------------------------------------------------------ waiters
-
-    def wait_for(self, stream: str, writer: str, token: int, key: Hashable) -> bool:
-        """Ask to be told when ``writer``'s ``stream`` reaches ``token``.
-
-        Returns:
-            True when it already has (nothing is registered); else False, and
-            a :class:`PositionReached` with ``key`` comes out later.  Our own
-            instance's positions count as reached at once.
-
-        Raises:
-            StateError: the stream is not tracked, or ``key`` is already
-                waiting.
-        """
-        if writer == self.local_instance:
-            return True
-        pair = self._pair(stream, writer)
-        if pair is None:
-            raise StateError(f"stream {stream!r} is not tracked, so it never moves")
-        if pair.token is not None and pair.token >= token:
-            return True
-        if key in self._waiting:
-            raise StateError(f"a waiter with key {key!r} is already registered")
-        pair.waiters[key] = token
-        self._waiting[key] = pair
-        return False
-
-    def cancel_wait(self, key: Hashable) -> bool:
-        """Forget the waiter ``key`` (say, on timeout).  False if there was none."""
-        pair = self._waiting.pop(key, None)
-        if pair is None:
-            return False
-        del pair.waiters[key]
-        return True
 
     # ------------------------------------------------------------ inputs
 
@@ -472,24 +544,26 @@ class StreamPositions:
             limited: whether the writer has more rows before the target.
 
         Raises:
-            StateError: the pair is not fetching.
+            StateError: the pair has no request in flight.
         """
-        pair = self._fetching(stream, writer, "fetched")
+        pair = self._requesting(stream, writer, "fetched")
         fetch = pair.fetch
         assert fetch is not None and pair.token is not None
+        fetch.in_flight = False
         out: list[Event] = []
         start = pair.token
+        target = fetch.target
         for token, rows in _by_token(updates):
-            if token > pair.token:
+            if start < token <= target:
                 self._deliver(pair, token, rows, True, out)
-        if limited and max(pair.token, upto_token) < fetch.target:
+        if limited and max(pair.token, upto_token) < target:
             self._advance(pair, upto_token, out)
             if pair.token <= start:
                 self._give_up(pair, "the writer returned a limited page without progress", out)
             else:
-                self._request(pair, fetch.target, out)
+                self._request(pair, out)
             return out
-        self._advance(pair, fetch.target, out)
+        self._advance(pair, target, out)
         self._finish(pair, out)
         return out
 
@@ -500,19 +574,30 @@ class StreamPositions:
         skipped.
 
         Raises:
-            StateError: the pair is not fetching.
+            StateError: the pair has no request in flight.
         """
-        pair = self._fetching(stream, writer, "fetch_failed")
+        pair = self._requesting(stream, writer, "fetch_failed")
+        assert pair.fetch is not None
+        pair.fetch.in_flight = False
         out: list[Event] = []
         self._give_up(pair, reason, out)
+        return out
+
+    def resume(self, stream: str) -> list[Event]:
+        """Send the requests of ``stream`` that wait for room, if the budget wants them."""
+        out: list[Event] = []
+        waiting = self._waiting.get(stream)
+        while waiting and self._budget.wants_pages(stream):
+            writer = next(iter(waiting))
+            self._request(waiting[writer], out)
         return out
 
     def connection_lost(self) -> list[Event]:
         """The Redis connection went away: every pair is unconnected until its next POSITION.
 
         Pending batches and fetch-time queues are dropped (they are what the
-        new connection's POSITIONs will account for); tokens, waiters and
-        fetches in flight are kept.  Returns [] (no event follows from it).
+        new connection's POSITIONs will account for); tokens and fetches are
+        kept.  Returns [] (no event follows from it).
         """
         for pairs in self._pairs.values():
             for pair in pairs.values():
@@ -534,10 +619,12 @@ class StreamPositions:
             pairs = self._pairs[stream] = {}
         pair = pairs.get(writer)
         if pair is None:
-            pair = pairs[writer] = _Pair(stream, writer, stream in self._resettable)
+            fetchable = self._fetchable is None or writer in self._fetchable
+            pair = _Pair(stream, writer, stream in self._resettable, fetchable)
+            pairs[writer] = pair
         return pair
 
-    def _pair_of(self, cmd: RdataCommand | PositionCommand) -> _Pair | None:
+    def _pair_of(self, cmd: RdataCommand | PositionCommand, out: list[Event]) -> _Pair | None:
         """The pair a command is about, or None (counted) for our own echoes
         and streams we do not follow."""
         if cmd.instance_name == self.local_instance:
@@ -546,18 +633,25 @@ class StreamPositions:
         pair = self._pair(cmd.stream_name, cmd.instance_name)
         if pair is None:
             self.counters.ignored_streams += 1
+            return None
+        if not pair.fetchable:
+            self.counters.unnamed_writer_commands += 1
+            if not pair.heard:
+                out.append(UnnamedWriter(pair.stream, pair.writer))
+        pair.heard = True
         return pair
 
     def _receive_rdata(self, cmd: RdataCommand) -> list[Event]:
-        pair = self._pair_of(cmd)
+        out: list[Event] = []
+        pair = self._pair_of(cmd, out)
         if pair is None:
-            return []
+            return out
         token = cmd.token
         if pair.fetch is None and not pair.connected:
             self.counters.unconnected_dropped += 1
             if token is not None:
                 self._drop_batch(pair)
-            return []
+            return out
         if token is None:
             if pair.batch_lost:
                 pass
@@ -567,7 +661,7 @@ class StreamPositions:
                 self.counters.batch_overflows += 1
                 pair.batch.clear()
                 pair.batch_lost = True
-            return []
+            return out
         entry: _Entry
         if pair.batch_lost:
             pair.batch_lost = False
@@ -580,26 +674,25 @@ class StreamPositions:
             entry = _Rows(token, (cmd.row,))
         if pair.fetch is not None:
             self._enqueue(pair, entry)
-            return []
-        out: list[Event] = []
-        self._apply(pair, entry, out)
+        else:
+            self._apply(pair, entry, out)
         return out
 
     def _receive_position(self, cmd: PositionCommand) -> list[Event]:
-        pair = self._pair_of(cmd)
+        out: list[Event] = []
+        pair = self._pair_of(cmd, out)
         if pair is None:
-            return []
+            return out
         if cmd.prev_token > cmd.new_token:
             self.counters.malformed_positions += 1
-            return []
+            return out
         if pair.fetch is not None:
             self._drop_batch(pair)
             self._enqueue(pair, cmd)
-            return []
+            return out
         if self._redundant(pair, cmd):
-            return []
+            return out
         self._drop_batch(pair)
-        out: list[Event] = []
         self._position(pair, cmd, out)
         return out
 
@@ -621,12 +714,7 @@ class StreamPositions:
             self._position(pair, entry, out)
 
     def _redundant(self, pair: _Pair, cmd: PositionCommand) -> bool:
-        if (
-            pair.connected
-            and not pair.resettable
-            and pair.token is not None
-            and cmd.new_token <= pair.token
-        ):
+        if pair.connected and pair.token is not None and cmd.new_token == pair.token:
             self.counters.redundant_positions += 1
             return True
         return False
@@ -634,24 +722,41 @@ class StreamPositions:
     def _position(self, pair: _Pair, cmd: PositionCommand, out: list[Event]) -> None:
         cur = pair.token
         new = cmd.new_token
-        if cur is None:
+        if cur is None or cmd.prev_token <= cur <= new:
             pair.connected = True
             self._advance(pair, new, out)
         elif cur < cmd.prev_token:
-            self._start_fetch(pair, new, True, out)
-        elif cur <= new:
-            pair.connected = True
-            self._advance(pair, new, out)
+            if pair.fetchable:
+                self._start_fetch(pair, new, True, out)
+            else:
+                self.counters.unnamed_writer_gaps += 1
+                pair.connected = True
+                self._advance(pair, new, out)
         else:
             pair.connected = True
             if pair.resettable:
                 self.counters.resets += 1
                 pair.token = new
                 out.append(StreamReset(pair.stream, pair.writer, cur, new))
+            else:
+                self.counters.writers_behind += 1
+                if self.trust_writer:
+                    pair.token = new
+                out.append(WriterBehind(pair.stream, pair.writer, cur, new, self.trust_writer))
 
     def _enqueue(self, pair: _Pair, entry: _Entry) -> None:
         fetch = pair.fetch
-        assert fetch is not None
+        assert fetch is not None and pair.token is not None
+        if not fetch.in_flight and not fetch.queue and not pair.resettable:
+            # Waiting for room (rule 6): remember how far to fetch, keep nothing.
+            if isinstance(entry, PositionCommand):
+                if entry.new_token >= pair.token:
+                    fetch.target = max(fetch.target, entry.new_token)
+                    fetch.connect = True
+                    return
+            else:
+                fetch.target = max(fetch.target, entry.token)
+                return
         queue = fetch.queue
         queue.append(entry)
         fetch.size += _entry_size(entry)
@@ -675,14 +780,51 @@ class StreamPositions:
         fetch.size = 1
 
     def _start_fetch(self, pair: _Pair, upto: int, connect: bool, out: list[Event]) -> None:
+        if not pair.fetchable:
+            # Rows we dropped ourselves (a batch too long to keep) from a
+            # writer nothing can be fetched from: a real loss, said so.
+            assert pair.token is not None
+            self.counters.gaps_unfillable += 1
+            out.append(
+                GapUnfillable(
+                    pair.stream,
+                    pair.writer,
+                    pair.token,
+                    upto,
+                    f"{pair.writer!r} is not named in the configuration, so its rows "
+                    "cannot be fetched",
+                )
+            )
+            pair.connected = connect
+            self._advance(pair, upto, out)
+            return
         pair.fetch = _Fetch(upto, connect)
         pair.connected = False
-        self._request(pair, upto, out)
+        self._request(pair, out)
 
-    def _request(self, pair: _Pair, upto: int, out: list[Event]) -> None:
-        assert pair.token is not None
+    def _request(self, pair: _Pair, out: list[Event]) -> None:
+        """Ask for the next page now, or wait for the budget to want one."""
+        fetch = pair.fetch
+        assert fetch is not None and pair.token is not None
+        if not self._budget.wants_pages(pair.stream):
+            self._waiting.setdefault(pair.stream, {})[pair.writer] = pair
+            return
+        self._unwait(pair)
+        fetch.in_flight = True
         self.counters.fetches += 1
-        out.append(FetchNeeded(pair.stream, pair.writer, pair.token, upto))
+        out.append(FetchNeeded(pair.stream, pair.writer, pair.token, fetch.target))
+
+    def _hold(self, pair: _Pair, token: int) -> None:
+        """The budget refused live rows at ``token``: fetch them once there is room."""
+        self.counters.overflows += 1
+        pair.fetch = _Fetch(token, pair.connected)
+        pair.connected = False
+        self._waiting.setdefault(pair.stream, {})[pair.writer] = pair
+
+    def _unwait(self, pair: _Pair) -> None:
+        waiting = self._waiting.get(pair.stream)
+        if waiting is not None and waiting.pop(pair.writer, None) is not None and not waiting:
+            del self._waiting[pair.stream]
 
     def _give_up(self, pair: _Pair, reason: str, out: list[Event]) -> None:
         fetch = pair.fetch
@@ -702,14 +844,15 @@ class StreamPositions:
         while queue:
             self._apply(pair, queue.popleft(), out)
             if pair.fetch is not None:
-                # A replayed entry started another fetch: the rest waits for it.
-                pair.fetch.queue.extend(queue)
-                pair.fetch.size = sum(map(_entry_size, queue))
+                # A replayed entry started another fetch (or was refused): the
+                # rest waits for it.
+                while queue:
+                    self._enqueue(pair, queue.popleft())
                 return
 
-    def _fetching(self, stream: str, writer: str, what: str) -> _Pair:
+    def _requesting(self, stream: str, writer: str, what: str) -> _Pair:
         pair = self._pairs.get(stream, {}).get(writer)
-        if pair is None or pair.fetch is None:
+        if pair is None or pair.fetch is None or not pair.fetch.in_flight:
             raise StateError(f"{what}() for {stream}/{writer}, which has no fetch in flight")
         return pair
 
@@ -722,26 +865,16 @@ class StreamPositions:
     def _deliver(
         self, pair: _Pair, token: int, rows: tuple[AnyRow, ...], fetched: bool, out: list[Event]
     ) -> None:
+        if not self._budget.reserve(pair.stream, len(rows), not fetched and pair.fetchable):
+            self._hold(pair, token)
+            return
         pair.token = token
         out.append(RowsReceived(pair.stream, pair.writer, token, rows, fetched))
-        if pair.waiters:
-            self._wake(pair, out)
 
     def _advance(self, pair: _Pair, token: int, out: list[Event]) -> None:
         if pair.token is None or token > pair.token:
             pair.token = token
             out.append(PositionAdvanced(pair.stream, pair.writer, token))
-            if pair.waiters:
-                self._wake(pair, out)
-
-    def _wake(self, pair: _Pair, out: list[Event]) -> None:
-        token = pair.token
-        assert token is not None
-        done = [key for key, wanted in pair.waiters.items() if wanted <= token]
-        for key in done:
-            del pair.waiters[key]
-            del self._waiting[key]
-            out.append(PositionReached(key, pair.stream, pair.writer, token))
 
 
 def _by_token(updates: Sequence[tuple[int, AnyRow]]) -> Iterator[tuple[int, tuple[AnyRow, ...]]]:

@@ -126,7 +126,7 @@ async def test_dropped_rdata_is_fetched_when_a_position_reveals_it() -> None:
     hs.position("receipts")
     await wait_until(lambda: client.positions()["receipts"]["master"] == start + 5, what="fetch")
     assert [(b.token, b.fetched) for b in seen.batches][-1] == (start + 5, True)
-    assert client.counters["fetch_pages"] >= 1
+    assert client.counters.fetch_pages >= 1
     await client.stop()
     await hs.stop()
 
@@ -159,7 +159,7 @@ async def test_restart_from_saved_positions_catches_up_over_http() -> None:
         hs, "events", "master", saved["events"]["master"]
     )
     assert [b.fetched for b in seen.batches].count(False) == 1  # only the last one was live
-    assert second.counters["fetch_pages"] > 5  # 49 tokens in pages of 7 rows
+    assert second.counters.fetch_pages > 5  # 49 tokens in pages of 7 rows
     await second.stop()
     await hs.stop()
 
@@ -183,8 +183,8 @@ async def test_garbage_and_unknown_commands_are_skipped() -> None:
         await hs.publish_raw("\xff\x00 garbage")
     await wait_until(lambda: client.positions()["typing"]["master"] == start + 5)
     assert seen.rows("typing", "master") == expected(hs, "typing", "master", start)
-    assert client.counters["unknown_commands"] >= 5
-    assert client.counters["bad_lines"] >= 5
+    assert client.counters.unknown_commands >= 5
+    assert client.counters.bad_lines >= 5
     await client.stop()
     await hs.stop()
 
@@ -202,7 +202,7 @@ async def test_slow_handler_memory_stays_bounded_and_nothing_is_lost() -> None:
 
     async def slow(batch: RowsReceived) -> None:
         nonlocal peak
-        peak = max(peak, client._queues["to_device"].pending_rows)
+        peak = max(peak, client.pending_rows("to_device"))
         seen(batch)
         await sleep(0.001)
 
@@ -215,7 +215,7 @@ async def test_slow_handler_memory_stays_bounded_and_nothing_is_lost() -> None:
         lambda: client.positions()["to_device"]["master"] == hs.token("to_device"), timeout=60
     )
     assert seen.rows("to_device", "master") == expected(hs, "to_device", "master", start)
-    assert client.counters["overflows"] >= 1
+    assert client.counters.overflows >= 1
     assert peak <= 100 + 50
     await client.stop()
     await hs.stop()

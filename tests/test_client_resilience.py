@@ -17,6 +17,7 @@ from client_helpers import Collector, sleep, unique_server_name, wait_until
 from redis_server import RedisServer, redis_server_available
 from twisted.internet import reactor
 
+from synrepl.connection import TransportOptions
 from synrepl.streams import EventRow, TypingRow
 from synrepl.testing.homeserver import FakeHomeserver
 from synrepl.twisted.client import ReplicationClient
@@ -24,7 +25,7 @@ from synrepl.twisted.http_client import ReplicationHttpClient
 
 pytestmark = pytest.mark.skipif(not redis_server_available(), reason="no redis-server binary")
 
-FAST = {"keepalive_interval": 0.3, "keepalive_timeout": 0.3, "max_backoff": 0.3}
+FAST = TransportOptions(keepalive_interval=0.3, keepalive_timeout=0.3, max_backoff=0.3)
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ async def test_redis_restarted_mid_stream(server: RedisServer) -> None:
     start = client.positions()["events"]["master"]
     await write_while(hs, 150, 50, server.kill)
     server.start()
-    await wait_until(lambda: client.counters["reconnects"] >= 1, timeout=20, what="reconnect")
+    await wait_until(lambda: client.counters.reconnects >= 1, timeout=20, what="reconnect")
     await write_while(hs, 30, 0, lambda: None)
     await settle(hs, client, start, seen)
     assert hs.publish_failures > 0  # rows really were lost on the wire
@@ -115,7 +116,7 @@ async def test_subscriber_killed_with_client_kill(server: RedisServer) -> None:
     start = client.positions()["events"]["master"]
     admin = server.client()
     await write_while(hs, 100, 40, lambda: admin.client_kill_filter(_type="pubsub"))
-    await wait_until(lambda: client.counters["reconnects"] >= 1, timeout=20, what="reconnect")
+    await wait_until(lambda: client.counters.reconnects >= 1, timeout=20, what="reconnect")
     await settle(hs, client, start, seen)
     await shutdown(hs, client)
 
@@ -128,7 +129,7 @@ async def test_redis_paused_past_the_keepalive(server: RedisServer) -> None:
     start = client.positions()["events"]["master"]
     admin = server.client()
     await write_while(hs, 60, 20, lambda: admin.execute_command("CLIENT", "PAUSE", "1500", "ALL"))
-    await wait_until(lambda: client.counters["reconnects"] >= 1, timeout=20, what="reconnect")
+    await wait_until(lambda: client.counters.reconnects >= 1, timeout=20, what="reconnect")
     await settle(hs, client, start, seen)
     await shutdown(hs, client)
 

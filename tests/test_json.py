@@ -17,6 +17,8 @@ from synrepl.testing import strategies as rs
     [
         "123456789012345678901234567890",  # beyond 64 bits: orjson would give a float
         "[18446744073709551616, -18446744073709551617]",
+        "-9223372036854775809",  # 19 digits, just below int64: orjson gives a float
+        '{"_INT_STREAM_POS": {"events": -9223372036854775809}}',
         '{"big": 99999999999999999999}',
         '"\\ud800"',  # lone surrogate escape: orjson refuses, Synapse accepts
         "1e400",  # overflows to inf in the stdlib, as in Synapse

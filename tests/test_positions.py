@@ -20,11 +20,12 @@ from synrepl.positions import (
     FetchNeeded,
     GapUnfillable,
     PositionAdvanced,
-    PositionReached,
     RowsReceived,
     StateError,
     StreamPositions,
     StreamReset,
+    UnnamedWriter,
+    WriterBehind,
 )
 from synrepl.streams import AnyRow, parse_row
 
@@ -84,8 +85,6 @@ def test_untracked_streams_are_ignored() -> None:
     assert sp.current_token("typing", "master") is None
     assert sp.counters.ignored_streams == 2
     assert sp.positions() == {}
-    with pytest.raises(StateError, match="not tracked"):
-        sp.wait_for("typing", "master", 3, "k")
 
 
 def test_other_commands_give_nothing() -> None:
@@ -211,11 +210,11 @@ def test_position_at_current_token_connects_silently() -> None:
     assert sp.is_connected("events", "master")
 
 
-def test_redundant_position_on_monotonic_stream_is_ignored() -> None:
-    """On a monotonic stream a connected pair ignores a POSITION with new <= cur,
-    whatever its prev says."""
+def test_redundant_position_is_ignored() -> None:
+    """A connected pair ignores a POSITION whose new token is its own, whatever
+    its prev says."""
     sp = connected(10)
-    assert sp.receive(pos("events", "master", 2, 8)) == []
+    assert sp.receive(pos("events", "master", 2, 10)) == []
     assert sp.receive(pos("events", "master", 10, 10)) == []
     assert sp.counters.redundant_positions == 2
     assert sp.current_token("events", "master") == 10
@@ -252,20 +251,47 @@ def test_reset_of_resettable_stream() -> None:
     assert sp.counters.resets == 1
 
 
-def test_position_behind_on_monotonic_stream_keeps_token() -> None:
-    """cur > new on a monotonic stream (unconnected, so not redundant): never go back; connect."""
-    sp = StreamPositions(start={"events": {"master": 50}})
-    assert sp.receive(pos("events", "master", 3, 7)) == []
-    assert sp.current_token("events", "master") == 50
+def test_writer_behind_on_monotonic_stream_is_trusted_by_default() -> None:
+    """cur > new on a monotonic stream (a checkpoint kept across a database
+    restore): WriterBehind, and by default the token becomes the writer's, so
+    its next rows are delivered instead of dropped as duplicates."""
+    sp = StreamPositions(start={"events": {"master": 500}})
+    assert sp.receive(pos("events", "master", 7, 7)) == [
+        WriterBehind("events", "master", 500, 7, True)
+    ]
+    assert sp.current_token("events", "master") == 7
     assert sp.is_connected("events", "master")
+    assert rows_of(sp.receive(rdata("events", "master", 8, 1))) == [(8, (row("events", 1),))]
+    assert sp.counters.writers_behind == 1
+
+
+def test_writer_behind_when_connected_after_a_forged_rdata() -> None:
+    """A forged RDATA far ahead moves a connected pair's token; the writer's next
+    POSITION shows it, instead of being ignored as redundant."""
+    sp = connected(10)
+    sp.receive(rdata("events", "master", 1_000_000, 1))
+    assert sp.receive(pos("events", "master", 10, 11)) == [
+        WriterBehind("events", "master", 1_000_000, 11, True)
+    ]
+    assert sp.current_token("events", "master") == 11
+
+
+def test_writer_behind_can_keep_our_token() -> None:
+    """trust_writer=False keeps our token (and still says so)."""
+    sp = StreamPositions(start={"caches": {"master": 50}}, trust_writer=False)
+    assert sp.receive(pos("caches", "master", 3, 3)) == [
+        WriterBehind("caches", "master", 50, 3, False)
+    ]
+    assert sp.current_token("caches", "master") == 50
+    assert sp.is_connected("caches", "master")
 
 
 def test_caches_is_monotonic() -> None:
-    """caches follows Synapse 1.163.2: a stale POSITION is discarded, never a reset."""
+    """caches is not resettable: a writer behind us is WriterBehind, never a reset."""
     assert "caches" not in RESETTABLE_STREAMS
     sp = connected(50, stream="caches")
-    assert sp.receive(pos("caches", "master", 3, 3)) == []
-    assert sp.current_token("caches", "master") == 50
+    events = sp.receive(pos("caches", "master", 3, 3))
+    assert [type(e) for e in events] == [WriterBehind]
 
 
 def test_resettable_streams_can_be_configured() -> None:
@@ -506,66 +532,6 @@ def test_fetch_failed_reports_the_exact_gap() -> None:
     assert sp.is_connected("events", "master")
 
 
-# ---------------------------------------------------------------- rule 8: waiters
-
-
-def test_wait_for_already_reached() -> None:
-    """wait_for returns True at once when the token is already there, or for ourselves."""
-    sp = connected(10, local_instance="me")
-    assert sp.wait_for("events", "master", 10, "a") is True
-    assert sp.wait_for("events", "me", 10_000, "b") is True
-
-
-def test_waiters_fire_by_every_path() -> None:
-    """PositionReached comes out of RDATA, POSITION, a fetch and a failed fetch alike."""
-    sp = connected(10)
-    for key, token in (("rdata", 11), ("position", 12), ("fetch", 14), ("gap", 20)):
-        assert sp.wait_for("events", "master", token, key) is False
-    assert sp.receive(rdata("events", "master", 11, 1))[-1] == PositionReached(
-        "rdata", "events", "master", 11
-    )
-    assert sp.receive(pos("events", "master", 11, 12))[-1] == PositionReached(
-        "position", "events", "master", 12
-    )
-    sp.receive(pos("events", "master", 13, 20))
-    events = sp.fetched("events", "master", [(14, row("events", 14))], 14, True)
-    assert PositionReached("fetch", "events", "master", 14) in events
-    events = sp.fetch_failed("events", "master", "down")
-    assert events[-1] == PositionReached("gap", "events", "master", 20)
-
-
-def test_waiter_reports_current_token_and_fires_once() -> None:
-    """The event carries the token reached, which may pass the awaited one; then it is gone."""
-    sp = connected(10)
-    sp.wait_for("events", "master", 12, "k")
-    assert sp.receive(pos("events", "master", 10, 30)) == [
-        PositionAdvanced("events", "master", 30),
-        PositionReached("k", "events", "master", 30),
-    ]
-    assert sp.receive(pos("events", "master", 30, 40)) == [PositionAdvanced("events", "master", 40)]
-
-
-def test_cancel_wait_and_duplicate_keys() -> None:
-    """A key may wait once at a time; cancel_wait removes it."""
-    sp = connected(10)
-    sp.wait_for("events", "master", 12, "k")
-    with pytest.raises(StateError, match="already"):
-        sp.wait_for("events", "master", 13, "k")
-    assert sp.cancel_wait("k") is True
-    assert sp.cancel_wait("k") is False
-    assert sp.receive(pos("events", "master", 10, 30)) == [PositionAdvanced("events", "master", 30)]
-
-
-def test_waiter_survives_reset() -> None:
-    """A reset moves the token back; the waiter fires when the new tokens reach it."""
-    sp = connected(50, stream="typing")
-    sp.wait_for("typing", "master", 60, "k")
-    sp.receive(pos("typing", "master", 3, 3))
-    assert sp.receive(pos("typing", "master", 3, 61))[-1] == PositionReached(
-        "k", "typing", "master", 61
-    )
-
-
 # ---------------------------------------------------------------- queries
 
 
@@ -660,3 +626,134 @@ def test_corpus_traffic(name: str) -> None:
     assert sp.counters.unconnected_dropped == 0
     for (stream, writer), token in seen.items():
         assert sp.current_token(stream, writer) == token
+
+
+# ---------------------------------------------------------------- rule 6: the budget
+
+
+class Room:
+    """A budget that refuses live rows while ``full`` and wants pages unless ``busy``."""
+
+    def __init__(self) -> None:
+        self.full = False
+        self.busy = False
+        self.taken: list[tuple[int, bool]] = []
+
+    def reserve(self, stream: str, rows: int, refusable: bool) -> bool:
+        if refusable and self.full:
+            return False
+        self.taken.append((rows, refusable))
+        return True
+
+    def wants_pages(self, stream: str) -> bool:
+        return not self.busy
+
+
+def test_refused_rows_wait_for_room_then_are_fetched() -> None:
+    """Live rows the budget refuses are not kept: the pair waits for room,
+    remembering only how far to fetch; resume() asks for exactly that range."""
+    room = Room()
+    sp = connected(10, budget=room)
+    room.full = room.busy = True
+    assert sp.receive(rdata("events", "master", 11, 1)) == []
+    assert sp.counters.overflows == 1
+    assert sp.current_token("events", "master") == 10
+    assert sp.is_fetching("events", "master") and not sp.is_requesting("events", "master")
+    for n in (12, 13):
+        assert sp.receive(rdata("events", "master", n, n)) == []
+    assert sp.receive(pos("events", "master", 13, 15)) == []
+    assert sp.is_waiting("events")
+    assert sp.resume("events") == []  # still no room for a page
+    room.full = room.busy = False
+    assert sp.resume("events") == [FetchNeeded("events", "master", 10, 15)]
+    assert not sp.is_waiting("events")
+    rows = [(n, row("events", n)) for n in (11, 12, 13)]
+    events = sp.fetched("events", "master", rows, 15, False)
+    assert rows_of(events) == [(n, (row("events", n),)) for n in (11, 12, 13)]
+    assert events[-1] == PositionAdvanced("events", "master", 15)
+    assert sp.is_connected("events", "master")  # the absorbed POSITION connects
+
+
+def test_target_is_fixed_while_a_request_is_in_flight() -> None:
+    """Rows arriving while a page is on its way are queued, not added to the
+    request: the answer covers exactly what was asked, and the queued rows
+    follow it (the overflow-refill loss of issue 9)."""
+    room = Room()
+    sp = connected(10, budget=room)
+    room.full = True
+    sp.receive(rdata("events", "master", 11, 1))
+    room.full = False
+    assert sp.resume("events") == [FetchNeeded("events", "master", 10, 11)]
+    assert sp.receive(rdata("events", "master", 12, 2)) == []  # live, while in flight
+    events = sp.fetched("events", "master", [(11, row("events", 1))], 11, False)
+    assert rows_of(events) == [(11, (row("events", 1),)), (12, (row("events", 2),))]
+
+
+def test_rows_beyond_the_target_in_a_page_are_ignored() -> None:
+    """A page that carries rows past what was asked does not move the token past
+    the target: those rows come again, in order, from the queue or a fetch."""
+    sp = connected(10)
+    sp.receive(pos("events", "master", 12, 12))
+    events = sp.fetched(
+        "events", "master", [(12, row("events", 12)), (13, row("events", 13))], 13, False
+    )
+    assert rows_of(events) == [(12, (row("events", 12),))]
+    assert sp.current_token("events", "master") == 12
+
+
+def test_next_page_waits_for_room() -> None:
+    """After a limited page, the next page is asked for only when the budget wants one."""
+    room = Room()
+    sp = connected(10, budget=room)
+    sp.receive(pos("events", "master", 12, 20))
+    room.busy = True
+    events = sp.fetched("events", "master", [(11, row("events", 1))], 11, True)
+    assert rows_of(events) == [(11, (row("events", 1),))]
+    assert not any(isinstance(e, FetchNeeded) for e in events)
+    assert room.taken == [(1, False)]  # fetched rows are always taken
+    room.busy = False
+    assert sp.resume("events") == [FetchNeeded("events", "master", 11, 20)]
+
+
+def test_refusal_during_replay_waits_with_the_rest() -> None:
+    """A queued row refused when the fetch ends makes the pair wait again; the
+    rest of the queue only raises the target."""
+    room = Room()
+    sp = connected(10, budget=room)
+    sp.receive(pos("events", "master", 12, 12))
+    for n in (13, 14, 15):
+        sp.receive(rdata("events", "master", n, n))
+    room.full = room.busy = True
+    events = sp.fetched("events", "master", [(12, row("events", 12))], 12, False)
+    assert rows_of(events) == [(12, (row("events", 12),))]
+    assert sp.current_token("events", "master") == 12
+    room.full = room.busy = False
+    assert sp.resume("events") == [FetchNeeded("events", "master", 12, 15)]
+
+
+# ---------------------------------------------------------------- rule 9: unnamed writers
+
+
+def test_unnamed_writer_rows_are_delivered_but_never_fetched() -> None:
+    """A writer the configuration does not name: said once, its rows delivered, a gap
+    its POSITION reveals skipped and counted, never a FetchNeeded or a loss."""
+    sp = StreamPositions(fetchable={"master"})
+    assert sp.receive(pos("caches", "ghost", 5, 5)) == [
+        UnnamedWriter("caches", "ghost"),
+        PositionAdvanced("caches", "ghost", 5),
+    ]
+    assert rows_of(sp.receive(rdata("caches", "ghost", 6, 1))) == [(6, (row("caches", 1),))]
+    assert sp.receive(pos("caches", "ghost", 9, 10)) == [PositionAdvanced("caches", "ghost", 10)]
+    assert sp.counters.unnamed_writer_gaps == 1
+    assert sp.counters.unnamed_writer_commands == 3
+    assert sp.counters.fetches == sp.counters.gaps_unfillable == 0
+
+
+def test_unnamed_writer_rows_are_never_refused() -> None:
+    """Rows that could not be fetched back are taken even when the budget is full."""
+    room = Room()
+    room.full = True
+    sp = StreamPositions(fetchable={"master"}, budget=room)
+    sp.receive(pos("caches", "ghost", 5, 5))
+    assert rows_of(sp.receive(rdata("caches", "ghost", 6, 1))) == [(6, (row("caches", 1),))]
+    assert room.taken == [(1, False)]

@@ -22,7 +22,6 @@ Invariants, checked after every step:
 - each FetchNeeded starts at our token, never asks beyond what the writer
   has, and one caused by a POSITION asks for exactly (our token, new];
 - a pair has a fetch outstanding exactly while it is fetching;
-- waiters fire only when reached, and with the current token.
 
 At teardown the connection comes back and every writer answers REPLICATE;
 once the wire is drained and fetches are served, a connected pair has every
@@ -34,12 +33,19 @@ or is excused as above.
 
 from __future__ import annotations
 
-from collections import deque
-
-import attrs
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from writer_model import (
+    PAIRS,
+    WRITERS,
+    WRITERS_BY_STREAM,
+    Pair,
+    Writer,
+    WriterStream,
+    label,
+    make_row,
+)
 
 from synrepl.commands import Command, PositionCommand, RdataCommand
 from synrepl.positions import (
@@ -47,51 +53,9 @@ from synrepl.positions import (
     FetchNeeded,
     GapUnfillable,
     PositionAdvanced,
-    PositionReached,
     RowsReceived,
     StreamPositions,
 )
-from synrepl.streams import AnyRow, parse_row
-
-WRITERS_BY_STREAM = {
-    "events": ("master", "p1", "p2"),
-    "receipts": ("master", "p1"),
-    "typing": ("master",),  # resettable, single writer as in Synapse
-}
-PAIRS = tuple((s, w) for s, ws in WRITERS_BY_STREAM.items() for w in ws)
-WRITERS = ("master", "p1", "p2")
-
-Pair = tuple[str, str]
-
-
-def make_row(stream: str, n: int) -> AnyRow:
-    if stream == "typing":
-        return parse_row("typing", [f"!r{n}:x", [f"@u{n}:x"]])
-    if stream == "receipts":
-        return parse_row("receipts", ["!r:x", "m.read", "@u:x", f"$e{n}", None, {"ts": n}])
-    return parse_row(
-        "events", ["ev", [f"$e{n}", "!r:x", "m.room.message", None, None, None, None, False, False]]
-    )
-
-
-def label(row: AnyRow) -> str:
-    """The unique name a model row was made with."""
-    return getattr(row, "room_id" if type(row).__name__ == "TypingRow" else "event_id")  # type: ignore[no-any-return]
-
-
-@attrs.define
-class WriterStream:
-    token: int = 0
-    last: int = 0
-    history: dict[int, list[AnyRow]] = attrs.Factory(dict)
-
-
-@attrs.define
-class Writer:
-    name: str
-    streams: dict[str, WriterStream]
-    wire: deque[Command] = attrs.Factory(deque)
-    owes_answer: bool = True
 
 
 class PositionsMachine(RuleBasedStateMachine):
@@ -122,14 +86,12 @@ class PositionsMachine(RuleBasedStateMachine):
             for _ in range(count):
                 self.publish(pair, 2)
         self.up = True
-        self.next_key = 0
         # Mirrors built from events alone.
         self.tokens: dict[Pair, int | None] = {p: None if p in from_now else 0 for p in PAIRS}
         self.delivered: set[str] = set()
         self.excused_upto: dict[Pair, int] = {}
         self.gaps: list[tuple[Pair, int, int]] = []
         self.outstanding: dict[Pair, tuple[int, int]] = {}
-        self.waiters: dict[int, tuple[Pair, int]] = {}
         start: dict[str, dict[str, int]] = {}
         for s, w in PAIRS:
             if (s, w) not in from_now:
@@ -182,11 +144,6 @@ class PositionsMachine(RuleBasedStateMachine):
                 pair = (event.stream, event.writer)
                 assert event.from_token == self.tokens[pair]
                 self.gaps.append((pair, event.from_token, event.upto_token))
-            elif isinstance(event, PositionReached):
-                pair, wanted = self.waiters.pop(event.key)  # type: ignore[call-overload]
-                assert pair == (event.stream, event.writer)
-                assert event.token == self.tokens[pair]
-                assert event.token >= wanted
             else:  # pragma: no cover
                 # No writer restarts here, so no StreamReset either.
                 raise TypeError(f"unexpected event {event!r}")
@@ -312,13 +269,12 @@ class PositionsMachine(RuleBasedStateMachine):
                 self.answer_replicate(name)
 
     def restart_consumer(self, prompt: bool) -> None:
-        """The consumer restarts from its checkpoint (fetches and waiters are lost)."""
+        """The consumer restarts from its checkpoint (fetches are lost)."""
         checkpoint = self.sp.positions()
         for pair in PAIRS:
             assert checkpoint.get(pair[0], {}).get(pair[1]) == self.tokens[pair]
         self.sp = self._new_consumer(checkpoint)
         self.outstanding.clear()
-        self.waiters.clear()
         self.reconnect(prompt)
 
     # ------------------------------------------------------------ HTTP catch-up
@@ -360,19 +316,6 @@ class PositionsMachine(RuleBasedStateMachine):
         updates = [(t, r) for t in tokens for r in history[t]]
         self.absorb(self.sp.fetched(*pair, updates, tokens[-1] if limited else upto, limited))
 
-    # ------------------------------------------------------------ waiters
-
-    @rule(pair=st.sampled_from(PAIRS), ahead=st.integers(0, 4))
-    def wait(self, pair: Pair, ahead: int) -> None:
-        """Someone waits for the writer's current token plus a little."""
-        wanted = self.writers[pair[1]].streams[pair[0]].token + ahead
-        self.next_key += 1
-        if self.sp.wait_for(*pair, wanted, self.next_key):
-            cur = self.tokens[pair]
-            assert cur is not None and cur >= wanted
-        else:
-            self.waiters[self.next_key] = (pair, wanted)
-
     # ------------------------------------------------------------ invariants
 
     @invariant()
@@ -382,7 +325,7 @@ class PositionsMachine(RuleBasedStateMachine):
 
     @invariant()
     def one_fetch_per_fetching_pair(self) -> None:
-        assert set(self.outstanding) == {p for p in PAIRS if self.sp.is_fetching(*p)}
+        assert set(self.outstanding) == {p for p in PAIRS if self.sp.is_requesting(*p)}
 
     @invariant()
     def no_holes_below_the_tokens(self) -> None:
@@ -404,12 +347,6 @@ class PositionsMachine(RuleBasedStateMachine):
                 continue
             lost += [f"{label(r)}@{token}" for r in rows if label(r) not in self.delivered]
         return lost
-
-    @invariant()
-    def waiters_pending_only_below(self) -> None:
-        for pair, wanted in self.waiters.values():
-            cur = self.tokens[pair]
-            assert cur is None or cur < wanted
 
     # ------------------------------------------------------------ the end
 
@@ -451,8 +388,6 @@ class PositionsMachine(RuleBasedStateMachine):
             assert self.sp.persisted_upto(stream) == min(
                 self.writers[w].streams[stream].token for w in writers
             )
-        for pair, wanted in self.waiters.values():
-            assert self.writers[pair[1]].streams[pair[0]].token < wanted
 
 
 TestPositionsMachine = PositionsMachine.TestCase

@@ -15,6 +15,7 @@ from client_helpers import sleep, unique_server_name, wait_until
 from redis_server import RedisServer, redis_server_available
 from twisted.internet import reactor
 
+from synrepl.connection import TransportOptions
 from synrepl.streams import CurrentStateRow, EventRow
 from synrepl.testing.homeserver import FakeHomeserver
 
@@ -37,7 +38,7 @@ async def test_tail_events_prints_every_event_once_across_a_redis_restart(tmp_pa
             server_name=unique_server_name(),
             writers=("master", "persister1"),
             redis_port=server.port,
-            transport_options={"max_backoff": 0.5},
+            transport_options=TransportOptions(max_backoff=0.5),
         )
         await hs.start()
         hs.write("events", [ev(0, "!a:test")], writer="master")

@@ -29,7 +29,7 @@ Usage (inside a Twisted test)::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -40,6 +40,7 @@ from twisted.web import resource, server
 from synrepl import _json
 from synrepl.commands import PositionCommand, ReplicateCommand, encode, parse_line
 from synrepl.config import RedisConfig, SynapseConfig, config_from_dict
+from synrepl.connection import TransportOptions
 from synrepl.errors import ProtocolError
 from synrepl.streams import Row
 from synrepl.twisted.redis_transport import RedisTransport
@@ -82,7 +83,7 @@ class FakeHomeserver:
         redis_host, redis_port: the Redis to publish on.
         secret: the replication secret the HTTP endpoint demands (None: none).
         page_limit: rows per ``get_repl_stream_updates`` page.
-        transport_options: extra ``RedisTransport`` arguments (keepalive, ...).
+        transport_options: the ``RedisTransport``'s options (keepalive, backoff, ...).
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class FakeHomeserver:
         redis_port: int = 6379,
         secret: str | None = "synrepl-test-secret",
         page_limit: int = 100,
-        transport_options: Mapping[str, Any] | None = None,
+        transport_options: TransportOptions | None = None,
     ) -> None:
         if not writers:
             raise ValueError("a homeserver needs at least one writer")
@@ -114,13 +115,18 @@ class FakeHomeserver:
             on_line=self._on_line,
             on_subscribed=self._announce_all,
             on_connection_lost=lambda: None,
-            **dict(transport_options or {}),
+            options=transport_options or TransportOptions(),
         )
         #: Messages that could not be published (Redis down): lost on the wire,
         #: as they would be for Synapse; a later POSITION reveals the rows.
         self.publish_failures = 0
         #: How many REPLICATE commands (from anyone) this homeserver answered.
         self.replicates_seen = 0
+        #: Seconds every HTTP answer is held back: a busy writer.
+        self.http_delay = 0.0
+        #: Called as ``(writer, stream, from_token, upto_token)`` when an
+        #: update request arrives, before it is answered.
+        self.on_updates_request: Callable[[str, str, int, int], None] | None = None
         self._ready: defer.Deferred[None] = defer.Deferred()
 
     # ------------------------------------------------------------ lifecycle
@@ -320,7 +326,7 @@ class _UpdatesResource(resource.Resource):
         self._hs = hs
         self._writer = writer
 
-    def render_GET(self, request: server.Request) -> bytes:
+    def render_GET(self, request: server.Request) -> bytes | int:
         path = request.path
         query = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
         self._hs.http_requests.append((self._writer.name, path.decode(), query))
@@ -342,8 +348,26 @@ class _UpdatesResource(resource.Resource):
         except (KeyError, ValueError):
             request.setResponseCode(400)
             return _error("M_MISSING_PARAM", "from_token and upto_token are required")
-        body = self._hs._updates(self._writer, stream, from_token, upto_token)
-        return json.dumps(body).encode()
+        if self._hs.on_updates_request is not None:
+            self._hs.on_updates_request(self._writer.name, stream, from_token, upto_token)
+        delay = self._hs.http_delay
+        if delay <= 0:
+            body = self._hs._updates(self._writer, stream, from_token, upto_token)
+            return json.dumps(body).encode()
+
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer() -> None:
+            if gone:  # the client hung up meanwhile
+                return
+            # The history as it is when the answer is made, as for a busy writer.
+            late = self._hs._updates(self._writer, stream, from_token, upto_token)
+            request.write(json.dumps(late).encode())  # type: ignore[no-untyped-call]
+            request.finish()  # type: ignore[no-untyped-call]
+
+        self._hs._reactor.callLater(delay, answer)
+        return server.NOT_DONE_YET
 
 
 def _error(errcode: str, message: str) -> bytes:

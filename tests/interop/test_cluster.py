@@ -36,6 +36,7 @@ from repl import MonitorTap, Observation, Recorder, start_client
 from twisted.internet import defer, threads
 
 from synrepl.config import SynapseConfig, load_config
+from synrepl.connection import TransportOptions
 from synrepl.streams import STREAM_NAMES, EventRow
 
 pytestmark = pytest.mark.cluster
@@ -375,7 +376,7 @@ async def test_redis_restarted_while_messages_are_sent(
         assert fetched, "the event persisted while Redis was down can only come over HTTP"
         assert rec.gaps == [] and rec.untyped() == []
         rec.assert_in_order_once()
-        assert client.counters["reconnects"] >= 1
+        assert client.counters.reconnects >= 1
     finally:
         stop = True
         if not cluster_redis_running(cluster_redis):
@@ -403,7 +404,7 @@ async def test_read_only_observer_publishes_nothing(
         {},
         observer_rec,
         read_only=True,
-        transport_options={"client_name": "interop-observer"},
+        transport_options=TransportOptions(client_name="interop-observer"),
     )
     normal = None
     try:
