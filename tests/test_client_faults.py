@@ -15,6 +15,7 @@ import pytest_twisted
 from client_helpers import Collector, sleep, unique_server_name, wait_until
 from twisted.internet import defer, reactor
 
+from synrepl import _json
 from synrepl.positions import RowsReceived
 from synrepl.streams import CachesRow, EventRow
 from synrepl.testing.homeserver import FakeHomeserver
@@ -215,5 +216,33 @@ async def test_refill_starts_at_half_the_bound() -> None:
     assert len(depth_at_request) >= 10
     busy = [d for d in depth_at_request if d > 0]
     assert len(busy) >= len(depth_at_request) * 3 // 4, depth_at_request
+    await client.stop()
+    await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_position_from_a_writer_the_config_does_not_name_is_no_loss() -> None:
+    """POSITIONs from an instance nobody configured (a stray process, a forgery)
+    are counted and skipped for gap filling: no fetch, no false "rows lost"."""
+    hs = await homeserver()
+    hs.write("events", [event(0)])
+    client = client_for(hs)
+    seen = Collector()
+    client.on_rows("events", seen)
+    gaps: list[Any] = []
+    client.on_gap(gaps.append)
+    await client.start()
+    await wait_until(lambda: "events" in client.positions(), what="first POSITION")
+    await hs.publish_raw("POSITION events ghost 5 5")
+    await hs.publish_raw("POSITION events ghost 9 12")  # a "gap" nobody can fill
+    await hs.publish_raw("RDATA events ghost 13 " + _json.dumps(event(13).to_raw()))
+    token = hs.write("events", [event(1)])
+    await caught_up(client, "events", "master", token)
+    await wait_until(lambda: client.positions()["events"].get("ghost") == 13, what="ghost")
+    assert gaps == [] and client.counters.gaps == 0
+    assert client.counters.unnamed_writer_commands == 3
+    assert client.counters.wire.unnamed_writer_gaps == 1
+    assert [b.token for b in seen.batches if b.writer == "ghost"] == [13]
+    assert not any(writer == "ghost" for writer, _, _ in hs.http_requests)
     await client.stop()
     await hs.stop()

@@ -33,7 +33,7 @@ from harness import Deployment, subscribers, wait_for_subscribers
 from matrix_api import Api, User, cluster_route
 from redis_server import RedisServer
 from repl import MonitorTap, Observation, Recorder, start_client
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 
 from synrepl.config import SynapseConfig, load_config
 from synrepl.connection import TransportOptions
@@ -441,3 +441,78 @@ async def test_read_only_observer_publishes_nothing(
     ]
     assert [p for a, p in monitor.publishes() if a == address] == []
     assert not any(observer.instance_name in p for _, p in monitor.publishes())
+
+
+# ---------------------------------------------------------------- delivery under load
+
+
+class SlowFetcher:
+    """The client's own HTTP replication client, answering ``delay`` seconds late:
+    a writer busy enough that refill pages take their time."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self._inner = inner
+        self._delay = delay
+        self.pages = 0
+
+    async def get_repl_stream_updates(
+        self, instance: str, stream: str, from_token: int, upto_token: int
+    ) -> Any:
+        self.pages += 1
+        page = await self._inner.get_repl_stream_updates(instance, stream, from_token, upto_token)
+        await sleep(self._delay)
+        return page
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_handler_and_slow_http_refill_lose_nothing(
+    api: Api, cluster: Deployment, cluster_redis: RedisServer
+) -> None:
+    """The fault report of issue 9 against the real cluster: a handler at 5 ms
+    a row that stalls 2 s every 40 batches, a queue bound of 20 rows, refill
+    pages answered 1.5 s late, and a burst of messages on both persisters
+    while live rows keep coming.  Every event arrives exactly once, in order
+    per writer, with no gap; the queue overflowed and was refilled over HTTP."""
+    from synrepl.twisted.http_client import ReplicationHttpClient
+
+    config = cluster_config(cluster)
+    http = ReplicationHttpClient(reactor, config, instance_name="interop-slow")
+    fetcher = SlowFetcher(http, 1.5)
+    observation = Observation(
+        config,
+        cluster_redis.port,
+        instance_name="interop-slow",
+        streams={"events"},
+        fetcher=fetcher,
+        max_pending_rows=20,
+    )
+    await observation.start({"events": set(PERSISTERS)})
+    client = observation.client
+    assert client is not None
+    calls = 0
+
+    async def slow(batch: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await sleep(0.005 * len(batch.rows) + (2.0 if calls % 40 == 0 else 0.0))
+
+    client.on_rows("events", slow)
+    try:
+        alice = await new_user(api, "alice")
+        rooms = await rooms_on_each_persister(alice, config, per_persister=1)
+        sends = [
+            alice.message(room, f"burst {n}")
+            for n in range(60)
+            for room in (rooms["persister1"][0], rooms["persister2"][0])
+        ]
+        for start in range(0, len(sends), 10):  # ten at a time, as a busy room would
+            await defer.gatherResults([defer.ensureDeferred(s) for s in sends[start : start + 10]])
+        await assert_every_event_once(observation.rec, alice, rooms, timeout=180)
+        observation.rec.assert_in_order_once()
+        assert observation.rec.gaps == []
+        assert client.counters.overflows >= 1, client.counters
+        assert fetcher.pages >= 1
+        print(f"slow refill: {client.counters.overflows} overflows, {fetcher.pages} pages")
+    finally:
+        await observation.stop()
+        await http.close()
