@@ -80,7 +80,8 @@ class FakeHomeserver:
         server_name: the homeserver name, which is also the Redis channel.
         writers: the writer instance names (the first is the main process;
             name it ``master`` to look like Synapse).
-        redis_host, redis_port: the Redis to publish on.
+        redis_host: the Redis to publish on.
+        redis_port: its port.
         secret: the replication secret the HTTP endpoint demands (None: none).
         page_limit: rows per ``get_repl_stream_updates`` page.
         transport_options: the ``RedisTransport``'s options (keepalive, backoff, ...).

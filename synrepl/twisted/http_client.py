@@ -413,8 +413,8 @@ class ReplicationHttpClient(ReplicationStubs):
         Raises:
             RequestArgumentError, UnknownInstanceError: before any I/O.
             HttpReplicationError: the instance answered an error status.
-            ReplicationUnreachableError, ReplicationTimeoutError,
-            ReplicationTransportError: the request could not be carried out.
+            ReplicationTransportError: the request could not be carried out
+                (also as ReplicationUnreachableError, ReplicationTimeoutError).
             MalformedResponseError: the answer is not what the endpoint returns.
             PositionWaitTimeoutError: answered, but its positions were not
                 seen on replication in time.
