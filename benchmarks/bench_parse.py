@@ -2,7 +2,7 @@
 
 Baseline: what a Synapse worker does with each line it receives:
 ``parse_command_from_line`` and, for RDATA, the stream's ``parse_row``.
-Measured against it, over every line of ../shared/corpus:
+Measured against it, over every line of the repository's corpus/:
 
 * ``synrepl.parse_line`` -- every command parsed, every row typed;
 * ``synrepl.SelectiveParser(streams={STREAM})`` -- a caller that wants one
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
 import sys
@@ -31,13 +32,15 @@ CORPUS_FILES = ("replication-corpus.jsonl", "replication-corpus-pg.jsonl")
 
 
 def corpus_lines() -> list[str]:
+    """Every line of the repository's corpus (``SYNREPL_CORPUS_DIR`` overrides it)."""
     folder = Path(
-        os.environ.get("SYNREPL_CORPUS_DIR")
-        or Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+        os.environ.get("SYNREPL_CORPUS_DIR") or Path(__file__).resolve().parents[1] / "corpus"
     )
     lines: list[str] = []
     for name in CORPUS_FILES:
-        with (folder / name).open(encoding="utf-8") as f:
+        path = folder / name
+        opener: Any = open if path.is_file() else gzip.open
+        with opener(path if path.is_file() else folder / f"{name}.gz", "rt", encoding="utf-8") as f:
             lines.extend(json.loads(entry)["line"] for entry in f)
     return lines
 

@@ -1,11 +1,11 @@
 """Decode captured replication traffic and show what flows through it.
 
 Reads JSON lines of ``{"channel": ..., "line": ...}`` (the format of
-../shared/corpus) or, with ``--raw``, plain wire lines, from files or stdin.
+corpus/ in this repository, gzipped or not) or, with ``--raw``, plain wire lines, from files or stdin.
 Prints a summary of commands and stream rows; with ``--json`` one decoded
 command per line instead.
 
-    python examples/decode_corpus.py ../shared/corpus/replication-corpus.jsonl
+    python examples/decode_corpus.py corpus/replication-corpus.jsonl.gz
     python examples/decode_corpus.py --json --stream events corpus.jsonl | head
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,8 @@ def wire_lines(paths: Sequence[str], raw: bool) -> Iterator[str]:
     if not paths:
         yield from _lines_of(sys.stdin, raw)
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
             yield from _lines_of(f, raw)
 
 

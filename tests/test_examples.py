@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from corpus import corpus_dir
+from corpus import corpus_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -25,7 +25,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 
 def test_decode_corpus_summarises_every_line() -> None:
     """The README's first command decodes the whole corpus with nothing undecodable."""
-    result = run(str(corpus_dir() / "replication-corpus.jsonl"))
+    result = run(str(corpus_path("replication-corpus.jsonl")))
     assert result.returncode == 0, result.stderr
     assert "24596 commands, 0 undecodable" in result.stdout
     assert "events (EventRow)" in result.stdout
@@ -33,7 +33,7 @@ def test_decode_corpus_summarises_every_line() -> None:
 
 def test_decode_corpus_json_for_one_stream() -> None:
     """--json --stream prints one object per typing command, rows as field dicts."""
-    result = run("--json", "--stream", "typing", str(corpus_dir() / "replication-corpus.jsonl"))
+    result = run("--json", "--stream", "typing", str(corpus_path("replication-corpus.jsonl")))
     assert result.returncode == 0, result.stderr
     objects = [json.loads(line) for line in result.stdout.splitlines()]
     assert {o["command"] for o in objects} == {"RDATA", "POSITION"}

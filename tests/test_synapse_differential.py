@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
-import os
 import random
 import re
 from collections.abc import Iterator
 from functools import cache
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -28,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import synrepl
+from corpus import CORPUS_FILES, corpus_entries
 from synrepl import commands as c
 from synrepl.errors import ProtocolError
 from synrepl.streams import (
@@ -205,26 +203,9 @@ def _synrepl_parse(line: str) -> c.Command | None:
 # ---------------------------------------------------------------- corpus
 
 
-def _corpus_dir() -> Path:
-    override = os.environ.get("SYNREPL_CORPUS_DIR")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
-
-
-CORPUS_FILES = ("replication-corpus.jsonl", "replication-corpus-pg.jsonl")
-
-
 @cache
 def _corpus_lines(name: str) -> tuple[str, ...]:
-    path = _corpus_dir() / name
-    if not path.is_file():
-        # A silently skipped corpus test would prove nothing.
-        raise FileNotFoundError(
-            f"replication corpus {path} not found; set SYNREPL_CORPUS_DIR to its folder"
-        )
-    with path.open(encoding="utf-8") as f:
-        return tuple(json.loads(entry)["line"] for entry in f)
+    return tuple(line for _, line in corpus_entries(name))
 
 
 def _shape(line: str) -> tuple[str, ...]:
