@@ -59,7 +59,7 @@ from synrepl.positions import (
     WriterBehind,
 )
 from synrepl.sharding import MAIN_INSTANCE_NAME, canonical_instance_name
-from synrepl.streams import AnyRow, parse_row
+from synrepl.streams import STREAM_NAMES, AnyRow, parse_row
 
 __all__ = (
     "ClientCore",
@@ -219,7 +219,7 @@ class ClientCore(Generic[_Sent]):
         self._streams = None if streams is None else frozenset(streams)
         writers = {
             stream: config.stream_writers.writers_for_stream(stream)
-            for stream in (self._streams or ())
+            for stream in (STREAM_NAMES if self._streams is None else self._streams)
         }
         self._delivery = Delivery(
             local_instance=self.instance_name,
@@ -331,21 +331,20 @@ class ClientCore(Generic[_Sent]):
         self, user_id: str, device_id: str | None, is_syncing: bool, last_sync_ms: int
     ) -> _Sent:
         """Announce that a user started (or stopped) syncing on this instance."""
-        cmd = UserSyncCommand(self.instance_name, user_id, device_id, is_syncing, last_sync_ms)
-        self._check_can_send(cmd)
-        key = (user_id, device_id)
+        sent = self._checked_send(
+            UserSyncCommand(self.instance_name, user_id, device_id, is_syncing, last_sync_ms)
+        )
         if is_syncing:
-            self._syncing_users.add(key)
+            self._syncing_users.add((user_id, device_id))
         else:
-            self._syncing_users.discard(key)
-        return self._send(cmd)
+            self._syncing_users.discard((user_id, device_id))
+        return sent
 
     def send_clear_user_sync(self) -> _Sent:
         """Forget every user sync this instance announced."""
-        cmd = ClearUserSyncCommand(self.instance_name)
-        self._check_can_send(cmd)
+        sent = self._checked_send(ClearUserSyncCommand(self.instance_name))
         self._syncing_users.clear()
-        return self._send(cmd)
+        return sent
 
     def send_federation_ack(self, token: int) -> _Sent:
         """Acknowledge the federation stream up to ``token``."""
@@ -381,12 +380,9 @@ class ClientCore(Generic[_Sent]):
         """Ask the task scheduler to cancel ``task_id``."""
         return self._checked_send(CancelTaskCommand(task_id))
 
-    def _check_can_send(self, cmd: Command) -> None:
+    def _checked_send(self, cmd: Command) -> _Sent:
         if self._read_only:
             raise ReadOnlyError(f"read-only replication client: not sending {cmd.NAME}")
-
-    def _checked_send(self, cmd: Command) -> _Sent:
-        self._check_can_send(cmd)
         return self._send(cmd)
 
     def _clear_on_stop(self) -> Command | None:

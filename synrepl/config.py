@@ -22,7 +22,6 @@ is expanded; and an error message quotes at most an excerpt of a value.
 from __future__ import annotations
 
 import os
-import reprlib
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
-from synrepl.errors import ConfigError, excerpt
+from synrepl.errors import ConfigError, SynreplError, excerpt, shown
 from synrepl.sharding import (
     MAIN_INSTANCE_NAME,
     MAIN_MAP_KEY,
@@ -49,6 +48,8 @@ __all__ = (
     "config_from_dict",
     "read_config_files",
     "read_secret_file",
+    "read_regular_file",
+    "FileRefusedError",
     "SynapseConfig",
     "RedisConfig",
     "Secret",
@@ -92,22 +93,8 @@ MAX_ALIAS_EXPANSION = 100_000
 #: The longest key (of a path, or a file name) quoted in an error message.
 _KEY_LIMIT = 80
 #: The longest rendering of a value or a path quoted in an error message.
-_SHOW_LIMIT = 120
 #: The longest error message, a net under the bounds above.
 _MESSAGE_LIMIT = 1000
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel = 3
-_REPR.maxtuple = _REPR.maxlist = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 6
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlong = 40
-
-
-def _show(value: object) -> str:
-    """A short repr of user data for an error message. reprlib stops at a
-    few items and levels, so even a value built of shared references (a
-    YAML alias bomb, given to config_from_dict) costs next to nothing."""
-    return excerpt(_REPR.repr(value), _SHOW_LIMIT)
 
 
 def _one_line(text: str) -> str:
@@ -216,7 +203,7 @@ class SynapseConfig:
         location = self.instance_map.get(canonical_instance_name(instance_name))
         if location is None:
             raise ConfigError(
-                f"no entry for instance {_show(instance_name)} "
+                f"no entry for instance {shown(instance_name)} "
                 f"(known instances: {_some_names(self.instance_map)}); "
                 "add it with host and port, or path",
                 ("instance_map",),
@@ -326,12 +313,24 @@ def _expand_paths(paths: Iterable[StrPath], warnings: list[str]) -> list[Path]:
     return files
 
 
-class _Refused(Exception):
-    """A file was not read; ``reason`` says why, in words."""
+class FileRefusedError(SynreplError, OSError):
+    """:func:`read_regular_file` did not read a file.
 
-    def __init__(self, reason: str) -> None:
+    An :class:`OSError`, so that code catching what ``open`` raises catches
+    this too; its text is ``reason`` alone, so a message can name the file
+    its own way.
+
+    Attributes:
+        reason: why, in words ("it is a FIFO (named pipe), not a regular
+            file", "No such file or directory"); never what the file holds.
+        errno: the OS error number when the OS refused (``errno.ENOENT``
+            for a missing file, ...), else None.
+    """
+
+    def __init__(self, reason: str, errno: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.errno = errno
 
 
 def _file_kind(mode: int) -> str | None:
@@ -368,45 +367,58 @@ _OPEN_FLAGS = (
 )
 
 
-def _read_regular_file(path: StrPath, limit: int, what: str) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes; never blocks
-    on a FIFO, never reads a device.
+def read_regular_file(path: StrPath, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, read the way
+    config and secret files are: it never blocks on a FIFO, never reads a
+    device, and never reads more than ``limit + 1`` bytes, whatever the
+    path names or turns into meanwhile (``stat``, then an ``O_NONBLOCK``
+    open, then ``fstat``).
+
+    Args:
+        path: the file.
+        limit: the largest size accepted, in bytes.
+        what: what the file is, for the too-large reason ("a config file").
 
     Raises:
-        _Refused: it cannot be read, is not a regular file, or is too large.
+        FileRefusedError: it cannot be read, is not a regular file, or is
+            larger than ``limit``.
     """
-    too_large = f"it is larger than {_size_text(limit)}, too large for {what}"
     try:
-        kind = _file_kind(os.stat(path).st_mode)
-        if kind is not None:
-            raise _Refused(f"it is {kind}, not a regular file")
-        fd = os.open(path, _OPEN_FLAGS)
+        return _read_checked(path, limit, what)
+    except FileRefusedError:
+        raise
     except OSError as e:
-        raise _Refused(_os_reason(e)) from None
+        raise FileRefusedError(_os_reason(e), e.errno) from None
     except ValueError:  # "embedded null byte"
-        raise _Refused("the path contains a NUL character") from None
-    try:
-        with os.fdopen(fd, "rb") as stream:
-            info = os.fstat(stream.fileno())
-            kind = _file_kind(info.st_mode)
-            if kind is not None:
-                raise _Refused(f"it is {kind}, not a regular file")
-            if info.st_size > limit:
-                raise _Refused(too_large)
-            data = stream.read(limit + 1)
-    except OSError as e:
-        raise _Refused(_os_reason(e)) from None
+        raise FileRefusedError("the path contains a NUL character") from None
+
+
+def _read_checked(path: StrPath, limit: int, what: str) -> bytes:
+    too_large = f"it is larger than {_size_text(limit)}, too large for {what}"
+    _refuse_special(os.stat(path).st_mode)
+    with os.fdopen(os.open(path, _OPEN_FLAGS), "rb") as stream:
+        info = os.fstat(stream.fileno())
+        _refuse_special(info.st_mode)
+        if info.st_size > limit:
+            raise FileRefusedError(too_large)
+        data = stream.read(limit + 1)
     if len(data) > limit:
-        raise _Refused(too_large)
+        raise FileRefusedError(too_large)
     return data
+
+
+def _refuse_special(mode: int) -> None:
+    kind = _file_kind(mode)
+    if kind is not None:
+        raise FileRefusedError(f"it is {kind}, not a regular file")
 
 
 def _read_yaml_file(file: Path, warnings: list[str]) -> Mapping[str, Any]:
     """Parse one file; its error messages name the file but quote none of it."""
     name = _show_path(file)
     try:
-        text = _read_regular_file(file, MAX_CONFIG_FILE_SIZE, "a config file").decode("utf-8")
-    except _Refused as e:
+        text = read_regular_file(file, MAX_CONFIG_FILE_SIZE, "a config file").decode("utf-8")
+    except FileRefusedError as e:
         raise ConfigError(f"cannot read config file '{name}': {e.reason}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{name}' is not UTF-8 text") from None
@@ -531,8 +543,8 @@ def _yaml_reason(error: yaml.YAMLError) -> str:
 def _secret_text(file: StrPath, cannot: str, path: KeyPath) -> str:
     """Read a secret file, stripped; errors say why but never what it held."""
     try:
-        return _read_regular_file(file, MAX_SECRET_FILE_SIZE, "a secret").decode("utf-8").strip()
-    except _Refused as e:
+        return read_regular_file(file, MAX_SECRET_FILE_SIZE, "a secret").decode("utf-8").strip()
+    except FileRefusedError as e:
         raise ConfigError(f"{cannot}: {e.reason}", path) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{cannot}: it is not UTF-8 text", path) from None
@@ -557,20 +569,20 @@ def _mapping(value: object, path: KeyPath) -> Mapping[str, Any]:
 def _opt_str(section: Mapping[str, Any], key: str, where: KeyPath) -> str | None:
     value = section.get(key)
     if value is not None and not isinstance(value, str):
-        raise ConfigError(f"must be a string, got {_show(value)}", (*where, key))
+        raise ConfigError(f"must be a string, got {shown(value)}", (*where, key))
     return value
 
 
 def _bool(section: Mapping[str, Any], key: str, where: KeyPath, default: bool) -> bool:
     value = section.get(key, default)
     if type(value) is not bool:
-        raise ConfigError(f"must be true or false, got {_show(value)}", (*where, key))
+        raise ConfigError(f"must be true or false, got {shown(value)}", (*where, key))
     return value
 
 
 def _port(value: object, path: KeyPath) -> int:
     if type(value) is not int or not 1 <= value <= 65535:
-        raise ConfigError(f"must be a whole number from 1 to 65535, got {_show(value)}", path)
+        raise ConfigError(f"must be a whole number from 1 to 65535, got {shown(value)}", path)
     return value
 
 
@@ -623,13 +635,13 @@ def _parse_redis(raw: object, base_dir: StrPath | None) -> RedisConfig:
 
 def _text(value: object, path: KeyPath) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"must be a non-empty string, got {_show(value)}", path)
+        raise ConfigError(f"must be a non-empty string, got {shown(value)}", path)
     return value
 
 
 def _dbid(value: object, path: KeyPath) -> int | None:
     if value is not None and (type(value) is not int or value < 0):
-        raise ConfigError(f"must be a Redis database number (0 or more), got {_show(value)}", path)
+        raise ConfigError(f"must be a Redis database number (0 or more), got {shown(value)}", path)
     return value
 
 
@@ -648,7 +660,7 @@ def _location(fields: Mapping[str, Any], paths: Mapping[str, KeyPath]) -> Instan
     if "port" in fields:
         _port(fields["port"], where("port"))
     if "tls" in fields and type(fields["tls"]) is not bool:
-        raise ConfigError(f"must be true or false, got {_show(fields['tls'])}", where("tls"))
+        raise ConfigError(f"must be true or false, got {shown(fields['tls'])}", where("tls"))
     if "path" in fields:
         _text(fields["path"], where("path"))
     try:
@@ -696,7 +708,7 @@ def _parse_instance_map(raw: object, warnings: list[str]) -> dict[str, InstanceL
     for key, entry in entries.items():
         if not isinstance(key, str):
             raise ConfigError(
-                f"instance names must be strings, got {_show(key)}", ("instance_map",)
+                f"instance names must be strings, got {shown(key)}", ("instance_map",)
             )
         result[canonical_instance_name(key)] = _parse_location(
             entry, ("instance_map", _key(key)), warnings
@@ -730,14 +742,14 @@ def _old_host_port_location(data: Mapping[str, Any]) -> InstanceLocation:
 def _location_from_uri(uri: object) -> InstanceLocation:
     path: KeyPath = (_OLD_URI,)
     if not isinstance(uri, str):
-        raise ConfigError(f"must be a URL string, got {_show(uri)}", path)
+        raise ConfigError(f"must be a URL string, got {shown(uri)}", path)
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"must be an http:// or https:// URL with a host, got {_show(uri)}", path)
+        raise ConfigError(f"must be an http:// or https:// URL with a host, got {shown(uri)}", path)
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"has an invalid port: {_show(uri)}", path) from None
+        raise ConfigError(f"has an invalid port: {shown(uri)}", path) from None
     tls = parts.scheme == "https"
     default_port = 443 if tls else 80
     return _location({"host": parts.hostname, "port": port or default_port, "tls": tls}, {"": path})
@@ -777,10 +789,10 @@ def _add_old_main(
 def _writer_names(value: object, path: KeyPath, single: bool = False) -> tuple[str, ...]:
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"must be an instance name or a list of them, got {_show(value)}", path)
+        raise ConfigError(f"must be an instance name or a list of them, got {shown(value)}", path)
     if single and len(names) > 1:
         raise ConfigError(
-            f"Synapse allows exactly one writer here, got {len(names)}: {_show(names)}", path
+            f"Synapse allows exactly one writer here, got {len(names)}: {shown(names)}", path
         )
     return tuple(names)
 
@@ -822,7 +834,7 @@ def _check_writers_located(
                 else f"; add instance_map.{_key(name)} with host and port, or path"
             )
             raise ConfigError(
-                f"writer {_show(name)} is not in instance_map{hint}", ("stream_writers", key)
+                f"writer {shown(name)} is not in instance_map{hint}", ("stream_writers", key)
             )
 
 
@@ -833,7 +845,7 @@ def _worker_identity(data: Mapping[str, Any]) -> tuple[str | None, str | None]:
         app = None
     name = data.get("worker_name", app)
     if name is not None and not isinstance(name, str):
-        raise ConfigError(f"must be a string, got {_show(name)}", ("worker_name",))
+        raise ConfigError(f"must be a string, got {shown(name)}", ("worker_name",))
     return app, name or None
 
 

@@ -325,7 +325,8 @@ class Delivery:
                 out.append(event)
             else:
                 assert isinstance(
-                    event, (RowsReceived, PositionAdvanced, GapUnfillable, StreamReset, WriterBehind)
+                    event,
+                    (RowsReceived, PositionAdvanced, GapUnfillable, StreamReset, WriterBehind),
                 ), event
                 queue = touched.get(event.stream)
                 if queue is None:

@@ -7,6 +7,8 @@ Both derive from :class:`SynreplError` so that one ``except`` covers all.
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = (
     "SynreplError",
     "ProtocolError",
@@ -26,6 +28,25 @@ def excerpt(text: str, limit: int = EXCERPT_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return text[:limit] + f"... ({len(text) - limit} more chars)"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 6
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong = 40
+
+#: The longest repr of a user's value that an error message shows.
+SHOWN_LIMIT = 120
+
+
+def shown(value: object) -> str:
+    """A short repr of a user's value for an error message.
+
+    reprlib stops after a few items and levels, so even a structure built of
+    shared references (a YAML alias bomb) costs next to nothing.
+    """
+    return excerpt(_REPR.repr(value), SHOWN_LIMIT)
 
 
 class SynreplError(Exception):

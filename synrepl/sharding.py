@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import attrs
 
-from synrepl.errors import ConfigError
+from synrepl.errors import ConfigError, shown
 
 __all__ = (
     "MAIN_INSTANCE_NAME",
@@ -110,12 +110,12 @@ def canonical_instance_name(name: str) -> str:
 def _check_port(port: object) -> None:
     # bool is an int subclass, but `port: true` is a mistake, not port 1.
     if type(port) is not int or not 1 <= port <= 65535:
-        raise ConfigError(f"must be a whole number from 1 to 65535, got {port!r}", ("port",))
+        raise ConfigError(f"must be a whole number from 1 to 65535, got {shown(port)}", ("port",))
 
 
 def _check_text(value: object, key: str) -> None:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"must be a non-empty string, got {value!r}", (key,))
+        raise ConfigError(f"must be a non-empty string, got {shown(value)}", (key,))
 
 
 @attrs.frozen
@@ -149,7 +149,7 @@ class InstanceLocation:
         _check_text(self.host, "host")
         _check_port(self.port)
         if type(self.tls) is not bool:
-            raise ConfigError(f"must be true or false, got {self.tls!r}", ("tls",))
+            raise ConfigError(f"must be true or false, got {shown(self.tls)}", ("tls",))
 
     @classmethod
     def tcp(cls, host: str, port: int, tls: bool = False) -> InstanceLocation:
@@ -281,7 +281,7 @@ def _check_writer_list(key: str, writers: tuple[str, ...]) -> None:
     path = ("stream_writers", key)
     for name in writers:
         if not isinstance(name, str) or not name:
-            raise ConfigError(f"writer names must be non-empty strings, got {name!r}", path)
+            raise ConfigError(f"writer names must be non-empty strings, got {shown(name)}", path)
     if not writers:
         raise ConfigError(
             f"needs at least one writer; remove the key to let {MAIN_INSTANCE_NAME!r} write it",
@@ -289,7 +289,7 @@ def _check_writer_list(key: str, writers: tuple[str, ...]) -> None:
         )
     if key in SINGLE_WRITER_KEYS and len(writers) > 1:
         raise ConfigError(
-            f"Synapse allows exactly one writer here, got {len(writers)}: {list(writers)!r}",
+            f"Synapse allows exactly one writer here, got {len(writers)}: {shown(list(writers))}",
             path,
         )
 

@@ -333,3 +333,26 @@ async def test_wait_for_stream_position() -> None:
     assert client.wait_for_stream_position("account_data", "master", token).called
     await client.stop()
     await hs.stop()
+
+
+def test_persisted_upto_waits_for_every_configured_writer() -> None:
+    """Following every stream, the minimum covers the writers the config names
+    for a stream, not only those heard from so far."""
+    from synrepl.config import config_from_dict
+
+    config = config_from_dict(
+        {
+            "server_name": "units.test",
+            "instance_map": {
+                "main": {"host": "127.0.0.1", "port": 1},
+                "p1": {"host": "127.0.0.1", "port": 2},
+                "p2": {"host": "127.0.0.1", "port": 3},
+            },
+            "stream_writers": {"events": ["p1", "p2"]},
+        }
+    )
+    client = ReplicationClient(reactor, config, instance_name="me", fetcher=object())  # type: ignore[arg-type]
+    client._line_received("units.test", "POSITION events p1 5 5")
+    assert client.persisted_upto("events") is None  # p2 not heard yet
+    client._line_received("units.test", "POSITION events p2 3 3")
+    assert client.persisted_upto("events") == 3

@@ -91,8 +91,7 @@ def config() -> Any:
             "server_name": SERVER,
             "redis": {"enabled": True, "host": "127.0.0.1", "port": 1},
             "instance_map": {
-                ("main" if w == "master" else w): {"host": "127.0.0.1", "port": 2}
-                for w in WRITERS
+                ("main" if w == "master" else w): {"host": "127.0.0.1", "port": 2} for w in WRITERS
             },
             "stream_writers": {"events": ["master", "p1", "p2"], "receipts": ["master", "p1"]},
         }
@@ -141,7 +140,9 @@ class ClientMachine(RuleBasedStateMachine):
         self.calls = 0
         self.held: dict[str, defer.Deferred[None]] = {}
         self.out: dict[str, RowsReceived] = {}
-        start = {s: {w: 0 for w in ws if (s, w) not in from_now} for s, ws in WRITERS_BY_STREAM.items()}
+        start = {
+            s: {w: 0 for w in ws if (s, w) not in from_now} for s, ws in WRITERS_BY_STREAM.items()
+        }
         self.new_client({s: t for s, t in start.items() if t})
         if prompt:
             for name in WRITERS:

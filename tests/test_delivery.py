@@ -23,7 +23,9 @@ def row(n: int) -> AnyRow:
     )
 
 
-def rdata(token: int | None, n: int = 0, writer: str = "master", stream: str = "events") -> RdataCommand:
+def rdata(
+    token: int | None, n: int = 0, writer: str = "master", stream: str = "events"
+) -> RdataCommand:
     return RdataCommand(stream, writer, token, row(n))
 
 
@@ -164,9 +166,7 @@ def test_live_rows_beyond_the_bound_are_refetched_at_half() -> None:
 def test_a_handler_busy_with_a_writers_only_batch_does_not_get_it_twice() -> None:
     """The range skipped on overflow starts after the batch the handler is running,
     even when nothing else of that writer is queued (caches, no POSITIONs)."""
-    d = Delivery(
-        start={"caches": {"master": 1, "p1": 1}}, streams={"caches"}, max_pending_rows=3
-    )
+    d = Delivery(start={"caches": {"master": 1, "p1": 1}}, streams={"caches"}, max_pending_rows=3)
     d.receive(pos(1, 1, stream="caches"))
     d.receive(pos(1, 1, writer="p1", stream="caches"))
     (held,) = batches(d.receive(rdata(2, 2, writer="p1", stream="caches")))

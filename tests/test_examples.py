@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from corpus import corpus_path
+from corpus_files import corpus_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

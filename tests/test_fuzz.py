@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from corpus import all_corpus_entries
+from corpus_files import all_corpus_entries
 from hypothesis import example, given
 from hypothesis import strategies as st
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 
 import pytest
-from corpus import CORPUS_FILES, corpus_entries
+from corpus_files import CORPUS_FILES, corpus_entries
 
 from synrepl.commands import (
     PingCommand,

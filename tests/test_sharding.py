@@ -249,6 +249,38 @@ def test_location_needs_exactly_one_form() -> None:
         InstanceLocation(path="")
 
 
+def _shared(depth: int) -> list[Any]:
+    """A list whose repr doubles with each level (every level holds the one
+    below twice): 2**depth leaves, as a YAML alias bomb builds."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda v: InstanceLocation(host="h", port=v), id="port"),
+        pytest.param(lambda v: InstanceLocation(host=v, port=1), id="host"),
+        pytest.param(lambda v: InstanceLocation(host="h", port=1, tls=v), id="tls"),
+        pytest.param(lambda v: InstanceLocation(path=v, host="h"), id="path"),
+        pytest.param(lambda v: StreamWriters(receipts=["a", v]), id="writer name"),
+        pytest.param(lambda v: StreamWriters(typing=["a", *v]), id="single writer"),
+    ],
+)
+@pytest.mark.parametrize(
+    "value",
+    [pytest.param(["x" * 10**6, "y" * 10**6], id="huge"), pytest.param(_shared(22), id="shared")],
+)
+def test_error_messages_quote_a_bounded_excerpt_of_the_value(build: Any, value: Any) -> None:
+    """A huge value, or one built of shared references, is quoted as a
+    short excerpt: the message stays readable and costs nothing to build."""
+    with pytest.raises(ConfigError) as info:
+        build(value)
+    assert len(str(info.value)) < 300, str(info.value)[:300]
+
+
 # --- room -> event persister -------------------------------------------------
 
 

@@ -21,11 +21,11 @@ from unittest import mock
 
 import attrs
 import pytest
+from corpus_files import CORPUS_FILES, corpus_entries
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import synrepl
-from corpus import CORPUS_FILES, corpus_entries
 from synrepl import commands as c
 from synrepl.errors import ProtocolError
 from synrepl.streams import (

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 
 from synrepl.cli._errors import UsageError
 from synrepl.commands import COMMAND_TYPES
-from synrepl.config import RedisConfig, Secret, SynapseConfig, load_config
+from synrepl.config import RedisConfig, Secret, SynapseConfig, load_config, read_secret_file
 from synrepl.errors import ConfigError
 from synrepl.sharding import InstanceLocation, canonical_instance_name
 
@@ -292,9 +291,8 @@ def cluster_config(
     secret_file: str | None = getattr(args, "secret_file", None)
     if secret_file:
         try:
-            secret = Path(secret_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-            raise UsageError(f"cannot read --secret-file {secret_file!r}: {reason}") from None
+            secret = read_secret_file(secret_file)
+        except ConfigError as e:  # names the file, never quotes it
+            raise UsageError(f"--secret-file: {e.message}") from None
         changes["worker_replication_secret"] = Secret(secret) if secret else None
     return attrs.evolve(config, **changes) if changes else config  # type: ignore[arg-type]

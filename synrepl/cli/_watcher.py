@@ -10,13 +10,17 @@ first, the command stopped, or the hold limit was reached) is printed with
 ``token`` null.
 
 :class:`PositionFile` keeps ``watch --resume`` positions on disk, written
-atomically.
+atomically. It reads the file as config files are read (a regular file only,
+at most :data:`MAX_POSITION_FILE_SIZE`), so a FIFO or a device given as
+``--resume FILE`` is an error line, never a hang.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -26,13 +30,20 @@ from typing import Any
 from synrepl.cli._errors import UsageError
 from synrepl.cli._render import Filters, Output, Stats, command_record, error_record, row_record
 from synrepl.commands import PositionCommand, RdataCommand, parse_line
-from synrepl.errors import ProtocolError, UnknownCommandError
+from synrepl.config import FileRefusedError, read_regular_file
+from synrepl.errors import ProtocolError, UnknownCommandError, excerpt
 from synrepl.streams import AnyRow
 
-__all__ = ("MAX_HELD", "LineWatcher", "PositionFile")
+__all__ = ("MAX_HELD", "MAX_POSITION_FILE_SIZE", "LineWatcher", "PositionFile")
 
 #: Rows of one unfinished batch held back per (stream, writer).
 MAX_HELD = 10_000
+
+#: The largest position file read, in bytes (16 MiB). A position is a stream,
+#: a writer and a token, some 60 bytes: this is room for a quarter of a
+#: million, far more than a deployment has, while a wrong file is refused
+#: before it is parsed.
+MAX_POSITION_FILE_SIZE = 16 << 20
 
 
 class LineWatcher:
@@ -129,8 +140,8 @@ class PositionFile:
     """``{stream: {writer: token}}`` on disk, for ``watch --resume``.
 
     The file is JSON: ``{"server_name": ..., "positions": {...}, "saved_at": ...}``.
-    Writes go to a temporary file that then replaces the old one, so a crash
-    never leaves half a file.
+    Writes go to a temporary file in the same directory, fsync'd, that then
+    replaces the old one, so a crash never leaves half a file.
     """
 
     def __init__(self, path: str | os.PathLike[str], server_name: str) -> None:
@@ -138,46 +149,60 @@ class PositionFile:
         self.server_name = server_name
         self._saved: dict[str, dict[str, int]] = {}
 
+    @property
+    def _name(self) -> str:
+        """The path for a message: the user's own, but bounded."""
+        return excerpt(str(self.path), 300)
+
     def load(self) -> dict[str, dict[str, int]] | None:
         """The saved positions, or None when the file does not exist yet.
 
         Raises:
-            UsageError: the file cannot be read, is not a position file, or
-                belongs to another server.
+            UsageError: the file cannot be read, is not a regular file, is
+                larger than :data:`MAX_POSITION_FILE_SIZE`, is not a
+                position file, or belongs to another server.
         """
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-            raise UsageError(f"cannot read the position file '{self.path}': {reason}") from None
-        try:
-            data = json.loads(text)
+            data = json.loads(
+                read_regular_file(self.path, MAX_POSITION_FILE_SIZE, "a position file")
+            )
             positions = data["positions"]
             checked = {
                 str(stream): {str(w): _token(t) for w, t in writers.items()}
                 for stream, writers in positions.items()
             }
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except FileRefusedError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise UsageError(f"cannot read the position file '{self._name}': {e.reason}") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            # ValueError covers text that is not UTF-8 and JSON that does not parse.
             raise UsageError(
-                f"'{self.path}' is not a synrepl position file; remove it to start from now"
+                f"'{self._name}' is not a synrepl position file; remove it to start from now"
             ) from None
         owner = data.get("server_name")
         if owner != self.server_name:
             raise UsageError(
-                f"the position file '{self.path}' belongs to server {owner!r}, not "
-                f"{self.server_name!r}; use another file"
+                f"the position file '{self._name}' belongs to server "
+                f"{excerpt(repr(owner), 100)}, not {excerpt(repr(self.server_name), 100)}; "
+                "use another file"
             )
         self._saved = checked
         return {s: dict(w) for s, w in checked.items()}
 
     def save(self, positions: Mapping[str, Mapping[str, int]]) -> None:
-        """Merge ``positions`` into what is saved and write the file atomically."""
+        """Merge ``positions`` into what is saved and write the file atomically.
+
+        Raises:
+            OSError: the file cannot be written, or the path names something
+                other than a regular file (a FIFO, a directory, ...), which
+                is left alone rather than replaced.
+        """
         merged = {s: dict(w) for s, w in self._saved.items()}
         for stream, writers in positions.items():
             merged.setdefault(stream, {}).update(writers)
-        if merged == self._saved and self.path.exists():
+        exists = self._check_target()
+        if merged == self._saved and exists:
             return
         data = {
             "server_name": self.server_name,
@@ -196,7 +221,38 @@ class PositionFile:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_directory(directory)
         self._saved = merged
+
+    def _check_target(self) -> bool:
+        """Whether the file exists; refuses a path that is not a regular file.
+
+        os.replace would put the file in place of a FIFO or a device node
+        without a word (and fails on a directory with a bare errno): a path
+        like that is a mistake the user hears about.
+        """
+        try:
+            mode = os.stat(self.path).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISREG(mode):
+            return True
+        raise OSError(f"'{self._name}' is not a regular file, so it is not replaced")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable; best effort (not every OS or file
+    system can open or fsync a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _token(value: object) -> int:

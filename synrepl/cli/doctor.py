@@ -7,11 +7,9 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import attrs
-import yaml
 from rich.console import Console
 from rich.text import Text
 
@@ -22,7 +20,7 @@ from synrepl.cli._render import make_console, sender_of
 from synrepl.cli._runtime import RedisUnreachable, connect_redis, sleep
 from synrepl.cli.watch import redis_address
 from synrepl.commands import PositionCommand, RdataCommand, ReplicateCommand, encode, parse_line
-from synrepl.config import SynapseConfig, load_config
+from synrepl.config import SynapseConfig, load_config, read_config_files
 from synrepl.errors import ConfigError, ProtocolError
 from synrepl.http import SYNAPSE_VERSION
 from synrepl.sharding import (
@@ -198,21 +196,6 @@ def _load(files: Sequence[str]) -> SynapseConfig:
         raise
 
 
-def _raw(files: Sequence[str]) -> dict[str, Any]:
-    """The merged YAML (already known to load) for what SynapseConfig does not keep."""
-    merged: dict[str, Any] = {}
-    for name in files:
-        path = Path(name)
-        paths = (
-            sorted(p for p in path.iterdir() if p.suffix == ".yaml") if path.is_dir() else [path]
-        )
-        for p in paths:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                merged.update(data)
-    return merged
-
-
 def _check_config(args: argparse.Namespace, report: _Report) -> SynapseConfig | None:
     files = list(args.config)
     try:
@@ -242,7 +225,9 @@ def _check_config(args: argparse.Namespace, report: _Report) -> SynapseConfig | 
             "config: redis.enabled is not true: workers cannot replicate without Redis",
             "set redis: {enabled: true, host: ..., port: ...} in the shared config",
         )
-    _check_listener(config, _raw(files), report)
+    # The same reader as load_config's: a FIFO among a directory's files is
+    # skipped, not waited on; a file changed since is a 'bad config' (exit 2).
+    _check_listener(config, read_config_files(*files), report)
     for worker_file in args.worker:
         _check_worker_file(files, worker_file, config, report)
     return config
@@ -406,7 +391,7 @@ def _check_worker_file(
         )
     else:
         report.add("ok", f"worker {name!r} ({worker_file}) agrees with the shared config")
-    _check_listener(config, _raw([*base, worker_file]), report)
+    _check_listener(config, read_config_files(*base, worker_file), report)
 
 
 def _reveal(secret: Any) -> str | None:
