@@ -432,18 +432,7 @@ class ClientCore(Generic[_Sent]):
             return
         if _sent_by(cmd) == self.instance_name:
             return  # our own echo
-        for handler in self._command_handlers.get(type(cmd), ()):
-            try:
-                result = handler(cmd)
-            except Exception as e:  # noqa: BLE001 - a user's handler may raise anything
-                self._handler_failed(e)
-                continue
-            if result is not None:
-                self._await_then(result, self._command_handler_done)
-
-    def _command_handler_done(self, error: BaseException | None) -> None:
-        if error is not None:
-            self._handler_failed(error)
+        self._call_all(self._command_handlers.get(type(cmd), ()), cmd)
 
     def _subscribed(self) -> bool:
         """The subscription is (re)confirmed; True if REPLICATE should be sent now."""
@@ -598,6 +587,7 @@ class ClientCore(Generic[_Sent]):
         )
 
     def _call_all(self, handlers: Sequence[Callable[[Any], object]], event: object) -> None:
+        """Call each handler; failures are counted and logged, never raised."""
         for handler in handlers:
             try:
                 result = handler(event)
@@ -605,4 +595,8 @@ class ClientCore(Generic[_Sent]):
                 self._handler_failed(e)
                 continue
             if result is not None:
-                self._await_then(result, self._command_handler_done)
+                self._await_then(result, self._handler_done)
+
+    def _handler_done(self, error: BaseException | None) -> None:
+        if error is not None:
+            self._handler_failed(error)

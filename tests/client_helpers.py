@@ -1,4 +1,5 @@
-"""Shared helpers for ReplicationClient tests: a row collector and waiting."""
+"""Shared helpers for ReplicationClient tests: a homeserver, a client, a row
+collector and waiting."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from typing import Any
 from twisted.internet import reactor, task
 
 from synrepl.positions import RowsReceived
+from synrepl.streams import EventRow
+from synrepl.testing.homeserver import FakeHomeserver
+from synrepl.twisted.client import ReplicationClient
+from synrepl.twisted.http_client import ReplicationHttpClient
 
 _counter = itertools.count()
 
@@ -50,3 +55,23 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what:
 
 async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
+
+
+def event(n: int, room: str = "!room:test") -> EventRow:
+    """An ``m.room.message`` event row made unique by ``n``."""
+    return EventRow(f"$e{n}", room, "m.room.message", None, None, None, None, False, False)
+
+
+async def homeserver(**kwargs: Any) -> FakeHomeserver:
+    """A started FakeHomeserver on the shared Redis, on a channel of its own."""
+    hs = FakeHomeserver(reactor, server_name=unique_server_name(), **kwargs)
+    await hs.start()
+    return hs
+
+
+def client_for(hs: FakeHomeserver, **kwargs: Any) -> ReplicationClient:
+    """A ReplicationClient of ``hs``'s cluster (not started)."""
+    config = hs.config()
+    return ReplicationClient(
+        reactor, config, fetcher=ReplicationHttpClient(reactor, config), **kwargs
+    )

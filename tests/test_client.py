@@ -12,31 +12,21 @@ from typing import Any
 import pytest
 import pytest_twisted
 import redis as redis_py
-from client_helpers import Collector, sleep, unique_server_name, wait_until
+from client_helpers import (
+    Collector,
+    client_for,
+    event,
+    homeserver,
+    sleep,
+    wait_until,
+)
 from twisted.internet import reactor
 
 from synrepl.positions import GapUnfillable, RowsReceived
-from synrepl.streams import EventRow, ReceiptsRow, ToDeviceRow, TypingRow
+from synrepl.streams import ReceiptsRow, ToDeviceRow, TypingRow
 from synrepl.testing.homeserver import FakeHomeserver
 from synrepl.twisted.client import ReadOnlyError, ReplicationClient
 from synrepl.twisted.http_client import ReplicationHttpClient
-
-
-def event(n: int, room: str = "!room:test") -> EventRow:
-    return EventRow(f"$e{n}", room, "m.room.message", None, None, None, None, False, False)
-
-
-async def homeserver(**kwargs: Any) -> FakeHomeserver:
-    hs = FakeHomeserver(reactor, server_name=unique_server_name(), **kwargs)
-    await hs.start()
-    return hs
-
-
-def client_for(hs: FakeHomeserver, **kwargs: Any) -> ReplicationClient:
-    config = hs.config()
-    return ReplicationClient(
-        reactor, config, fetcher=ReplicationHttpClient(reactor, config), **kwargs
-    )
 
 
 async def connected(client: ReplicationClient, hs: FakeHomeserver, streams: list[str]) -> None:

@@ -12,36 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
-from client_helpers import Collector, sleep, unique_server_name, wait_until
-from twisted.internet import defer, reactor
+from client_helpers import (
+    Collector,
+    client_for,
+    event,
+    homeserver,
+    sleep,
+    wait_until,
+)
+from twisted.internet import defer
 
 from synrepl import _json
 from synrepl.positions import RowsReceived
-from synrepl.streams import CachesRow, EventRow
+from synrepl.streams import CachesRow
 from synrepl.testing.homeserver import FakeHomeserver
 from synrepl.twisted.client import ReplicationClient
-from synrepl.twisted.http_client import ReplicationHttpClient
-
-
-def event(n: int) -> EventRow:
-    return EventRow(f"$e{n}", "!room:test", "m.room.message", None, None, None, None, False, False)
 
 
 def invalidation(n: int) -> CachesRow:
     return CachesRow("get_user_by_id", (f"@u{n}:test",), n)
-
-
-async def homeserver(**kwargs: Any) -> FakeHomeserver:
-    hs = FakeHomeserver(reactor, server_name=unique_server_name(), **kwargs)
-    await hs.start()
-    return hs
-
-
-def client_for(hs: FakeHomeserver, **kwargs: Any) -> ReplicationClient:
-    config = hs.config()
-    return ReplicationClient(
-        reactor, config, fetcher=ReplicationHttpClient(reactor, config), **kwargs
-    )
 
 
 def queued_rows(client: ReplicationClient, stream: str) -> int:

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from client_helpers import Collector, sleep, unique_server_name, wait_until
+from client_helpers import Collector, event, sleep, unique_server_name, wait_until
 from redis_server import RedisServer, redis_server_available
 from twisted.internet import reactor
 
 from synrepl.connection import TransportOptions
-from synrepl.streams import EventRow, TypingRow
+from synrepl.streams import TypingRow
 from synrepl.testing.homeserver import FakeHomeserver
 from synrepl.twisted.client import ReplicationClient
 from synrepl.twisted.http_client import ReplicationHttpClient
@@ -32,10 +32,6 @@ FAST = TransportOptions(keepalive_interval=0.3, keepalive_timeout=0.3, max_backo
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     with RedisServer(tmp_path) as srv:
         yield srv
-
-
-def event(n: int) -> EventRow:
-    return EventRow(f"$e{n}", "!room:test", "m.room.message", None, None, None, None, False, False)
 
 
 async def cluster(

@@ -30,20 +30,11 @@ from typing import Any
 import attrs
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 from twisted.internet import defer, reactor
-from writer_model import (
-    PAIRS,
-    WRITERS,
-    WRITERS_BY_STREAM,
-    Pair,
-    Writer,
-    WriterStream,
-    label,
-    make_row,
-)
+from writer_model import PAIRS, WRITERS, WRITERS_BY_STREAM, ClusterModel, Pair, label
 
-from synrepl.commands import PositionCommand, RdataCommand, encode
+from synrepl.commands import Command, PositionCommand, encode
 from synrepl.config import config_from_dict
 from synrepl.positions import GapUnfillable, RowsReceived
 from synrepl.twisted.client import ReplicationClient
@@ -98,7 +89,7 @@ def config() -> Any:
     )
 
 
-class ClientMachine(RuleBasedStateMachine):
+class ClientMachine(ClusterModel):
     client: ReplicationClient
 
     @initialize(
@@ -120,18 +111,7 @@ class ClientMachine(RuleBasedStateMachine):
         or "from now" for a few."""
         self.bound = bound
         self.config = config()
-        self.writers = {
-            name: Writer(
-                name, {s: WriterStream() for s, ws in WRITERS_BY_STREAM.items() if name in ws}
-            )
-            for name in WRITERS
-        }
-        self.up = False
-        self.next_row = 0
-        for pair, count in zip(PAIRS, backlog, strict=True):
-            for _ in range(count):
-                self.publish(pair, 2)
-        self.up = True
+        self.make_writers(backlog)
         self.seen: dict[Pair, list[int]] = {p: [] for p in PAIRS}
         self.seen_rows: set[str] = set()
         self.excused_upto: dict[Pair, int] = {}
@@ -220,28 +200,7 @@ class ClientMachine(RuleBasedStateMachine):
         del self.out[stream]
         d.callback(None)
 
-    # ------------------------------------------------------------ writers
-
-    def send(self, writer: Writer, line: str) -> None:
-        if self.up:
-            writer.wire.append(line)
-
-    @rule(pair=st.sampled_from(PAIRS), nrows=st.integers(1, 3))
-    def publish(self, pair: Pair, nrows: int) -> None:
-        """A writer persists rows at its next token and sends them (batch lines first)."""
-        stream, name = pair
-        writer = self.writers[name]
-        ws = writer.streams[stream]
-        ws.token += 1
-        rows = []
-        for i in range(nrows):
-            self.next_row += 1
-            row = make_row(stream, self.next_row)
-            rows.append(row)
-            token = ws.token if i == nrows - 1 else None
-            self.send(writer, encode(RdataCommand(stream, name, token, row)))
-        ws.history[ws.token] = rows
-        ws.last = ws.token
+    # ------------------------------------------------------------ writers and the wire
 
     @rule(pair=st.sampled_from(PAIRS), count=st.integers(2, 12))
     def burst(self, pair: Pair, count: int) -> None:
@@ -250,64 +209,13 @@ class ClientMachine(RuleBasedStateMachine):
             self.publish(pair, 1 + n % 2)
         self.deliver(pair[1], 3 * count)
 
-    @rule(pair=st.sampled_from(PAIRS), k=st.integers(1, 3), quietly=st.booleans())
-    def allocate(self, pair: Pair, k: int, quietly: bool) -> None:
-        """The writer's token moves without rows (``quietly``: its POSITION prev too)."""
-        ws = self.writers[pair[1]].streams[pair[0]]
-        ws.token += k
-        if quietly:
-            ws.last = ws.token
-
-    @rule(pair=st.sampled_from(PAIRS))
-    def announce(self, pair: Pair) -> None:
-        """The writer sends POSITION last token."""
-        writer = self.writers[pair[1]]
-        ws = writer.streams[pair[0]]
-        self.send(writer, encode(PositionCommand(pair[0], pair[1], ws.last, ws.token)))
-        ws.last = ws.token
-
-    @precondition(lambda self: self.up)
-    @rule(name=st.sampled_from(WRITERS))
-    def answer_replicate(self, name: str) -> None:
-        """The writer answers REPLICATE: POSITION last last for each of its streams."""
-        writer = self.writers[name]
-        if writer.owes_answer:
-            writer.owes_answer = False
-            for stream, ws in writer.streams.items():
-                writer.wire.append(encode(PositionCommand(stream, name, ws.last, ws.last)))
-
-    # ------------------------------------------------------------ the wire
-
-    def feed(self, line: str) -> None:
-        if line.startswith("POSITION"):
-            _, stream, writer, _prev, new = line.split(" ")
-            if (stream, writer) in self.from_now:
-                self.from_now.discard((stream, writer))
-                self.excused_upto[(stream, writer)] = int(new)
-        self.client._line_received(SERVER, line)
-
-    @rule(name=st.sampled_from(WRITERS), count=st.integers(1, 20))
-    def deliver(self, name: str, count: int) -> None:
-        """Messages from one writer arrive, in order (writers interleave by rule choice)."""
-        wire = self.writers[name].wire
-        for _ in range(count):
-            if not wire:
-                return
-            self.feed(wire.popleft())
-
-    @rule(name=st.sampled_from(WRITERS), kind=st.sampled_from(["duplicate", "lose"]))
-    def damage(self, name: str, kind: str) -> None:
-        """The next numeric RDATA or POSITION arrives twice, or the next POSITION vanishes."""
-        wire = self.writers[name].wire
-        if not wire:
-            return
-        head = wire[0]
-        if kind == "lose":
-            if head.startswith("POSITION"):
-                wire.popleft()
-        elif " batch " not in head:
-            self.feed(head)
-            self.feed(wire.popleft())
+    def receive(self, cmd: Command) -> None:
+        if isinstance(cmd, PositionCommand):
+            pair = (cmd.stream_name, cmd.instance_name)
+            if pair in self.from_now:
+                self.from_now.discard(pair)
+                self.excused_upto[pair] = cmd.new_token
+        self.client._line_received(SERVER, encode(cmd))
 
     @rule(
         kind=st.sampled_from(["disconnect", "reconnect", "restart"]),
@@ -403,11 +311,7 @@ class ClientMachine(RuleBasedStateMachine):
         for stream in STREAMS:
             self.moods[stream] = "sync"
         for _ in range(1000):
-            moved = False
-            for writer in self.writers.values():
-                while writer.wire:
-                    moved = True
-                    self.feed(writer.wire.popleft())
+            moved = self.drain()
             for stream in list(self.held):
                 moved = True
                 self.release(stream)

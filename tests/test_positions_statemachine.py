@@ -1,15 +1,6 @@
 """StreamPositions against a model cluster: writers, a lossy wire and HTTP catch-up.
 
-The model holds, per writer, each stream's rows by token, the writer's
-current token and ``last`` (the token Synapse would put in a POSITION's
-``prev``), and the messages on the wire from it.  Redis keeps one
-publisher's messages in order and does not lose a message in the middle of
-a live connection, so the wire here is a FIFO per writer, and loss comes
-only with a dropped connection (which loses everything in flight).  Two
-kinds of damage Redis does not do are tried anyway because the protocol
-copes with them: a POSITION vanishing, and a numeric RDATA or POSITION
-arriving twice.  (A duplicated ``batch`` line cannot be told apart from a
-real second row, so it is not tried.)
+The model cluster and its wire are tests/writer_model.py's ``ClusterModel``.
 
 Invariants, checked after every step:
 - a row is delivered at most once, with exactly the rows of its token, and
@@ -35,16 +26,15 @@ from __future__ import annotations
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 from writer_model import (
     PAIRS,
     WRITERS,
     WRITERS_BY_STREAM,
+    ClusterModel,
     Pair,
     Writer,
-    WriterStream,
     label,
-    make_row,
 )
 
 from synrepl.commands import Command, PositionCommand, RdataCommand
@@ -58,7 +48,7 @@ from synrepl.positions import (
 )
 
 
-class PositionsMachine(RuleBasedStateMachine):
+class PositionsMachine(ClusterModel):
     sp: StreamPositions
 
     @initialize(
@@ -73,19 +63,8 @@ class PositionsMachine(RuleBasedStateMachine):
         """Writers may already have rows (a backlog to catch up); the consumer starts from
         token 0 of each pair, or "from now" for a few."""
         self.max_buffered = max_buffered
-        self.writers = {
-            name: Writer(
-                name, {s: WriterStream() for s, ws in WRITERS_BY_STREAM.items() if name in ws}
-            )
-            for name in WRITERS
-        }
-        self.up = False  # the backlog was written before we connected
         self.sent_since_connect: dict[Pair, int] = {}
-        self.next_row = 0
-        for pair, count in zip(PAIRS, backlog, strict=True):
-            for _ in range(count):
-                self.publish(pair, 2)
-        self.up = True
+        self.make_writers(backlog)
         # Mirrors built from events alone.
         self.tokens: dict[Pair, int | None] = {p: None if p in from_now else 0 for p in PAIRS}
         self.delivered: set[str] = set()
@@ -161,83 +140,9 @@ class PositionsMachine(RuleBasedStateMachine):
             assert fetches == [FetchNeeded(*pair, before, cmd.new_token)]  # type: ignore[arg-type]
         self.absorb(events)
 
-    # ------------------------------------------------------------ writers
-
-    def publish_line(self, writer: Writer, cmd: Command) -> None:
-        if self.up:
-            writer.wire.append(cmd)
-            if isinstance(cmd, RdataCommand) and cmd.token is not None:
-                self.sent_since_connect[(cmd.stream_name, writer.name)] = cmd.token
-
-    @rule(pair=st.sampled_from(PAIRS), nrows=st.integers(1, 3))
-    def publish(self, pair: Pair, nrows: int) -> None:
-        """A writer persists rows at its next token and sends them (batch lines first)."""
-        stream, name = pair
-        writer = self.writers[name]
-        ws = writer.streams[stream]
-        ws.token += 1
-        rows = []
-        for i in range(nrows):
-            self.next_row += 1
-            row = make_row(stream, self.next_row)
-            rows.append(row)
-            token = ws.token if i == nrows - 1 else None
-            self.publish_line(writer, RdataCommand(stream, name, token, row))
-        ws.history[ws.token] = rows
-        ws.last = ws.token
-
-    @rule(pair=st.sampled_from(PAIRS), k=st.integers(1, 3), quietly=st.booleans())
-    def allocate(self, pair: Pair, k: int, quietly: bool) -> None:
-        """The writer's token moves without rows.  ``quietly``: Synapse's ``last_token``
-        moves too without anything being sent, so a later POSITION's prev is ahead of
-        the last RDATA (as seen in real traffic)."""
-        ws = self.writers[pair[1]].streams[pair[0]]
-        ws.token += k
-        if quietly:
-            ws.last = ws.token
-
-    @rule(pair=st.sampled_from(PAIRS))
-    def announce(self, pair: Pair) -> None:
-        """The writer sends POSITION last token."""
-        writer = self.writers[pair[1]]
-        ws = writer.streams[pair[0]]
-        self.publish_line(writer, PositionCommand(pair[0], pair[1], ws.last, ws.token))
-        ws.last = ws.token
-
-    @precondition(lambda self: self.up)
-    @rule(name=st.sampled_from(WRITERS))
-    def answer_replicate(self, name: str) -> None:
-        """The writer answers our REPLICATE: POSITION last last for each of its streams."""
-        writer = self.writers[name]
-        if writer.owes_answer:
-            writer.owes_answer = False
-            for stream, ws in writer.streams.items():
-                writer.wire.append(PositionCommand(stream, name, ws.last, ws.last))
-
-    # ------------------------------------------------------------ the wire
-
-    @rule(name=st.sampled_from(WRITERS), count=st.integers(1, 4))
-    def deliver(self, name: str, count: int) -> None:
-        """Messages from one writer arrive, in order (writers interleave by rule choice)."""
-        wire = self.writers[name].wire
-        for _ in range(count):
-            if not wire:
-                return
-            self.receive(wire.popleft())
-
-    @rule(name=st.sampled_from(WRITERS), kind=st.sampled_from(["duplicate", "lose"]))
-    def damage(self, name: str, kind: str) -> None:
-        """The next numeric RDATA or POSITION arrives twice, or the next POSITION vanishes."""
-        wire = self.writers[name].wire
-        if not wire:
-            return
-        head = wire[0]
-        if kind == "lose":
-            if isinstance(head, PositionCommand):
-                wire.popleft()
-        elif not (isinstance(head, RdataCommand) and head.token is None):
-            self.receive(head)
-            self.receive(wire.popleft())
+    def sent(self, writer: Writer, cmd: Command) -> None:
+        if isinstance(cmd, RdataCommand) and cmd.token is not None:
+            self.sent_since_connect[(cmd.stream_name, writer.name)] = cmd.token
 
     @rule(kind=st.sampled_from(["disconnect", "reconnect", "restart"]), prompt=st.booleans())
     def trouble(self, kind: str, prompt: bool) -> None:
@@ -295,9 +200,7 @@ class PositionsMachine(RuleBasedStateMachine):
         """Everything on the wire arrives and fetches are served, each in its drawn way."""
         modes = list(modes)
         for _ in range(20):
-            for writer in self.writers.values():
-                while writer.wire:
-                    self.receive(writer.wire.popleft())
+            self.drain()
             if not self.outstanding:
                 return
             for pair in sorted(self.outstanding):
@@ -353,9 +256,7 @@ class PositionsMachine(RuleBasedStateMachine):
     def settle(self) -> None:
         """Deliver everything and serve every fetch until nothing moves."""
         while True:
-            for writer in self.writers.values():
-                while writer.wire:
-                    self.receive(writer.wire.popleft())
+            self.drain()
             if not self.outstanding:
                 return
             for pair in sorted(self.outstanding):

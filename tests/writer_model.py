@@ -8,10 +8,12 @@ messages it sent that have not arrived yet.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
 
 import attrs
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
+from synrepl.commands import Command, PositionCommand, RdataCommand
 from synrepl.streams import AnyRow, parse_row
 
 WRITERS_BY_STREAM = {
@@ -51,5 +53,128 @@ class WriterStream:
 class Writer:
     name: str
     streams: dict[str, WriterStream]
-    wire: deque[Any] = attrs.Factory(deque)
+    wire: deque[Command] = attrs.Factory(deque)
     owes_answer: bool = True
+
+
+class ClusterModel(RuleBasedStateMachine):
+    """The writers' rules, shared by the state machines that consume their wire.
+
+    Redis keeps one publisher's messages in order and does not lose one in
+    the middle of a live connection, so each writer's wire is a FIFO, and
+    loss comes only with a dropped connection (``up`` False: what is sent
+    is lost).  Two kinds of damage Redis does not do are tried anyway because
+    the protocol copes with them: a POSITION vanishing, and a numeric RDATA
+    or POSITION arriving twice.  (A duplicated ``batch`` line cannot be told
+    apart from a real second row, so it is not tried.)
+
+    A subclass consumes commands in :meth:`receive`.
+    """
+
+    writers: dict[str, Writer]
+    up: bool
+    next_row: int
+
+    def make_writers(self, backlog: list[int]) -> None:
+        """The model's writers, each pair with ``backlog`` tokens written before
+        anyone listened."""
+        self.writers = {
+            name: Writer(
+                name, {s: WriterStream() for s, ws in WRITERS_BY_STREAM.items() if name in ws}
+            )
+            for name in WRITERS
+        }
+        self.up = False
+        self.next_row = 0
+        for pair, count in zip(PAIRS, backlog, strict=True):
+            for _ in range(count):
+                self.publish(pair, 2)
+        self.up = True
+
+    def receive(self, cmd: Command) -> None:
+        raise NotImplementedError
+
+    def sent(self, writer: Writer, cmd: Command) -> None:
+        """Called for each command put on a live wire."""
+
+    def send(self, writer: Writer, cmd: Command) -> None:
+        if self.up:
+            writer.wire.append(cmd)
+            self.sent(writer, cmd)
+
+    @rule(pair=st.sampled_from(PAIRS), nrows=st.integers(1, 3))
+    def publish(self, pair: Pair, nrows: int) -> None:
+        """A writer persists rows at its next token and sends them (batch lines first)."""
+        stream, name = pair
+        writer = self.writers[name]
+        ws = writer.streams[stream]
+        ws.token += 1
+        rows = []
+        for i in range(nrows):
+            self.next_row += 1
+            row = make_row(stream, self.next_row)
+            rows.append(row)
+            token = ws.token if i == nrows - 1 else None
+            self.send(writer, RdataCommand(stream, name, token, row))
+        ws.history[ws.token] = rows
+        ws.last = ws.token
+
+    @rule(pair=st.sampled_from(PAIRS), k=st.integers(1, 3), quietly=st.booleans())
+    def allocate(self, pair: Pair, k: int, quietly: bool) -> None:
+        """The writer's token moves without rows.  ``quietly``: Synapse's ``last_token``
+        moves too without anything being sent, so a later POSITION's prev is ahead of
+        the last RDATA (as seen in real traffic)."""
+        ws = self.writers[pair[1]].streams[pair[0]]
+        ws.token += k
+        if quietly:
+            ws.last = ws.token
+
+    @rule(pair=st.sampled_from(PAIRS))
+    def announce(self, pair: Pair) -> None:
+        """The writer sends POSITION last token."""
+        writer = self.writers[pair[1]]
+        ws = writer.streams[pair[0]]
+        self.send(writer, PositionCommand(pair[0], pair[1], ws.last, ws.token))
+        ws.last = ws.token
+
+    @precondition(lambda self: self.up)
+    @rule(name=st.sampled_from(WRITERS))
+    def answer_replicate(self, name: str) -> None:
+        """The writer answers our REPLICATE: POSITION last last for each of its streams."""
+        writer = self.writers[name]
+        if writer.owes_answer:
+            writer.owes_answer = False
+            for stream, ws in writer.streams.items():
+                writer.wire.append(PositionCommand(stream, name, ws.last, ws.last))
+
+    @rule(name=st.sampled_from(WRITERS), count=st.integers(1, 12))
+    def deliver(self, name: str, count: int) -> None:
+        """Messages from one writer arrive, in order (writers interleave by rule choice)."""
+        wire = self.writers[name].wire
+        for _ in range(count):
+            if not wire:
+                return
+            self.receive(wire.popleft())
+
+    @rule(name=st.sampled_from(WRITERS), kind=st.sampled_from(["duplicate", "lose"]))
+    def damage(self, name: str, kind: str) -> None:
+        """The next numeric RDATA or POSITION arrives twice, or the next POSITION vanishes."""
+        wire = self.writers[name].wire
+        if not wire:
+            return
+        head = wire[0]
+        if kind == "lose":
+            if isinstance(head, PositionCommand):
+                wire.popleft()
+        elif not (isinstance(head, RdataCommand) and head.token is None):
+            self.receive(head)
+            self.receive(wire.popleft())
+
+    def drain(self) -> bool:
+        """Everything on the wire arrives; False if there was nothing."""
+        moved = False
+        for writer in self.writers.values():
+            while writer.wire:
+                moved = True
+                self.receive(writer.wire.popleft())
+        return moved
