@@ -292,18 +292,7 @@ class ClientMachine(ClusterModel):
         for pair in PAIRS:
             done = checkpoint.get(pair[0], {}).get(pair[1])
             if done is not None:
-                assert not self.missing(pair, done), (pair, done, self.missing(pair, done))
-
-    def missing(self, pair: Pair, upto: int) -> list[str]:
-        history = self.writers[pair[1]].streams[pair[0]].history
-        missing = []
-        for token, rows in history.items():
-            if token > upto or token <= self.excused_upto.get(pair, -1):
-                continue
-            if any(p == pair and lo < token <= hi for p, lo, hi in self.gaps):
-                continue
-            missing += [f"{label(r)}@{token}" for r in rows if label(r) not in self.seen_rows]
-        return missing
+                assert not self.unaccounted(pair, done), (pair, done, self.unaccounted(pair, done))
 
     # ------------------------------------------------------------ the end
 
@@ -337,7 +326,7 @@ class ClientMachine(ClusterModel):
         for pair in PAIRS:
             ws = self.writers[pair[1]].streams[pair[0]]
             assert checkpoint[pair[0]][pair[1]] == ws.token, (pair, checkpoint, ws.token)
-            assert not self.missing(pair, ws.token), f"silently lost on {pair}"
+            assert not self.unaccounted(pair, ws.token), f"silently lost on {pair}"
         for stream in STREAMS:
             assert self.client.pending_rows(stream) == 0
 

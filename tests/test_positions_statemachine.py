@@ -67,7 +67,7 @@ class PositionsMachine(ClusterModel):
         self.make_writers(backlog)
         # Mirrors built from events alone.
         self.tokens: dict[Pair, int | None] = {p: None if p in from_now else 0 for p in PAIRS}
-        self.delivered: set[str] = set()
+        self.seen_rows: set[str] = set()
         self.excused_upto: dict[Pair, int] = {}
         self.gaps: list[tuple[Pair, int, int]] = []
         self.outstanding: dict[Pair, tuple[int, int]] = {}
@@ -100,8 +100,8 @@ class PositionsMachine(ClusterModel):
                 assert list(event.rows) == expected, event
                 for row in event.rows:
                     name = label(row)
-                    assert name not in self.delivered, f"{name} delivered twice"
-                    self.delivered.add(name)
+                    assert name not in self.seen_rows, f"{name} delivered twice"
+                    self.seen_rows.add(name)
                 self.tokens[pair] = event.token
             elif isinstance(event, PositionAdvanced):
                 pair = (event.stream, event.writer)
@@ -236,20 +236,7 @@ class PositionsMachine(ClusterModel):
         for pair in PAIRS:
             cur = self.tokens[pair]
             if cur is not None:
-                assert not self.lost_rows(pair, cur)
-
-    def lost_rows(self, pair: Pair, upto: int) -> list[str]:
-        """Rows of ``pair`` up to ``upto`` neither delivered nor excused by a reported gap
-        or a "from now" start."""
-        history = self.writers[pair[1]].streams[pair[0]].history
-        lost = []
-        for token, rows in history.items():
-            if token > upto or token <= self.excused_upto.get(pair, -1):
-                continue
-            if any(p == pair and lo < token <= hi for p, lo, hi in self.gaps):
-                continue
-            lost += [f"{label(r)}@{token}" for r in rows if label(r) not in self.delivered]
-        return lost
+                assert not self.unaccounted(pair, cur)
 
     # ------------------------------------------------------------ the end
 
@@ -283,7 +270,7 @@ class PositionsMachine(ClusterModel):
             ws = self.writers[pair[1]].streams[pair[0]]
             assert cur == ws.token, (pair, cur, ws.token)
             assert self.sp.is_connected(*pair)
-            lost = self.lost_rows(pair, ws.token)
+            lost = self.unaccounted(pair, ws.token)
             assert not lost, f"silently lost on {pair}: {lost}"
         for stream, writers in WRITERS_BY_STREAM.items():
             assert self.sp.persisted_upto(stream) == min(

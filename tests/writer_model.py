@@ -74,6 +74,12 @@ class ClusterModel(RuleBasedStateMachine):
     writers: dict[str, Writer]
     up: bool
     next_row: int
+    #: Labels of the rows the consumer handed on.
+    seen_rows: set[str]
+    #: Per pair, the token up to which rows are not expected (a "from now" start).
+    excused_upto: dict[Pair, int]
+    #: Ranges the consumer reported lost: ``(pair, from_token, upto_token)``.
+    gaps: list[tuple[Pair, int, int]]
 
     def make_writers(self, backlog: list[int]) -> None:
         """The model's writers, each pair with ``backlog`` tokens written before
@@ -93,6 +99,19 @@ class ClusterModel(RuleBasedStateMachine):
 
     def receive(self, cmd: Command) -> None:
         raise NotImplementedError
+
+    def unaccounted(self, pair: Pair, upto: int) -> list[str]:
+        """Rows of ``pair`` up to ``upto`` neither seen nor excused by a reported
+        gap or a "from now" start."""
+        history = self.writers[pair[1]].streams[pair[0]].history
+        lost = []
+        for token, rows in history.items():
+            if token > upto or token <= self.excused_upto.get(pair, -1):
+                continue
+            if any(p == pair and lo < token <= hi for p, lo, hi in self.gaps):
+                continue
+            lost += [f"{label(r)}@{token}" for r in rows if label(r) not in self.seen_rows]
+        return lost
 
     def sent(self, writer: Writer, cmd: Command) -> None:
         """Called for each command put on a live wire."""
