@@ -619,7 +619,7 @@ def test_corpus_traffic(name: str) -> None:
                 fetches.append(event)
                 for later in sp.fetched(event.stream, event.writer, [], event.upto_token, False):
                     assert not isinstance(later, (RowsReceived, FetchNeeded, GapUnfillable))
-            elif isinstance(event, (StreamReset, GapUnfillable)):
+            elif isinstance(event, (StreamReset, GapUnfillable, WriterBehind, UnnamedWriter)):
                 pytest.fail(f"unexpected {event!r}")
     assert fetches == expected_fetches
     assert delivered_rows == expected_rows > 1000
