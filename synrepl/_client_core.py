@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from functools import partial
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -47,8 +48,36 @@ from synrepl.commands import (
     UserSyncCommand,
 )
 from synrepl.config import SynapseConfig
-from synrepl.delivery import Action, Delivery, PositionReached
+from synrepl.deadletters import DeadLetter
+from synrepl.delivery import (
+    Action,
+    DeadLetterBatch,
+    Delivery,
+    HandlerFailurePolicy,
+    PositionReached,
+    Ready,
+    RetryBatch,
+    SaveCheckpoint,
+    StopDelivery,
+)
 from synrepl.errors import MalformedRowError, ProtocolError, SynreplError, UnknownCommandError
+from synrepl.events import (
+    Done,
+    EventFetch,
+    EventFetchPolicy,
+    EventFetchStats,
+    EventFilter,
+    EventSource,
+    EventSourceUnavailable,
+    EventsReceived,
+    Fetch,
+    FullEvent,
+    MissingEvent,
+)
+
+if TYPE_CHECKING:
+    from synrepl.checkpoints import CheckpointStore
+    from synrepl.deadletters import DeadLetterStore
 from synrepl.positions import (
     Counters,
     FetchNeeded,
@@ -59,13 +88,14 @@ from synrepl.positions import (
     WriterBehind,
 )
 from synrepl.sharding import MAIN_INSTANCE_NAME, canonical_instance_name
-from synrepl.streams import STREAM_NAMES, AnyRow, parse_row
+from synrepl.streams import STREAM_NAMES, AnyRow, EventRow, parse_row
 
 __all__ = (
     "ClientCore",
     "ClientCounters",
     "ReadOnlyError",
     "RowHandler",
+    "EventsHandler",
     "GapHandler",
     "ResetHandler",
     "StreamUpdatesLike",
@@ -75,6 +105,7 @@ __all__ = (
 logger = logging.getLogger("synrepl.client")
 
 _C = TypeVar("_C", bound=Command)
+_T = TypeVar("_T")
 #: What the adapter's ``send_*`` methods return (a Deferred, an awaitable).
 _Sent = TypeVar("_Sent")
 
@@ -82,14 +113,41 @@ _Sent = TypeVar("_Sent")
 #: None when done, or an awaitable (coroutine, Deferred, future) to wait for.
 RowHandler = Callable[[RowsReceived], object]
 GapHandler = Callable[[GapUnfillable], object]
+#: What a full-events handler gets (see :meth:`ClientCore.on_events`).
+EventsHandler = Callable[[EventsReceived], object]
 ResetHandler = Callable[[StreamReset | WriterBehind], object]
 
 #: Longest exception text put in a log line or a gap's reason.
 _REASON_LIMIT = 300
 
 
+class _Closing(Exception):
+    """The client stops: an unfinished batch is abandoned (fetched again later)."""
+
+
 class ReadOnlyError(SynreplError, RuntimeError):
     """The client was asked to publish while in read-only mode."""
+
+
+class DeliveryStoppedError(SynreplError, RuntimeError):
+    """The handlers gave up on a batch that nothing could take (no dead-letter
+    store): the client stopped, its position before that batch."""
+
+
+class NotReadyError(SynreplError, TimeoutError):
+    """Some expected writers stayed silent: ``silent`` names them by stream."""
+
+    def __init__(self, silent: Mapping[str, Sequence[str]], waited: float) -> None:
+        self.silent = {stream: list(writers) for stream, writers in silent.items()}
+        names = "; ".join(f"{s}: {', '.join(w)}" for s, w in self.silent.items())
+        super().__init__(f"no position after {waited:g} s from {names}")
+
+
+class PositionSource(Protocol):
+    """Where "from now" positions can be read before any writer speaks
+    (an event source on Synapse's database)."""
+
+    def positions(self) -> dict[str, dict[str, int]]: ...
 
 
 class StreamUpdatesLike(Protocol):
@@ -135,8 +193,19 @@ class ClientCounters:
     unnamed_writer_commands: int
     #: Handler calls that raised or failed.
     handler_errors: int
+    #: Batches run again after their handlers failed.
+    handler_retries: int
+    #: Batches recorded in the dead-letter store.
+    dead_letters: int
+    #: Checkpoints saved, and saves that failed (and were tried again).
+    checkpoint_saves: int
+    checkpoint_failures: int
     #: Redis subscriptions after the first.
     reconnects: int
+    #: Full events: fetched, given up on as missing, and source failures.
+    events_fetched: int
+    events_missing: int
+    event_source_failures: int
     #: The position bookkeeping's own counters.
     wire: Counters
 
@@ -153,6 +222,10 @@ class _Totals:
     fetch_failures: int = 0
     gaps: int = 0
     handler_errors: int = 0
+    handler_retries: int = 0
+    dead_letters: int = 0
+    checkpoint_saves: int = 0
+    checkpoint_failures: int = 0
     reconnects: int = 0
 
 
@@ -193,6 +266,12 @@ class ClientCore(Generic[_Sent]):
         passive: do not send REPLICATE.
         max_pending_rows: the per-stream memory bound.
         trust_writer: on a writer behind our position, take its position.
+        checkpoint: where positions are saved after each handled batch and
+            resumed from (exclusive with ``start``).
+        dead_letters: where batches the handlers gave up on are kept.
+        failure_policy: how often to retry a failing batch, and then what.
+        seed_from: where to read "from now" positions before any writer speaks.
+        silent_after: seconds after start to name writers still silent.
     """
 
     def __init__(
@@ -207,9 +286,22 @@ class ClientCore(Generic[_Sent]):
         passive: bool,
         max_pending_rows: int,
         trust_writer: bool,
+        checkpoint: CheckpointStore | None = None,
+        dead_letters: DeadLetterStore | None = None,
+        failure_policy: HandlerFailurePolicy | None = None,
+        seed_from: PositionSource | None = None,
+        silent_after: float | None = 30.0,
     ) -> None:
         if max_pending_rows < 1:
             raise ValueError("max_pending_rows must be at least 1")
+        if start is not None and checkpoint is not None:
+            raise ValueError("give start or checkpoint, not both: the checkpoint is where to start")
+        if failure_policy is None:
+            failure_policy = HandlerFailurePolicy(
+                then="dead_letter" if dead_letters is not None else "stop"
+            )
+        elif failure_policy.then == "dead_letter" and dead_letters is None:
+            raise ValueError("failure_policy says dead_letter, but no dead_letters store is given")
         self._config = config
         self.instance_name = (
             instance_name or config.worker_name or f"synrepl-{secrets.token_hex(4)}"
@@ -217,6 +309,10 @@ class ClientCore(Generic[_Sent]):
         self._read_only = read_only
         self._passive = passive
         self._streams = None if streams is None else frozenset(streams)
+        self._checkpoint = checkpoint
+        self._dead_letters = dead_letters
+        self._seed_from = seed_from
+        self._silent_after = silent_after
         writers = {
             stream: config.stream_writers.writers_for_stream(stream)
             for stream in (STREAM_NAMES if self._streams is None else self._streams)
@@ -228,7 +324,10 @@ class ClientCore(Generic[_Sent]):
             writers=writers,
             fetchable=named_instances(config),
             trust_writer=trust_writer,
+            connect_on_rdata=read_only or passive,
             max_pending_rows=max_pending_rows,
+            acknowledge=checkpoint is not None,
+            failure_policy=failure_policy,
         )
         self._parse = SelectiveParser(streams=self._streams)
         self._row_handlers: dict[str | None, list[RowHandler]] = {}
@@ -240,6 +339,15 @@ class ClientCore(Generic[_Sent]):
         self._subscriptions = 0
         self._todo: deque[Action] = deque()
         self._performing = False
+        #: Per stream, the handler to start at when its batch is retried.
+        self._resume_at: dict[str, int] = {}
+        #: Set by a stop: no more batches go out (they are fetched again after a restart).
+        self._closing = False
+        #: Why delivery stopped for good, if it did.
+        self.stop_reason: str | None = None
+        self._save_failures = 0
+        self._event_stats = EventFetchStats()
+        self._source_warnings = RateLimitedWarning(logger, clock)
         self._bad_lines = RateLimitedWarning(logger, clock)
         self._handler_errors = RateLimitedWarning(logger, clock)
 
@@ -251,9 +359,36 @@ class ClientCore(Generic[_Sent]):
         Per stream, the next batch waits until what the handler returns (a
         coroutine, Deferred or other awaitable) has finished; streams do not
         wait for each other.  A handler that returns None is called directly.
-        A handler that raises is logged and counted, and delivery goes on.
+        A handler that raises (or whose awaitable fails) is logged, counted
+        and retried by the failure policy, then the batch is dead-lettered or
+        the client stops; its position never moves past an unhandled batch.
         """
         self._row_handlers.setdefault(stream, []).append(handler)
+
+    def on_events(
+        self,
+        handler: EventsHandler,
+        *,
+        source: EventSource,
+        filter: EventFilter | None = None,
+        policy: EventFetchPolicy | None = None,
+    ) -> None:
+        """Call ``handler`` with the full events of each token of ``events``
+        (sender, content, ...), read from ``source``, in stream order per writer.
+
+        ``filter`` applies before any content is fetched wherever the row
+        already decides (room, type, membership), and on the full event for
+        the rest (sender).  Tokens with nothing left are not passed on.  An
+        event the source cannot find is retried (``policy``), then passed as
+        a :class:`~synrepl.events.MissingEvent`; a source that is down is
+        retried for ever, and the position does not move meanwhile.  The
+        handler may return an awaitable, as for :meth:`on_rows`.
+        """
+        self._check_followed("events")
+        wanted = filter if filter is not None else EventFilter()
+        self.on_rows(
+            "events", lambda batch: self._full_events(batch, handler, source, wanted, policy)
+        )
 
     def on_gap(self, handler: GapHandler) -> None:
         """Call ``handler`` when rows are known to be missing and cannot be
@@ -298,6 +433,16 @@ class ClientCore(Generic[_Sent]):
         return self._delivery.pending_rows(stream)
 
     @property
+    def ready(self) -> bool:
+        """Whether every expected writer of every followed stream has a known
+        position: from then on ``positions()`` is a complete checkpoint."""
+        return self._delivery.ready
+
+    def silent_writers(self) -> dict[str, list[str]]:
+        """The expected writers with no known position yet, by stream."""
+        return self._delivery.silent_writers()
+
+    @property
     def counters(self) -> ClientCounters:
         """A typed snapshot of the running totals."""
         t = self._totals
@@ -317,7 +462,14 @@ class ClientCore(Generic[_Sent]):
             writers_behind=wire.writers_behind,
             unnamed_writer_commands=wire.unnamed_writer_commands,
             handler_errors=t.handler_errors,
+            handler_retries=t.handler_retries,
+            dead_letters=t.dead_letters,
+            checkpoint_saves=t.checkpoint_saves,
+            checkpoint_failures=t.checkpoint_failures,
             reconnects=t.reconnects,
+            events_fetched=self._event_stats.found,
+            events_missing=self._event_stats.missing,
+            event_source_failures=self._event_stats.source_failures,
             wire=wire,
         )
 
@@ -411,6 +563,101 @@ class ClientCore(Generic[_Sent]):
         """The waiter registered under ``key`` is satisfied."""
         raise NotImplementedError
 
+    def _blocking(
+        self,
+        call: Callable[[], _T],
+        then: Callable[[_T | None, BaseException | None], None],
+    ) -> None:
+        """Run ``call`` in a worker thread (stores and sources block); call
+        ``then(result, None)`` or ``then(None, error)`` back on the loop."""
+        raise NotImplementedError
+
+    def _call_later(self, delay: float, call: Callable[[], None]) -> None:
+        """Call ``call`` on the loop after ``delay`` seconds."""
+        raise NotImplementedError
+
+    def _in_thread(self, call: Callable[[], _T]) -> Awaitable[_T]:
+        """``call`` run in a worker thread, as something a coroutine awaits."""
+        raise NotImplementedError
+
+    def _sleep(self, seconds: float) -> Awaitable[None]:
+        """Something a coroutine awaits for ``seconds``."""
+        raise NotImplementedError
+
+    def _became_ready(self) -> None:
+        """Every expected writer has a position (see :attr:`ready`)."""
+        raise NotImplementedError
+
+    def _stopped_loudly(self, reason: str) -> None:
+        """Delivery stopped for good (a batch nothing may take): stop the client."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ starting
+
+    def _prepare(self, then: Callable[[BaseException | None], None]) -> None:
+        """Before connecting: resume from the checkpoint store, else seed "from
+        now" positions from the database; ``then(error)`` when done.
+
+        A checkpoint that cannot be read fails the start (resuming from
+        nothing would skip what happened meanwhile); a seed that cannot be
+        read is only a warning (the writers' own traffic will start them).
+        """
+        if self._checkpoint is not None:
+            self._blocking(self._checkpoint.load, partial(self._loaded, then))
+        else:
+            self._loaded(then, None, None)
+
+    def _loaded(
+        self,
+        then: Callable[[BaseException | None], None],
+        saved: dict[str, dict[str, int]] | None,
+        error: BaseException | None,
+    ) -> None:
+        if error is not None:
+            then(error)
+            return
+        if saved:
+            logger.info("resuming from the checkpoint: %s", saved)
+            self._perform(self._delivery.seed(saved))
+        elif self._seed_from is not None:
+            self._blocking(self._seed_from.positions, partial(self._seeded, then))
+            return
+        self._started_delivery()
+        then(None)
+
+    def _seeded(
+        self,
+        then: Callable[[BaseException | None], None],
+        positions: dict[str, dict[str, int]] | None,
+        error: BaseException | None,
+    ) -> None:
+        if error is not None:
+            logger.warning(
+                "cannot read start positions from the database (%s); writers start "
+                "at their own next POSITION or RDATA",
+                _describe(error),
+            )
+        elif positions:
+            self._perform(self._delivery.seed(positions))
+        self._started_delivery()
+        then(None)
+
+    def _started_delivery(self) -> None:
+        if self._delivery.ready:
+            self._became_ready()
+        elif self._silent_after is not None:
+            self._call_later(self._silent_after, self._warn_silent)
+
+    def _warn_silent(self) -> None:
+        silent = self._delivery.silent_writers()
+        if silent and not self._closing:
+            logger.warning(
+                "no position yet, %g s after start, from: %s (a read-only client waits "
+                "for each writer's own traffic)",
+                self._silent_after,
+                "; ".join(f"{stream}: {', '.join(names)}" for stream, names in silent.items()),
+            )
+
     # ------------------------------------------------------------ the transport's events
 
     def _line_received(self, channel: str, line: str) -> None:
@@ -490,15 +737,27 @@ class ClientCore(Generic[_Sent]):
             while todo:
                 action = todo.popleft()
                 if isinstance(action, RowsReceived):
-                    self._run_handlers(action, 0)
+                    if not self._closing:  # else left unprocessed: fetched again later
+                        self._run_handlers(action, self._resume_at.pop(action.stream, 0))
                 elif isinstance(action, FetchNeeded):
                     self._start_fetch(action)
                 elif isinstance(action, PositionReached):
                     self._waiter_reached(action.key)
+                elif isinstance(action, SaveCheckpoint):
+                    self._save(action)
                 elif isinstance(action, GapUnfillable):
                     self._report_gap(action)
                 elif isinstance(action, (StreamReset, WriterBehind)):
                     self._report_reset(action)
+                elif isinstance(action, RetryBatch):
+                    self._retry_later(action)
+                elif isinstance(action, DeadLetterBatch):
+                    self._dead_letter(action)
+                elif isinstance(action, StopDelivery):
+                    self._stop_delivery(action)
+                elif isinstance(action, Ready):
+                    logger.info("every expected writer has a position: %s", action.positions)
+                    self._became_ready()
                 else:
                     self._report_unnamed(action)
         finally:
@@ -516,12 +775,12 @@ class ClientCore(Generic[_Sent]):
         handlers = self._handlers_for(batch.stream)
         while index < len(handlers):
             handler = handlers[index]
-            index += 1
             try:
                 result = handler(batch)
             except Exception as e:  # noqa: BLE001 - a user's handler may raise anything
-                self._handler_failed(e)
-                continue
+                self._batch_failed(batch, index, e)
+                return
+            index += 1
             if result is not None:
                 self._await_then(result, partial(self._handler_returned, batch, index))
                 return
@@ -534,14 +793,163 @@ class ClientCore(Generic[_Sent]):
         self, batch: RowsReceived, index: int, error: BaseException | None
     ) -> None:
         if error is not None:
-            self._handler_failed(error)
-        self._run_handlers(batch, index)
+            if not self._closing:  # a stop abandons the batch: it is delivered again later
+                self._batch_failed(batch, index - 1, error)
+        else:
+            self._run_handlers(batch, index)
+
+    def _batch_failed(self, batch: RowsReceived, index: int, error: BaseException) -> None:
+        """Handler ``index`` failed on ``batch``: the failure policy decides."""
+        self._handler_failed(error)
+        self._resume_at[batch.stream] = index
+        self._perform(self._delivery.handler_failed(batch, _describe(error)))
 
     def _handler_failed(self, error: BaseException) -> None:
         self._totals.handler_errors += 1
         self._handler_errors.warning(
             "replication handler failed: %s", _describe(error), exc_info=error
         )
+
+    def _retry_later(self, retry: RetryBatch) -> None:
+        batch = retry.batch
+        logger.warning(
+            "handler failed on %s from %s at %d (%d times); trying again in %.1f s",
+            batch.stream,
+            batch.writer,
+            batch.token,
+            retry.failures,
+            retry.delay,
+        )
+
+        def again() -> None:
+            if not self._closing:
+                self._totals.handler_retries += 1
+                self._perform(self._delivery.retry(batch))
+
+        self._call_later(retry.delay, again)
+
+    def _dead_letter(self, action: DeadLetterBatch) -> None:
+        store = self._dead_letters
+        assert store is not None  # the policy says dead_letter only with a store
+        batch = action.batch
+        letter = DeadLetter(
+            stream=batch.stream,
+            writer=batch.writer,
+            token=batch.token,
+            rows=[row.to_raw() for row in batch.rows],
+            error=action.error,
+            attempts=action.failures,
+            failed_at=time.time(),
+        )
+
+        def stored(_: object, error: BaseException | None) -> None:
+            if error is not None:
+                logger.error(
+                    "cannot write the dead letter for %s at %d (%s); trying again in 5 s",
+                    batch.stream,
+                    batch.token,
+                    _describe(error),
+                )
+                self._call_later(5.0, lambda: self._dead_letter(action))
+                return
+            self._totals.dead_letters += 1
+            logger.error(
+                "gave up on %s from %s at %d after %d failures (%s): dead-lettered",
+                batch.stream,
+                batch.writer,
+                batch.token,
+                action.failures,
+                action.error,
+            )
+            self._perform(self._delivery.dead_lettered(batch))
+
+        self._blocking(partial(store.add, letter), stored)
+
+    def _stop_delivery(self, action: StopDelivery) -> None:
+        batch = action.batch
+        self.stop_reason = (
+            f"the handlers failed {action.failures} times on {batch.stream} from "
+            f"{batch.writer} at {batch.token} ({action.error}) and no dead-letter store "
+            "may take it; positions stay before it"
+        )
+        logger.error("stopping: %s", self.stop_reason)
+        self._stopped_loudly(self.stop_reason)
+
+    def _save(self, action: SaveCheckpoint) -> None:
+        store = self._checkpoint
+        assert store is not None  # SaveCheckpoint comes only with a store
+        self._blocking(partial(store.save, action.positions), self._saved)
+
+    def _saved(self, _: object, error: BaseException | None) -> None:
+        if error is None:
+            self._totals.checkpoint_saves += 1
+            self._save_failures = 0
+            self._perform(self._delivery.checkpoint_saved())
+            return
+        self._totals.checkpoint_failures += 1
+        self._save_failures += 1
+        delay = min(0.5 * 2.0 ** min(self._save_failures - 1, 16), 30.0)
+        logger.warning(
+            "cannot save the checkpoint (%s); delivery waits, trying again in %.1f s",
+            _describe(error),
+            delay,
+        )
+        self._perform(self._delivery.checkpoint_failed())
+        self._call_later(delay, lambda: self._perform(self._delivery.save_again()))
+
+    async def _full_events(
+        self,
+        batch: RowsReceived,
+        handler: EventsHandler,
+        source: EventSource,
+        wanted: EventFilter,
+        policy: EventFetchPolicy | None,
+    ) -> None:
+        """Fetch the content of a batch's events and pass them on (on_events)."""
+        rows = wanted.wanted(row for row in batch.rows if isinstance(row, EventRow))
+        if not rows:
+            return
+        fetch = EventFetch(rows, policy, self._event_stats)
+        while not isinstance(step := fetch.next(), Done):
+            if self._closing:
+                raise _Closing
+            if isinstance(step, Fetch):
+                ids = step.event_ids
+                try:
+                    found = await self._in_thread(partial(source.fetch, ids))
+                except EventSourceUnavailable as e:
+                    fetch.failed(e)
+                    self._source_warnings.warning(
+                        "event source unavailable (%s); %s at %d waits",
+                        e,
+                        batch.stream,
+                        batch.token,
+                    )
+                    continue
+                fetch.got(found)
+            else:
+                await self._sleep(step.seconds)
+        missing = {event.event_id: event for event in step.missing}
+        for event in step.missing:
+            logger.warning("no content for event %s: %s", event.event_id, event.reason)
+        events: list[FullEvent | MissingEvent] = []
+        passed: set[str] = set()
+        for row in rows:
+            if row.event_id in passed:
+                continue
+            passed.add(row.event_id)
+            full = step.found.get(row.event_id)
+            if full is None:
+                events.append(missing[row.event_id])
+            elif wanted.accepts(full):
+                events.append(full)
+        if not events:
+            return
+        result = handler(
+            EventsReceived(batch.stream, batch.writer, batch.token, tuple(events), batch.fetched)
+        )
+        if result is not None and isinstance(result, Awaitable):
+            await result
 
     def _report_gap(self, gap: GapUnfillable) -> None:
         self._totals.gaps += 1

@@ -40,6 +40,13 @@ The rules, for a pair whose token is ``cur``:
    ``REPLICATE`` will reveal anything it carried.  :meth:`connection_lost`
    makes every pair unconnected and drops the pending batches, but keeps the
    tokens and lets fetches finish.
+
+   2b. With ``connect_on_rdata`` (a client that sends no REPLICATE, so may
+   never see a POSITION), a numeric RDATA at T instead connects the pair:
+   everything in ``(cur, T]`` is fetched, T included, since its batch may
+   have begun before we listened; a "from now" pair starts at ``T - 1``, so
+   the first token whose RDATA reaches us is delivered whole.  A pair of a
+   writer nothing can be fetched from connects at T, skipping it (counted).
 3. ``RDATA`` with token ``batch`` is held; the writer's next numeric token
    for the stream completes the batch and all its rows are handed on
    together at that token (:class:`RowsReceived`).  A numeric token
@@ -268,6 +275,8 @@ class Counters:
     ignored_streams: int = 0
     #: RDATA lines dropped because their pair was not connected.
     unconnected_dropped: int = 0
+    #: Pairs connected at an RDATA (rule 2b), not at a POSITION.
+    rdata_connects: int = 0
     #: RDATA tokens dropped because we already had them.
     duplicates_dropped: int = 0
     #: POSITIONs that could not tell us anything new.
@@ -427,6 +436,8 @@ class StreamPositions:
             writer restarts; defaults to :data:`RESETTABLE_STREAMS`.
         trust_writer: on a writer behind us (rule 4), move our token back to
             the writer's (True) or keep ours (False).
+        connect_on_rdata: connect a pair at its first numeric RDATA too, not
+            only at a POSITION (rule 2b): for clients that send no REPLICATE.
         max_buffered: the most rows one pair's fetch-time queue, and one
             pending batch, may hold (rule 5).
         budget: the delivery side's account (rule 6); None: unbounded.
@@ -445,6 +456,7 @@ class StreamPositions:
         fetchable: Collection[str] | None = None,
         resettable_streams: Collection[str] | None = None,
         trust_writer: bool = True,
+        connect_on_rdata: bool = False,
         max_buffered: int = 10_000,
         budget: Budget | None = None,
     ) -> None:
@@ -453,6 +465,7 @@ class StreamPositions:
         self.local_instance = local_instance
         self.max_buffered = max_buffered
         self.trust_writer = trust_writer
+        self.connect_on_rdata = connect_on_rdata
         self.counters = Counters()
         self._budget: Budget = budget if budget is not None else _Unbounded()
         self._tracked: frozenset[str] | None = None if streams is None else frozenset(streams)
@@ -592,6 +605,21 @@ class StreamPositions:
             self._request(waiting[writer], out)
         return out
 
+    def seed(self, positions: Mapping[str, Mapping[str, int]]) -> list[Event]:
+        """Give writers we have no token for a starting one (a "from now" start
+        read from Synapse's database, or a checkpoint loaded late).
+
+        Pairs that already have a token are left alone.  Each token taken
+        comes out as a :class:`PositionAdvanced`.
+        """
+        out: list[Event] = []
+        for stream, tokens in positions.items():
+            for writer, token in tokens.items():
+                pair = self._pair(stream, writer)
+                if pair is not None and pair.token is None and pair.fetch is None:
+                    self._advance(pair, token, out)
+        return out
+
     def connection_lost(self) -> list[Event]:
         """The Redis connection went away: every pair is unconnected until its next POSITION.
 
@@ -648,9 +676,12 @@ class StreamPositions:
             return out
         token = cmd.token
         if pair.fetch is None and not pair.connected:
-            self.counters.unconnected_dropped += 1
             if token is not None:
                 self._drop_batch(pair)
+                if self.connect_on_rdata:
+                    self._connect_at(pair, token, out)
+                    return out
+            self.counters.unconnected_dropped += 1
             return out
         if token is None:
             if pair.batch_lost:
@@ -677,6 +708,23 @@ class StreamPositions:
         else:
             self._apply(pair, entry, out)
         return out
+
+    def _connect_at(self, pair: _Pair, token: int, out: list[Event]) -> None:
+        """Rule 2b: connect an unconnected pair at its RDATA's token, by fetching
+        everything up to it (the batch may have begun before we listened)."""
+        cur = pair.token
+        if cur is not None and token <= cur:
+            self.counters.duplicates_dropped += 1
+            return
+        self.counters.rdata_connects += 1
+        if not pair.fetchable:
+            self.counters.unnamed_writer_gaps += 1
+            pair.connected = True
+            self._advance(pair, token, out)
+            return
+        if cur is None:
+            self._advance(pair, token - 1, out)  # "from now": just before this token
+        self._start_fetch(pair, token, True, out)
 
     def _receive_position(self, cmd: PositionCommand) -> list[Event]:
         out: list[Event] = []

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from synrepl.commands import PositionCommand, RdataCommand
-from synrepl.delivery import Action, Delivery, PositionReached
+from synrepl.delivery import (
+    Action,
+    DeadLetterBatch,
+    Delivery,
+    HandlerFailurePolicy,
+    PositionReached,
+    Ready,
+    RetryBatch,
+    SaveCheckpoint,
+    StopDelivery,
+)
 from synrepl.positions import (
     FetchNeeded,
     GapUnfillable,
@@ -241,3 +251,119 @@ def test_cancel_wait_and_duplicate_keys() -> None:
 def test_max_pending_rows_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_pending_rows"):
         Delivery(max_pending_rows=0)
+
+
+# ---------------------------------------------------------------- rule 5: acknowledge after handling
+
+
+def test_a_handled_batch_waits_for_the_checkpoint_that_includes_it() -> None:
+    """With acknowledge, the next batch of a stream goes out only once a save
+    covering the handled one is done; saves never overlap, and coalesce."""
+    d = connected(10, acknowledge=True)
+    (first,) = batches(d.receive(rdata(11, 1)))
+    d.receive(rdata(12, 2))
+    actions = d.handled(first)
+    assert actions == [SaveCheckpoint({"events": {"master": 11}})]
+    d.receive(rdata(13, 3))  # more arrives meanwhile: nothing goes out
+    assert d.running("events") is None
+    actions = d.checkpoint_saved()
+    assert [b.token for b in batches(actions)] == [12]
+    (second,) = batches(actions)
+    assert d.handled(second) == [SaveCheckpoint({"events": {"master": 12}})]
+
+
+def test_position_moves_are_saved_without_blocking() -> None:
+    """A POSITION moves the processed position and asks for a save, but blocks nothing."""
+    d = connected(10, acknowledge=True)
+    assert d.receive(pos(10, 15)) == [SaveCheckpoint({"events": {"master": 15}})]
+    (batch,) = batches(d.receive(rdata(16, 1)))  # not blocked by the save in flight
+    d.receive(pos(16, 20))  # queued behind batch 16
+    assert d.handled(batch) == []  # a save is in flight: the next one will include it
+    assert d.running("events") is None
+    assert d.checkpoint_saved() == [SaveCheckpoint({"events": {"master": 16}})]
+    assert d.checkpoint_saved() == [SaveCheckpoint({"events": {"master": 20}})]
+    assert d.checkpoint_saved() == []
+
+
+def test_a_failed_save_blocks_until_saved_again() -> None:
+    """Nothing moves past an unsaved batch; save_again asks once more."""
+    d = connected(10, acknowledge=True)
+    (first,) = batches(d.receive(rdata(11, 1)))
+    d.receive(rdata(12, 2))
+    d.handled(first)
+    assert d.checkpoint_failed() == []
+    assert d.running("events") is None
+    assert d.save_again() == [SaveCheckpoint({"events": {"master": 11}})]
+    assert [b.token for b in batches(d.checkpoint_saved())] == [12]
+
+
+# ---------------------------------------------------------------- rule 6: handler failures
+
+
+def test_a_failing_batch_is_retried_then_dead_lettered() -> None:
+    """Retries with doubling delays, then a DeadLetterBatch; only dead_lettered()
+    moves the position past it."""
+    policy = HandlerFailurePolicy(retries=2, base_delay=0.5, then="dead_letter")
+    d = connected(10, failure_policy=policy)
+    (batch,) = batches(d.receive(rdata(11, 1)))
+    d.receive(rdata(12, 2))
+    assert d.handler_failed(batch, "boom") == [RetryBatch(batch, 0.5, 1, "boom")]
+    assert d.retry(batch) == [batch]
+    assert d.handler_failed(batch, "boom") == [RetryBatch(batch, 1.0, 2, "boom")]
+    d.retry(batch)
+    assert d.handler_failed(batch, "boom") == [DeadLetterBatch(batch, 3, "boom")]
+    assert d.positions() == {"events": {"master": 10}}
+    assert [b.token for b in batches(d.dead_lettered(batch))] == [12]
+    assert d.positions() == {"events": {"master": 11}}
+
+
+def test_a_batch_nobody_may_take_stops_its_stream() -> None:
+    """then="stop": StopDelivery, and nothing of that stream goes out again."""
+    d = connected(10, failure_policy=HandlerFailurePolicy(retries=0))
+    (batch,) = batches(d.receive(rdata(11, 1)))
+    assert d.handler_failed(batch, "boom") == [StopDelivery(batch, 1, "boom")]
+    assert d.receive(rdata(12, 2)) == []
+    assert d.positions() == {"events": {"master": 10}}
+    with pytest.raises(StateError):
+        d.retry(batch)
+
+
+def test_a_success_after_failures_starts_the_count_again() -> None:
+    d = connected(10, failure_policy=HandlerFailurePolicy(retries=1))
+    (batch,) = batches(d.receive(rdata(11, 1)))
+    d.receive(rdata(12, 2))
+    d.handler_failed(batch, "boom")
+    d.retry(batch)
+    (second,) = batches(d.handled(batch))
+    assert d.handler_failed(second, "boom")[0] == RetryBatch(second, 1.0, 1, "boom")
+
+
+def test_failure_policy_validates() -> None:
+    with pytest.raises(ValueError):
+        HandlerFailurePolicy(retries=-1)
+    with pytest.raises(ValueError):
+        HandlerFailurePolicy(then="skip")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- rule 7: readiness
+
+
+def test_ready_once_every_expected_writer_has_a_position() -> None:
+    """Ready comes out once, when the last expected writer is heard; silent_writers
+    names the others until then."""
+    d = Delivery(local_instance="me", streams={"events"}, writers={"events": ["p1", "p2", "me"]})
+    assert not d.ready
+    assert d.silent_writers() == {"events": ["p1", "p2"]}
+    assert d.receive(pos(5, 5, writer="p1")) == []
+    assert d.receive(pos(7, 7, writer="p2")) == [Ready({"events": {"p1": 5, "p2": 7}})]
+    assert d.ready and d.silent_writers() == {}
+    assert d.receive(pos(7, 9, writer="p2")) == []
+
+
+def test_seed_gives_unknown_writers_a_position() -> None:
+    """seed() starts writers we know nothing of; known ones keep their position."""
+    d = Delivery(start={"events": {"p1": 3}}, writers={"events": ["p1", "p2"]})
+    actions = d.seed({"events": {"p1": 100, "p2": 50}})
+    assert actions == [Ready({"events": {"p1": 3, "p2": 50}})]
+    assert d.positions() == {"events": {"p1": 3, "p2": 50}}
+    assert d.wire.current_token("events", "p2") == 50

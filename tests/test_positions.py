@@ -757,3 +757,61 @@ def test_unnamed_writer_rows_are_never_refused() -> None:
     sp.receive(pos("caches", "ghost", 5, 5))
     assert rows_of(sp.receive(rdata("caches", "ghost", 6, 1))) == [(6, (row("caches", 1),))]
     assert room.taken == [(1, False)]
+
+
+# ---------------------------------------------------------------- rule 2b: connecting at RDATA
+
+
+def test_rdata_connects_a_from_now_pair_by_fetching_its_whole_token() -> None:
+    """Without REPLICATE, the first numeric RDATA of a "from now" writer connects
+    it: its token is fetched whole (its batch began before we listened)."""
+    sp = StreamPositions(connect_on_rdata=True)
+    assert sp.receive(rdata("events", "p1", None, 1)) == []  # the tail of a batch
+    events = sp.receive(rdata("events", "p1", 40, 2))
+    assert events == [
+        PositionAdvanced("events", "p1", 39),
+        FetchNeeded("events", "p1", 39, 40),
+    ]
+    events = sp.fetched(
+        "events",
+        "p1",
+        [(40, row("events", 0)), (40, row("events", 1)), (40, row("events", 2))],
+        40,
+        False,
+    )
+    assert rows_of(events) == [(40, (row("events", 0), row("events", 1), row("events", 2)))]
+    assert sp.is_connected("events", "p1")
+    assert rows_of(sp.receive(rdata("events", "p1", 41, 3))) == [(41, (row("events", 3),))]
+    assert sp.counters.rdata_connects == 1
+
+
+def test_rdata_reconnects_after_a_lost_connection_with_a_catch_up() -> None:
+    """After a reconnect, the next RDATA fetches what lies between our token and it."""
+    sp = connected(10, connect_on_rdata=True)
+    sp.connection_lost()
+    assert sp.receive(rdata("events", "master", 15, 5)) == [FetchNeeded("events", "master", 10, 15)]
+
+
+def test_rdata_at_or_below_our_token_does_not_connect() -> None:
+    """An old RDATA on an unconnected pair is a duplicate; it connects nothing."""
+    sp = StreamPositions(start={"events": {"master": 10}}, connect_on_rdata=True)
+    assert sp.receive(rdata("events", "master", 9, 1)) == []
+    assert not sp.is_connected("events", "master")
+    assert sp.counters.duplicates_dropped == 1
+
+
+def test_rdata_connects_an_unnamed_writer_at_its_token() -> None:
+    """Nothing can be fetched from an unnamed writer: it connects at the RDATA's
+    token, that token skipped and counted."""
+    sp = StreamPositions(connect_on_rdata=True, fetchable={"master"})
+    events = sp.receive(rdata("caches", "ghost", 7, 1))
+    assert events == [UnnamedWriter("caches", "ghost"), PositionAdvanced("caches", "ghost", 7)]
+    assert sp.counters.unnamed_writer_gaps == 1
+    assert rows_of(sp.receive(rdata("caches", "ghost", 8, 2))) == [(8, (row("caches", 2),))]
+
+
+def test_without_connect_on_rdata_unconnected_rdata_is_dropped() -> None:
+    """Synapse's rule stays the default."""
+    sp = StreamPositions()
+    assert sp.receive(rdata("events", "p1", 40, 2)) == []
+    assert sp.counters.unconnected_dropped == 1

@@ -56,13 +56,20 @@ class PositionsMachine(ClusterModel):
         from_now=st.sets(st.sampled_from(PAIRS), max_size=2),
         backlog=st.lists(st.integers(0, 3), min_size=len(PAIRS), max_size=len(PAIRS)),
         prompt=st.booleans(),
+        connect_on_rdata=st.booleans(),
     )
     def start(
-        self, max_buffered: int, from_now: set[Pair], backlog: list[int], prompt: bool
+        self,
+        max_buffered: int,
+        from_now: set[Pair],
+        backlog: list[int],
+        prompt: bool,
+        connect_on_rdata: bool,
     ) -> None:
         """Writers may already have rows (a backlog to catch up); the consumer starts from
         token 0 of each pair, or "from now" for a few."""
         self.max_buffered = max_buffered
+        self.connect_on_rdata = connect_on_rdata
         self.sent_since_connect: dict[Pair, int] = {}
         self.make_writers(backlog)
         # Mirrors built from events alone.
@@ -86,6 +93,7 @@ class PositionsMachine(ClusterModel):
             start=start,
             writers=WRITERS_BY_STREAM,
             max_buffered=self.max_buffered,
+            connect_on_rdata=self.connect_on_rdata,
         )
 
     # ------------------------------------------------------------ event checking

@@ -9,29 +9,24 @@ it belongs to.  A batch that never completes (a POSITION for the pair came
 first, the command stopped, or the hold limit was reached) is printed with
 ``token`` null.
 
-:class:`PositionFile` keeps ``watch --resume`` positions on disk, written
-atomically. It reads the file as config files are read (a regular file only,
-at most :data:`MAX_POSITION_FILE_SIZE`), so a FIFO or a device given as
-``--resume FILE`` is an error line, never a hang.
+:class:`PositionFile` keeps ``watch --resume`` positions on disk: it is the
+library's file checkpoint store (atomic writes; a regular file only, at most
+:data:`MAX_POSITION_FILE_SIZE`, so a FIFO or a device given as ``--resume
+FILE`` is an error line, never a hang) with the CLI's wording.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import stat
-import tempfile
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
+from synrepl.checkpoints import MAX_CHECKPOINT_FILE_SIZE, FileCheckpointStore, StoreError
 from synrepl.cli._errors import UsageError
 from synrepl.cli._render import Filters, Output, Stats, command_record, error_record, row_record
 from synrepl.commands import PositionCommand, RdataCommand, parse_line
-from synrepl.config import FileRefusedError, read_regular_file
-from synrepl.errors import ProtocolError, UnknownCommandError, excerpt
+from synrepl.errors import ProtocolError, UnknownCommandError
 from synrepl.streams import AnyRow
 
 __all__ = ("MAX_HELD", "MAX_POSITION_FILE_SIZE", "LineWatcher", "PositionFile")
@@ -39,11 +34,8 @@ __all__ = ("MAX_HELD", "MAX_POSITION_FILE_SIZE", "LineWatcher", "PositionFile")
 #: Rows of one unfinished batch held back per (stream, writer).
 MAX_HELD = 10_000
 
-#: The largest position file read, in bytes (16 MiB). A position is a stream,
-#: a writer and a token, some 60 bytes: this is room for a quarter of a
-#: million, far more than a deployment has, while a wrong file is refused
-#: before it is parsed.
-MAX_POSITION_FILE_SIZE = 16 << 20
+#: The largest position file read, in bytes (16 MiB): a checkpoint file's limit.
+MAX_POSITION_FILE_SIZE = MAX_CHECKPOINT_FILE_SIZE
 
 
 class LineWatcher:
@@ -136,23 +128,21 @@ class LineWatcher:
             self._flush(key, None)
 
 
-class PositionFile:
-    """``{stream: {writer: token}}`` on disk, for ``watch --resume``.
+class PositionFile(FileCheckpointStore):
+    """``{stream: {writer: token}}`` on disk, for ``watch --resume``: the
+    library's :class:`~synrepl.checkpoints.FileCheckpointStore` (its
+    ``"default"`` checkpoint), with the CLI's own wording and two policies.
 
-    The file is JSON: ``{"server_name": ..., "positions": {...}, "saved_at": ...}``.
-    Writes go to a temporary file in the same directory, fsync'd, that then
-    replaces the old one, so a crash never leaves half a file.
+    Saves merge into what was loaded or saved before, so a run that follows
+    fewer streams keeps the others' positions; a save that changes nothing
+    is skipped.  A file that cannot be loaded is a :class:`UsageError`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], server_name: str) -> None:
-        self.path = Path(path)
-        self.server_name = server_name
-        self._saved: dict[str, dict[str, int]] = {}
+    _noun = "position file"
 
-    @property
-    def _name(self) -> str:
-        """The path for a message: the user's own, but bounded."""
-        return excerpt(str(self.path), 300)
+    def __init__(self, path: str | os.PathLike[str], server_name: str) -> None:
+        super().__init__(path, server_name=server_name)
+        self._saved: dict[str, dict[str, int]] = {}
 
     def load(self) -> dict[str, dict[str, int]] | None:
         """The saved positions, or None when the file does not exist yet.
@@ -163,99 +153,24 @@ class PositionFile:
                 position file, or belongs to another server.
         """
         try:
-            data = json.loads(
-                read_regular_file(self.path, MAX_POSITION_FILE_SIZE, "a position file")
-            )
-            positions = data["positions"]
-            checked = {
-                str(stream): {str(w): _token(t) for w, t in writers.items()}
-                for stream, writers in positions.items()
-            }
-        except FileRefusedError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise UsageError(f"cannot read the position file '{self._name}': {e.reason}") from None
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            # ValueError covers text that is not UTF-8 and JSON that does not parse.
-            raise UsageError(
-                f"'{self._name}' is not a synrepl position file; remove it to start from now"
-            ) from None
-        owner = data.get("server_name")
-        if owner != self.server_name:
-            raise UsageError(
-                f"the position file '{self._name}' belongs to server "
-                f"{excerpt(repr(owner), 100)}, not {excerpt(repr(self.server_name), 100)}; "
-                "use another file"
-            )
-        self._saved = checked
-        return {s: dict(w) for s, w in checked.items()}
+            saved = super().load()
+        except StoreError as e:
+            raise UsageError(e.message) from None
+        self._saved = {s: dict(w) for s, w in (saved or {}).items()}
+        return saved
 
     def save(self, positions: Mapping[str, Mapping[str, int]]) -> None:
         """Merge ``positions`` into what is saved and write the file atomically.
 
         Raises:
-            OSError: the file cannot be written, or the path names something
-                other than a regular file (a FIFO, a directory, ...), which
-                is left alone rather than replaced.
+            StoreError: (an OSError) the file cannot be written, or the path
+                names something other than a regular file (a FIFO, a
+                directory, ...), which is left alone rather than replaced.
         """
         merged = {s: dict(w) for s, w in self._saved.items()}
         for stream, writers in positions.items():
             merged.setdefault(stream, {}).update(writers)
-        exists = self._check_target()
-        if merged == self._saved and exists:
+        if merged == self._saved and self.path.is_file():
             return
-        data = {
-            "server_name": self.server_name,
-            "positions": merged,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        directory = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_directory(directory)
+        super().save(merged)
         self._saved = merged
-
-    def _check_target(self) -> bool:
-        """Whether the file exists; refuses a path that is not a regular file.
-
-        os.replace would put the file in place of a FIFO or a device node
-        without a word (and fails on a directory with a bare errno): a path
-        like that is a mistake the user hears about.
-        """
-        try:
-            mode = os.stat(self.path).st_mode
-        except FileNotFoundError:
-            return False
-        if stat.S_ISREG(mode):
-            return True
-        raise OSError(f"'{self._name}' is not a regular file, so it is not replaced")
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable; best effort (not every OS or file
-    system can open or fsync a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _token(value: object) -> int:
-    if type(value) is not int:
-        raise TypeError("a token must be an integer")
-    return value

@@ -21,14 +21,18 @@ reports it as a gap (``on_gap``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from twisted.internet import defer
+from twisted.internet import defer, task, threads
+from twisted.python.failure import Failure
 
 from synrepl._client_core import (
     ClientCore,
     ClientCounters,
+    DeliveryStoppedError,
     GapHandler,
+    NotReadyError,
+    PositionSource,
     ReadOnlyError,
     ResetHandler,
     RowHandler,
@@ -38,13 +42,23 @@ from synrepl._client_core import (
 from synrepl.commands import Command, ReplicateCommand, encode
 from synrepl.config import SynapseConfig
 from synrepl.connection import AttemptFailure, TransportOptions
+from synrepl.delivery import HandlerFailurePolicy
 from synrepl.errors import SynreplError
 from synrepl.positions import FetchNeeded
 from synrepl.twisted.http_client import ReplicationHttpClient
 from synrepl.twisted.redis_transport import RedisTransport
 
+if TYPE_CHECKING:
+    from synrepl.checkpoints import CheckpointStore
+    from synrepl.deadletters import DeadLetterStore
+
+_T = TypeVar("_T")
+
 __all__ = (
     "ClientCounters",
+    "DeliveryStoppedError",
+    "HandlerFailurePolicy",
+    "NotReadyError",
     "GapHandler",
     "ReadOnlyError",
     "ReplicationClient",
@@ -95,6 +109,17 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         transport_options: Redis keepalive, backoff, timeouts, client name.
         on_connection_failure: called with each failed Redis connection attempt
             (why it failed, for a caller that reports it).
+        checkpoint: a checkpoint store (``synrepl.checkpoints``): the client
+            resumes from it and saves to it after each handled batch, and a
+            stream's next batch waits for that save (exclusive with ``start``).
+        dead_letters: a dead-letter store (``synrepl.deadletters``) for
+            batches the handlers keep failing on.
+        failure_policy: how often a failing batch is retried and what then
+            (default: 5 retries, then dead-letter if a store is given, else
+            stop the client).
+        seed_from: an event source (``synrepl.events``) to read "from now"
+            positions from before any writer speaks.
+        silent_after: seconds after start to log the writers still silent.
     """
 
     def __init__(
@@ -113,6 +138,11 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         trust_writer: bool = True,
         transport_options: TransportOptions | None = None,
         on_connection_failure: Callable[[AttemptFailure], None] | None = None,
+        checkpoint: CheckpointStore | None = None,
+        dead_letters: DeadLetterStore | None = None,
+        failure_policy: HandlerFailurePolicy | None = None,
+        seed_from: PositionSource | None = None,
+        silent_after: float | None = 30.0,
     ) -> None:
         super().__init__(
             config,
@@ -124,6 +154,11 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
             passive=passive,
             max_pending_rows=max_pending_rows,
             trust_writer=trust_writer,
+            checkpoint=checkpoint,
+            dead_letters=dead_letters,
+            failure_policy=failure_policy,
+            seed_from=seed_from,
+            silent_after=silent_after,
         )
         self._reactor = reactor
         #: The HTTP replication client (typed stubs for every endpoint) when the
@@ -132,6 +167,9 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         self._fetcher = fetcher if fetcher is not None else self._default_fetcher()
         self._subscribed_once: defer.Deferred[None] = defer.Deferred()
         self._stopped = False
+        self._ready_waiters: list[defer.Deferred[None]] = []
+        self._finished: defer.Deferred[None] = defer.Deferred()
+        self._timers: set[Any] = set()
         channels = [config.server_name, *(f"{config.server_name}/{c}" for c in extra_channels)]
         #: The Redis connection pair underneath.
         self.transport = RedisTransport(
@@ -158,26 +196,98 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> defer.Deferred[None]:
-        """Connect; the Deferred fires once subscribed for the first time."""
-        self.transport.start()
-        return self._subscribed_once
+        """Resume from the checkpoint store (or seed positions), then connect.
 
-    async def stop(self) -> None:
-        """Leave: clear announced user syncs (CLEAR_USER_SYNC), then disconnect."""
+        The Deferred fires once subscribed for the first time; it fails if
+        the checkpoint cannot be read.
+        """
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        prepared: defer.Deferred[None] = defer.Deferred()
+        self._prepare(
+            lambda error: prepared.callback(None) if error is None else prepared.errback(error)
+        )
+        await prepared
+        self.transport.start()
+        await self._subscribed_once
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Leave cleanly: clear announced user syncs (CLEAR_USER_SYNC),
+        disconnect, let the batch with the handlers finish (at most
+        ``drain_timeout`` seconds) and save the last checkpoint.  Batches not
+        yet handed out are fetched again after a restart."""
         if self._stopped:
             return
         self._stopped = True
+        self._closing = True
         clear = self._clear_on_stop()
         if clear is not None and self.transport.subscribed:
             try:
                 await self._publish(clear)
             except Exception:  # noqa: BLE001 - leaving must not fail on a lost connection
                 logger.warning("could not send CLEAR_USER_SYNC on stop", exc_info=True)
+        await self.transport.stop()
+        waited = 0.0
+        while not self._delivery.idle and waited < drain_timeout:
+            await task.deferLater(self._reactor, 0.02, lambda: None)
+            waited += 0.02
+        if not self._delivery.idle:
+            logger.warning(
+                "stopping while a handler still runs (after %g s): its batch is delivered "
+                "again after a restart",
+                drain_timeout,
+            )
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        await self._final_save()
         for key in self._delivery.waiter_keys():
             self._delivery.cancel_wait(key)
             if isinstance(key, defer.Deferred) and not key.called:
                 key.errback(SynreplError("replication client stopped"))
-        await self.transport.stop()
+        for store in (self._checkpoint, self._dead_letters):
+            if store is not None:
+                await threads.deferToThread(store.close)
+        if not self._finished.called:
+            self._finished.callback(None)
+
+    async def _final_save(self) -> None:
+        if self._checkpoint is None or not self._delivery.unsaved:
+            return
+        try:
+            await threads.deferToThread(self._checkpoint.save, self.positions())
+        except Exception as e:  # noqa: BLE001 - report it; the next start repeats what follows
+            logger.error("cannot save the last checkpoint on stop: %s", e)
+
+    def finished(self) -> defer.Deferred[None]:
+        """Fires when the client has stopped: with None after :meth:`stop`,
+        failing with :class:`DeliveryStoppedError` when delivery stopped
+        because a batch could be neither handled nor dead-lettered."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._finished.addBoth(
+            lambda r: d.callback(r) if not isinstance(r, Failure) else d.errback(r)
+        )
+        return d
+
+    def wait_ready(self, timeout: float | None = None) -> defer.Deferred[None]:
+        """Fires once every expected writer of every followed stream has a
+        known position (see :attr:`ready`); after ``timeout`` seconds it
+        fails with :class:`NotReadyError` naming the silent writers."""
+        if self.ready:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._ready_waiters.append(waiter)
+        if timeout is not None:
+
+            def too_late() -> None:
+                if not waiter.called:
+                    self._ready_waiters.remove(waiter)
+                    waiter.errback(NotReadyError(self.silent_writers(), timeout))
+
+            self._call_later(timeout, too_late)
+        return waiter
 
     # ------------------------------------------------------------ waiting
 
@@ -236,6 +346,42 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
     def _waiter_reached(self, key: object) -> None:
         if isinstance(key, defer.Deferred) and not key.called:
             key.callback(None)
+
+    def _in_thread(self, call: Callable[[], _T]) -> defer.Deferred[_T]:
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), call)
+
+    def _sleep(self, seconds: float) -> defer.Deferred[None]:
+        return task.deferLater(self._reactor, seconds, lambda: None)
+
+    def _blocking(
+        self,
+        call: Callable[[], _T],
+        then: Callable[[_T | None, BaseException | None], None],
+    ) -> None:
+        self._in_thread(call).addCallbacks(
+            lambda result: then(result, None), lambda f: then(None, f.value)
+        )
+
+    def _call_later(self, delay: float, call: Callable[[], None]) -> None:
+        def fire() -> None:
+            self._timers.discard(timer)
+            call()
+
+        timer = self._reactor.callLater(delay, fire)
+        self._timers.add(timer)
+
+    def _became_ready(self) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
+
+    def _stopped_loudly(self, reason: str) -> None:
+        def stopped(_: object) -> None:
+            if not self._finished.called:
+                self._finished.errback(DeliveryStoppedError(reason))
+
+        defer.ensureDeferred(self.stop()).addBoth(stopped)
 
 
 async def _awaited(awaitable: Awaitable[object]) -> object:
