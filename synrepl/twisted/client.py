@@ -250,7 +250,11 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         for store in (self._checkpoint, self._dead_letters):
             if store is not None:
                 await threads.deferToThread(store.close)
-        if not self._finished.called:
+        if self._finished.called:
+            return
+        if self.stop_reason is not None:
+            self._finished.errback(DeliveryStoppedError(self.stop_reason))
+        else:
             self._finished.callback(None)
 
     async def _final_save(self) -> None:
@@ -377,11 +381,7 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
                 waiter.callback(None)
 
     def _stopped_loudly(self, reason: str) -> None:
-        def stopped(_: object) -> None:
-            if not self._finished.called:
-                self._finished.errback(DeliveryStoppedError(reason))
-
-        defer.ensureDeferred(self.stop()).addBoth(stopped)
+        defer.ensureDeferred(self.stop())
 
 
 async def _awaited(awaitable: Awaitable[object]) -> object:
