@@ -21,10 +21,10 @@ reports it as a gap (``on_gap``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet import defer, task, threads
-from twisted.python.failure import Failure
 
 from synrepl._client_core import (
     ClientCore,
@@ -168,7 +168,9 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         self._subscribed_once: defer.Deferred[None] = defer.Deferred()
         self._stopped = False
         self._ready_waiters: list[defer.Deferred[None]] = []
-        self._finished: defer.Deferred[None] = defer.Deferred()
+        #: Deferreds from finished(), and the outcome once stopped.
+        self._finish_waiters: list[defer.Deferred[None]] = []
+        self._outcome: DeliveryStoppedError | bool | None = False
         self._timers: set[Any] = set()
         channels = [config.server_name, *(f"{config.server_name}/{c}" for c in extra_channels)]
         #: The Redis connection pair underneath.
@@ -249,19 +251,19 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
                 key.errback(SynreplError("replication client stopped"))
         for store in (self._checkpoint, self._dead_letters):
             if store is not None:
-                await threads.deferToThread(store.close)
-        if self._finished.called:
-            return
-        if self.stop_reason is not None:
-            self._finished.errback(DeliveryStoppedError(self.stop_reason))
-        else:
-            self._finished.callback(None)
+                await self._in_thread(store.close)
+        self._outcome = (
+            DeliveryStoppedError(self.stop_reason) if self.stop_reason is not None else None
+        )
+        waiters, self._finish_waiters = self._finish_waiters, []
+        for waiter in waiters:
+            self._tell_finished(waiter)
 
     async def _final_save(self) -> None:
         if self._checkpoint is None or not self._delivery.unsaved:
             return
         try:
-            await threads.deferToThread(self._checkpoint.save, self.positions())
+            await self._in_thread(partial(self._checkpoint.save, self.positions()))
         except Exception as e:  # noqa: BLE001 - report it; the next start repeats what follows
             logger.error("cannot save the last checkpoint on stop: %s", e)
 
@@ -269,11 +271,18 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         """Fires when the client has stopped: with None after :meth:`stop`,
         failing with :class:`DeliveryStoppedError` when delivery stopped
         because a batch could be neither handled nor dead-lettered."""
-        d: defer.Deferred[None] = defer.Deferred()
-        self._finished.addBoth(
-            lambda r: d.callback(r) if not isinstance(r, Failure) else d.errback(r)
-        )
-        return d
+        waiter: defer.Deferred[None] = defer.Deferred()
+        if self._outcome is False:
+            self._finish_waiters.append(waiter)
+        else:
+            self._tell_finished(waiter)
+        return waiter
+
+    def _tell_finished(self, waiter: defer.Deferred[None]) -> None:
+        if isinstance(self._outcome, DeliveryStoppedError):
+            waiter.errback(self._outcome)
+        else:
+            waiter.callback(None)
 
     def wait_ready(self, timeout: float | None = None) -> defer.Deferred[None]:
         """Fires once every expected writer of every followed stream has a
