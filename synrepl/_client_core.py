@@ -584,6 +584,11 @@ class ClientCore(Generic[_Sent]):
         """Something a coroutine awaits for ``seconds``."""
         raise NotImplementedError
 
+    def _cut_at_stop(self, waiting: Awaitable[_T]) -> Awaitable[_T]:
+        """``waiting``, failing at once when the client stops (a backoff, a call
+        to a source that may hang): the batch is then abandoned, unprocessed."""
+        raise NotImplementedError
+
     def _became_ready(self) -> None:
         """Every expected writer has a position (see :attr:`ready`)."""
         raise NotImplementedError
@@ -595,8 +600,10 @@ class ClientCore(Generic[_Sent]):
     # ------------------------------------------------------------ starting
 
     def _prepare(self, then: Callable[[BaseException | None], None]) -> None:
-        """Before connecting: resume from the checkpoint store, else seed "from
-        now" positions from the database; ``then(error)`` when done.
+        """Before connecting: resume from the checkpoint store, then read the
+        writers' positions from the database (``seed_from``): a "from now"
+        start for writers the checkpoint does not name, a catch-up for the
+        others; ``then(error)`` when done.
 
         A checkpoint that cannot be read fails the start (resuming from
         nothing would skip what happened meanwhile); a seed that cannot be
@@ -619,7 +626,9 @@ class ClientCore(Generic[_Sent]):
         if saved:
             logger.info("resuming from the checkpoint: %s", saved)
             self._perform(self._delivery.seed(saved))
-        elif self._seed_from is not None:
+        if self._seed_from is not None:
+            # Also with a checkpoint: what was written while we were down is
+            # fetched now, not at each writer's next traffic.
             self._blocking(self._seed_from.positions, partial(self._seeded, then))
             return
         self._started_delivery()
@@ -793,13 +802,16 @@ class ClientCore(Generic[_Sent]):
         self, batch: RowsReceived, index: int, error: BaseException | None
     ) -> None:
         if error is not None:
-            if not self._closing:  # a stop abandons the batch: it is delivered again later
-                self._batch_failed(batch, index - 1, error)
+            self._batch_failed(batch, index - 1, error)
         else:
             self._run_handlers(batch, index)
 
     def _batch_failed(self, batch: RowsReceived, index: int, error: BaseException) -> None:
-        """Handler ``index`` failed on ``batch``: the failure policy decides."""
+        """Handler ``index`` failed on ``batch``: the failure policy decides,
+        unless a stop is under way (the batch is then given up, unprocessed)."""
+        if self._closing:
+            self._perform(self._delivery.abandoned(batch))
+            return
         self._handler_failed(error)
         self._resume_at[batch.stream] = index
         self._perform(self._delivery.handler_failed(batch, _describe(error)))
@@ -916,7 +928,7 @@ class ClientCore(Generic[_Sent]):
             if isinstance(step, Fetch):
                 ids = step.event_ids
                 try:
-                    found = await self._in_thread(partial(source.fetch, ids))
+                    found = await self._cut_at_stop(self._in_thread(partial(source.fetch, ids)))
                 except EventSourceUnavailable as e:
                     fetch.failed(e)
                     self._source_warnings.warning(
@@ -928,7 +940,7 @@ class ClientCore(Generic[_Sent]):
                     continue
                 fetch.got(found)
             else:
-                await self._sleep(step.seconds)
+                await self._cut_at_stop(self._sleep(step.seconds))
         missing = {event.event_id: event for event in step.missing}
         for event in step.missing:
             logger.warning("no content for event %s: %s", event.event_id, event.reason)

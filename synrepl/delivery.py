@@ -473,9 +473,10 @@ class Delivery:
         return self._route(self.wire.connection_lost())
 
     def seed(self, positions: Mapping[str, Mapping[str, int]]) -> list[Action]:
-        """Starting positions for writers we know nothing of yet (a "from now"
-        start read from Synapse's database, or a checkpoint loaded after
-        construction); writers with a position keep theirs."""
+        """Positions the writers are known to have reached (Synapse's database,
+        or a checkpoint loaded after construction): writers we know nothing
+        of start there, writers we are behind are fetched up to them; see
+        :meth:`StreamPositions.seed`."""
         return self._route(self.wire.seed(positions))
 
     # ------------------------------------------------------------ inputs from the handlers
@@ -517,6 +518,14 @@ class Delivery:
             raise StateError(f"retry() for {batch.stream} at {batch.token}, which is not due")
         queue.retry_due = False
         return [batch]
+
+    def abandoned(self, batch: RowsReceived) -> list[Action]:
+        """A stop gave up on ``batch`` unfinished: it is not processed (a
+        restart delivers it again) and its stream hands out nothing more."""
+        queue = self._running_queue(batch, "abandoned")
+        queue.running = None
+        queue.stopped = True
+        return []
 
     def dead_lettered(self, batch: RowsReceived) -> list[Action]:
         """``batch`` is safely in the dead-letter store: it counts as processed."""

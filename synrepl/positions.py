@@ -606,18 +606,25 @@ class StreamPositions:
         return out
 
     def seed(self, positions: Mapping[str, Mapping[str, int]]) -> list[Event]:
-        """Give writers we have no token for a starting one (a "from now" start
-        read from Synapse's database, or a checkpoint loaded late).
+        """Positions the writers are known to have reached, read from Synapse's
+        database (or a checkpoint loaded late).
 
-        Pairs that already have a token are left alone.  Each token taken
-        comes out as a :class:`PositionAdvanced`.
+        A writer we have no token for starts there (a "from now" start, as a
+        :class:`PositionAdvanced`); one we are behind is fetched up to it over
+        HTTP without waiting for its next traffic.  Neither connects the pair:
+        that still takes the writer's own POSITION or RDATA on the current
+        connection.
         """
         out: list[Event] = []
         for stream, tokens in positions.items():
             for writer, token in tokens.items():
                 pair = self._pair(stream, writer)
-                if pair is not None and pair.token is None and pair.fetch is None:
+                if pair is None or pair.fetch is not None:
+                    continue
+                if pair.token is None:
                     self._advance(pair, token, out)
+                elif pair.token < token and pair.fetchable:
+                    self._start_fetch(pair, token, pair.connected, out)
         return out
 
     def connection_lost(self) -> list[Event]:

@@ -360,10 +360,19 @@ def test_ready_once_every_expected_writer_has_a_position() -> None:
     assert d.receive(pos(7, 9, writer="p2")) == []
 
 
-def test_seed_gives_unknown_writers_a_position() -> None:
-    """seed() starts writers we know nothing of; known ones keep their position."""
+def test_seed_starts_unknown_writers_and_catches_up_the_others() -> None:
+    """seed() starts writers we know nothing of there; a writer we are behind is
+    fetched up to its seed at once, without waiting for its traffic, and stays
+    unconnected."""
     d = Delivery(start={"events": {"p1": 3}}, writers={"events": ["p1", "p2"]})
     actions = d.seed({"events": {"p1": 100, "p2": 50}})
-    assert actions == [Ready({"events": {"p1": 3, "p2": 50}})]
+    assert actions == [
+        FetchNeeded("events", "p1", 3, 100),
+        Ready({"events": {"p1": 3, "p2": 50}}),
+    ]
     assert d.positions() == {"events": {"p1": 3, "p2": 50}}
     assert d.wire.current_token("events", "p2") == 50
+    d.fetched("events", "p1", [], 100, False)
+    assert d.positions() == {"events": {"p1": 100, "p2": 50}}
+    assert not d.wire.is_connected("events", "p1")
+    assert d.seed({"events": {"p1": 90}}) == []  # not behind: nothing to do

@@ -8,8 +8,10 @@ source never asks for more.  A streaming replica works too, with the
 "missing" retries of the fetch policy covering its lag.
 
 Connecting is bounded by ``connect_timeout``, each statement by
-``statement_timeout``, and a dead peer is noticed by TCP keepalives; a lost
-connection is dropped and re-made on the next call.  psycopg is imported
+``statement_timeout`` (on the server) and each call by that plus a few
+seconds (on our side: a server that stopped answering has its connection
+cut), and a dead peer is noticed by TCP keepalives; a lost connection is
+dropped and re-made on the next call.  psycopg is imported
 only when a source is made, so the rest of synrepl works without it.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -43,7 +46,14 @@ KEEPALIVES: Mapping[str, str] = {
     "keepalives_idle": "30",
     "keepalives_interval": "10",
     "keepalives_count": "3",
+    # unacknowledged data for 60 s: the connection is dead
+    "tcp_user_timeout": "60000",
 }
+
+#: Seconds a call may wait for the server beyond its statement timeout
+#: before the connection is cut from our side: a server (or a pooler in
+#: front of it) that stopped answering cannot enforce its own timeout.
+_GRACE = 5.0
 
 
 def _psycopg() -> Any:
@@ -149,22 +159,13 @@ class PostgresEventSource:
         with self._lock:
             try:
                 conn = self._connect()
-                with conn.cursor() as cur:
-
-                    def run(sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-                        cur.execute(sql.replace("?", "%s"), list(args))
-                        return cur.fetchall()
-
-                    try:
-                        cur.execute(
-                            "SELECT set_config('statement_timeout', %s, true)",
-                            [f"{math.ceil(self.statement_timeout * 1000)}ms"],
-                        )
-                        result = work(run)
-                    finally:
-                        if not conn.broken:
-                            conn.rollback()  # nothing to keep: it only read
-                return result
+                watchdog = threading.Timer(self.statement_timeout + _GRACE, _sever, (conn,))
+                watchdog.daemon = True
+                watchdog.start()
+                try:
+                    return self._run(conn, work)
+                finally:
+                    watchdog.cancel()
             except (pg.OperationalError, pg.InterfaceError) as e:
                 self._drop()
                 raise EventSourceUnavailable(self._message(e)) from None
@@ -173,6 +174,24 @@ class PostgresEventSource:
                 raise EventSourceUnavailable(self._message(e)) from None
             except pg.Error as e:
                 raise EventSourceError(self._message(e)) from None
+
+    def _run(self, conn: psycopg.Connection[tuple[Any, ...]], work: Callable[[Run], _T]) -> _T:
+        """``work`` in one read-only transaction, under the statement timeout."""
+        with conn.cursor() as cur:
+
+            def run(sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+                cur.execute(sql.replace("?", "%s"), list(args))
+                return cur.fetchall()
+
+            try:
+                cur.execute(
+                    "SELECT set_config('statement_timeout', %s, true)",
+                    [f"{math.ceil(self.statement_timeout * 1000)}ms"],
+                )
+                return work(run)
+            finally:
+                if not conn.broken:
+                    conn.rollback()  # nothing to keep: it only read
 
     def _message(self, error: BaseException) -> str:
         return f"{self!r}: {describe_error(error, self._secrets)}"
@@ -198,3 +217,12 @@ class PostgresEventSource:
         with self._lock:
             self._closed = True
             self._drop()
+
+
+def _sever(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    """Cut a connection whose server stopped answering, from another thread:
+    the call blocked on it then fails at once (and the source reconnects)."""
+    with contextlib.suppress(Exception):  # already closed: nothing to cut
+        fd = os.dup(conn.pgconn.socket)
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)

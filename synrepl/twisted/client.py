@@ -20,11 +20,12 @@ reports it as a gap (``on_gap``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 
 from synrepl._client_core import (
     ClientCore,
@@ -172,6 +173,8 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         self._finish_waiters: list[defer.Deferred[None]] = []
         self._outcome: DeliveryStoppedError | bool | None = False
         self._timers: set[Any] = set()
+        #: What a stop cuts short (see ClientCore._cut_at_stop).
+        self._cuttable: set[defer.Deferred[Any]] = set()
         channels = [config.server_name, *(f"{config.server_name}/{c}" for c in extra_channels)]
         #: The Redis connection pair underneath.
         self.transport = RedisTransport(
@@ -230,6 +233,8 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
             except Exception:  # noqa: BLE001 - leaving must not fail on a lost connection
                 logger.warning("could not send CLEAR_USER_SYNC on stop", exc_info=True)
         await self.transport.stop()
+        for waiting in list(self._cuttable):
+            waiting.cancel()
         waited = 0.0
         while not self._delivery.idle and waited < drain_timeout:
             await task.deferLater(self._reactor, 0.02, lambda: None)
@@ -361,10 +366,33 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
             key.callback(None)
 
     def _in_thread(self, call: Callable[[], _T]) -> defer.Deferred[_T]:
-        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), call)
+        # A daemon thread of its own, not the reactor's pool: a call stuck on
+        # a frozen database must not keep the process from exiting.
+        d: defer.Deferred[_T] = defer.Deferred()
+
+        def run() -> None:
+            try:
+                result = call()
+            except BaseException as e:  # noqa: BLE001 - handed to the Deferred
+                self._reactor.callFromThread(d.errback, e)
+            else:
+                self._reactor.callFromThread(d.callback, result)
+
+        threading.Thread(target=run, name="synrepl-blocking", daemon=True).start()
+        return d
 
     def _sleep(self, seconds: float) -> defer.Deferred[None]:
         return task.deferLater(self._reactor, seconds, lambda: None)
+
+    def _cut_at_stop(self, waiting: Awaitable[_T]) -> defer.Deferred[_T]:
+        d = waiting if isinstance(waiting, defer.Deferred) else defer.ensureDeferred(waiting)  # type: ignore[arg-type]
+        self._cuttable.add(d)
+        d.addBoth(self._uncut, d)
+        return d
+
+    def _uncut(self, result: object, d: defer.Deferred[Any]) -> object:
+        self._cuttable.discard(d)
+        return result
 
     def _blocking(
         self,
