@@ -746,7 +746,9 @@ class ClientCore(Generic[_Sent]):
             while todo:
                 action = todo.popleft()
                 if isinstance(action, RowsReceived):
-                    if not self._closing:  # else left unprocessed: fetched again later
+                    if self._closing:  # left unprocessed: delivered again after a restart
+                        todo.extend(self._delivery.abandoned(action))
+                    else:
                         self._run_handlers(action, self._resume_at.pop(action.stream, 0))
                 elif isinstance(action, FetchNeeded):
                     self._start_fetch(action)

@@ -4,6 +4,11 @@ A command finds the cluster either from Synapse's own files
 (``-c homeserver.yaml [-c worker.yaml]``) or from plain options
 (``--server-name``, ``--redis-url``, ``--instance NAME=URL``,
 ``--secret-file``); plain options given with ``-c`` override the files.
+
+``watch`` also filters the events stream (``--room``, ``--type``,
+``--sender``) and reads each event's content (``--full``) from an event
+source: Synapse's database as homeserver.yaml describes it, ``--database``,
+or the admin API (``--admin-url`` with ``--admin-token-file``).
 """
 
 from __future__ import annotations
@@ -11,22 +16,35 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 
 from synrepl.cli._errors import UsageError
 from synrepl.commands import COMMAND_TYPES
-from synrepl.config import RedisConfig, Secret, SynapseConfig, load_config, read_secret_file
+from synrepl.config import (
+    RedisConfig,
+    Secret,
+    SynapseConfig,
+    load_config,
+    read_config_files,
+    read_secret_file,
+)
 from synrepl.errors import ConfigError
+from synrepl.events import EventFilter, EventSource, event_source_from_config
 from synrepl.sharding import InstanceLocation, canonical_instance_name
 
 __all__ = (
     "DEFAULT_REDIS_URL",
     "add_cluster_options",
     "add_filter_options",
+    "add_event_options",
     "add_output_options",
     "cluster_config",
+    "event_filter",
+    "wants_full_events",
+    "event_source",
     "parse_redis_url",
     "parse_instance",
     "split_words",
@@ -109,6 +127,60 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_event_options(parser: argparse.ArgumentParser) -> None:
+    """``--room``, ``--type``, ``--sender``, ``--full`` and where content comes from."""
+    group = parser.add_argument_group(
+        "events (each repeatable; they show the events stream only, unless --stream names more)"
+    )
+    group.add_argument(
+        "--room",
+        metavar="ROOM_ID",
+        action="append",
+        default=[],
+        help="only events of this room (!opaque:server), decided from the row",
+    )
+    group.add_argument(
+        "--type",
+        metavar="TYPE",
+        action="append",
+        default=[],
+        help="only events of this type; wildcards as in the shell (m.room.*), decided from the row",
+    )
+    group.add_argument(
+        "--sender",
+        metavar="USER_ID",
+        action="append",
+        default=[],
+        help="only events from this user (@user:server; wildcards allowed, "
+        "@_bridge_*:example.org); needs each event's content, so implies --full",
+    )
+    group.add_argument(
+        "--full",
+        action="store_true",
+        help="print whole events (sender, content, ...: ROOM_ID SENDER: BODY for a "
+        "message) instead of the events stream's rows, reading them read-only from "
+        "Synapse's database as homeserver.yaml says, or from --database or --admin-url",
+    )
+    group.add_argument(
+        "--database",
+        metavar="DSN|PATH",
+        help="with --full: read events from this PostgreSQL connection string "
+        "(a read-only role: 'host=db dbname=synapse user=observer') or SQLite file "
+        "instead of the config's database section",
+    )
+    group.add_argument(
+        "--admin-url",
+        metavar="URL",
+        help="with --full: read events from Synapse's admin API at this URL "
+        "(http://127.0.0.1:8008) instead of the database; needs --admin-token-file",
+    )
+    group.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="a server admin's access token, read from FILE (never printed)",
+    )
+
+
 def add_output_options(parser: argparse.ArgumentParser, *, tokens: bool = True) -> None:
     """``--json``, ``--color`` and, as asked, ``--show-access-tokens``."""
     group = parser.add_argument_group("output")
@@ -167,6 +239,141 @@ def command_names(values: Sequence[str]) -> frozenset[str] | None:
             f"known: {', '.join(sorted(COMMAND_TYPES))}"
         )
     return frozenset(names)
+
+
+def _pattern_errors(option: str, key: str, values: list[str]) -> None:
+    """The library's checks of one criterion, worded for ``option``."""
+    criterion: dict[str, Any] = {key: values}
+    try:
+        EventFilter(**criterion)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{option}: {str(e).removeprefix(key + ': ')}") from None
+
+
+def event_filter(args: argparse.Namespace) -> EventFilter | None:
+    """``--room``, ``--type`` and ``--sender`` as one filter (None: none given).
+
+    Raises:
+        UsageError: a room that is not a room ID, a sender that is neither a
+            user ID nor a pattern, an empty pattern.
+    """
+    rooms: list[str] = list(getattr(args, "room", None) or [])
+    types: list[str] = list(getattr(args, "type", None) or [])
+    senders: list[str] = list(getattr(args, "sender", None) or [])
+    if not (rooms or types or senders):
+        return None
+    for room in rooms:
+        if not room.startswith("!"):
+            hint = " (that is an alias: use the room's ID)" if room.startswith("#") else ""
+            raise UsageError(f"--room takes a room ID (!opaque:server), got {room!r}{hint}")
+    for sender in senders:
+        if not sender.startswith(("@", "*", "?", "[")):
+            raise UsageError(
+                "--sender takes a user ID (@user:server) or a pattern "
+                f"(@_bridge_*:example.org), got {sender!r}"
+            )
+    for option, key, values in (
+        ("--room", "rooms", rooms),
+        ("--type", "types", types),
+        ("--sender", "senders", senders),
+    ):
+        if values:
+            _pattern_errors(option, key, values)
+    return EventFilter(rooms=rooms or None, types=types or None, senders=senders or None)
+
+
+def wants_full_events(args: argparse.Namespace) -> bool:
+    """``--full``, or ``--sender`` (which only the full event can decide)."""
+    return bool(getattr(args, "full", False) or getattr(args, "sender", None))
+
+
+_DATABASE_KEYS = ("database", "databases", "database_path")
+
+
+def _admin_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(
+            "--admin-url must not carry credentials; the access token goes in --admin-token-file"
+        )
+    if parts.query or parts.fragment:
+        raise UsageError(
+            "--admin-url must not carry a query or a fragment (the access token goes in "
+            "--admin-token-file)"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--admin-url must be http://host[:port] or https://..., got {url!r}")
+    return url
+
+
+def event_source(args: argparse.Namespace, *, timeout: float = 10.0) -> EventSource | None:
+    """Where ``--full`` reads each event's content; None without ``--full``.
+
+    Nothing is connected yet.  ``timeout`` bounds connecting and each answer.
+
+    Raises:
+        UsageError: a content option without ``--full``, options that
+            contradict each other, a token file that cannot be read, or no
+            source at all (no database section, no ``--database``, no
+            ``--admin-url``).  The message never holds the access token or a
+            database password.
+    """
+    database: str | None = getattr(args, "database", None)
+    admin_url: str | None = getattr(args, "admin_url", None)
+    token_file: str | None = getattr(args, "admin_token_file", None)
+    if not wants_full_events(args):
+        for option, value in (
+            ("--database", database),
+            ("--admin-url", admin_url),
+            ("--admin-token-file", token_file),
+        ):
+            if value:
+                raise UsageError(f"{option} says where --full reads events; add --full")
+        return None
+    if (admin_url is None) != (token_file is None):
+        raise UsageError(
+            "--admin-url and --admin-token-file go together: the admin API wants a "
+            "server admin's access token"
+        )
+    if admin_url is not None and database is not None:
+        raise UsageError("read events from --database or from --admin-url, not both")
+    token: Secret | None = None
+    if admin_url is not None and token_file is not None:
+        admin_url = _admin_url(admin_url)
+        try:
+            text = read_secret_file(token_file)
+        except ConfigError as e:  # names the file, never quotes it
+            raise UsageError(f"--admin-token-file: {e.message}") from None
+        if not text:
+            raise UsageError(f"--admin-token-file: '{token_file}' is empty")
+        token = Secret(text)
+    files: list[str] = list(getattr(args, "config", []) or [])
+    try:
+        raw = read_config_files(*files) if files else {}
+    except ConfigError as e:
+        raise UsageError(f"bad config: {e}") from None
+    if admin_url is None and database is None and not any(k in raw for k in _DATABASE_KEYS):
+        where = "the config has no database section" if files else "no -c homeserver.yaml given"
+        raise UsageError(
+            f"--full reads each event from Synapse's database, but {where}; pass "
+            "--database DSN|PATH, or --admin-url URL --admin-token-file FILE"
+        )
+    try:
+        return event_source_from_config(
+            raw, database=database, admin_url=admin_url, admin_token=token, timeout=timeout
+        )
+    except ImportError:
+        raise UsageError(
+            "--full on PostgreSQL needs psycopg 3: pip install 'synrepl[postgres]'"
+        ) from None
+    except ConfigError as e:
+        if database is not None and "connection string" in e.message:
+            # libpq's complaint may quote a piece of the string: a password, say.
+            raise UsageError(
+                "--database: libpq cannot read this connection string (not shown: it may "
+                "hold a password); write key=value pairs or postgresql://user@host/dbname"
+            ) from None
+        raise UsageError(f"--full: cannot read events from this config: {e}") from None
 
 
 def parse_redis_url(url: str) -> RedisConfig:

@@ -8,12 +8,20 @@ one line, otherwise it is laid out in columns.  The JSON shapes:
   ``kind`` the events stream's sub-row kind (``ev``, ``state``,
   ``state-all``; null for other streams), ``row`` the row's fields by name,
   ``fetched`` true for rows fetched over HTTP;
+- full events (``watch --full``): ``{"command": "EVENT", "stream", "writer",
+  "token", "event", "missing", "fetched", "ts"}``; ``event`` holds every
+  :class:`~synrepl.events.FullEvent` field, or is null and ``missing`` says
+  which event had no content and why;
 - ``POSITION``: ``stream``, ``writer``, ``prev_token``, ``new_token``;
 - other commands: their fields by name (``instance`` for the sending
   instance), ``data`` for the one-argument commands;
 - lines that do not parse: ``{"command": null, "error": ...}``.
 
 ``USER_IP`` access tokens are replaced by ``"<redacted>"`` unless asked.
+In text, a full event is ``ROOM_ID SENDER: BODY`` for a message, and the
+room, sender, type and content fields for anything else; what an event's
+sender wrote is shown with control and other unprintable characters
+escaped, so it can neither break the line nor drive the terminal.
 """
 
 from __future__ import annotations
@@ -41,8 +49,9 @@ from synrepl.commands import (
 )
 from synrepl.errors import MalformedCommandError, MalformedRowError, ProtocolError
 from synrepl.errors import UnknownCommandError as _Unknown
+from synrepl.events import EventFilter, FullEvent, MissingEvent, thaw
 from synrepl.sharding import canonical_instance_name
-from synrepl.streams import AnyRow
+from synrepl.streams import AllStateRow, AnyRow, CurrentStateRow, EventRow
 
 __all__ = (
     "REDACTED",
@@ -52,8 +61,10 @@ __all__ = (
     "make_console",
     "command_record",
     "row_record",
+    "event_record",
     "error_record",
     "sender_of",
+    "printable",
 )
 
 REDACTED = "<redacted>"
@@ -71,7 +82,14 @@ _COMMAND_STYLES = {
     "USER_IP": "magenta",
     "FEDERATION_ACK": "cyan",
     "ERROR": "bold red",
+    "EVENT": "bold green",
 }
+
+#: How the usual control characters are written by :func:`printable`.
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+#: Message types shown without a ``[msgtype]`` tag before the body.
+_PLAIN_MSGTYPES = frozenset({"m.text", "m.notice"})
 
 
 def make_console(color: str, *, stderr: bool = False, file: IO[str] | None = None) -> Console:
@@ -108,11 +126,13 @@ def sender_of(cmd: Command) -> str | None:
 
 @attrs.frozen
 class Filters:
-    """``--stream``, ``--command``, ``--writer``: None lets everything through."""
+    """``--stream``, ``--command``, ``--writer``, and ``--room``/``--type``
+    (``events``) for the events stream's rows: None lets everything through."""
 
     streams: frozenset[str] | None = None
     commands: frozenset[str] | None = None
     writers: frozenset[str] | None = None
+    events: EventFilter | None = None
 
     @classmethod
     def of(
@@ -120,10 +140,11 @@ class Filters:
         streams: Iterable[str] = (),
         commands: frozenset[str] | None = None,
         writers: Iterable[str] = (),
+        events: EventFilter | None = None,
     ) -> Filters:
         s = frozenset(streams)
         w = frozenset(canonical_instance_name(x) for x in writers)
-        return cls(s or None, commands, w or None)
+        return cls(s or None, commands, w or None, events)
 
     def wants(self, cmd: Command) -> bool:
         if self.commands is not None and cmd.NAME not in self.commands:
@@ -141,6 +162,29 @@ class Filters:
         if self.streams is not None and stream not in self.streams:
             return False
         return self.writers is None or writer in self.writers
+
+    def wants_row(self, stream: str, row: AnyRow) -> bool:
+        """The row filters (``events``) on one row of the events stream.
+
+        What the row names decides, as the library's :class:`EventFilter`
+        decides it before fetching anything: an ``ev`` row by its room and
+        type, a ``state`` row by the room and type of the state entry, a
+        ``state-all`` row (a room's whole state changed) by its room alone.
+        A sender criterion cannot be decided here and lets the row through.
+        """
+        flt = self.events
+        if flt is None or stream != "events":
+            return True
+        if isinstance(row, CurrentStateRow):
+            row = EventRow(
+                row.event_id or "", row.room_id, row.type, row.state_key,
+                None, None, None, False, False,
+            )  # fmt: skip
+        if isinstance(row, EventRow):
+            return flt.row_decides(row) is not False
+        if isinstance(row, AllStateRow):
+            return flt.rooms is None or row.room_id in flt.rooms
+        return True
 
 
 def _jsonable(value: Any) -> Any:
@@ -166,6 +210,31 @@ def row_record(
         "token": token,
         "kind": row.TYPE_ID,
         "row": row.as_dict(),
+        "fetched": fetched,
+        "ts": round(ts if ts is not None else time.time(), 3),
+    }
+
+
+def event_record(
+    stream: str,
+    writer: str,
+    token: int,
+    event: FullEvent | MissingEvent,
+    *,
+    fetched: bool = False,
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """The record of one full event (``watch --full``), or of one whose
+    content the source did not have (``missing``)."""
+    full = isinstance(event, FullEvent)
+    fields = {f.name: thaw(getattr(event, f.name)) for f in attrs.fields(type(event))}
+    return {
+        "command": "EVENT",
+        "stream": stream,
+        "writer": writer,
+        "token": token,
+        "event": fields if full else None,
+        "missing": None if full else fields,
         "fetched": fetched,
         "ts": round(ts if ts is not None else time.time(), 3),
     }
@@ -239,6 +308,23 @@ class Stats:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, tabs,
+    escape sequences, bidirectional controls, ...) written as an escape."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable():
+            out.append(char)
+        elif char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        else:
+            code = ord(char)
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return "".join(out)
 
 
 def _value_text(value: Any) -> str:
@@ -321,6 +407,14 @@ class Output:
             if record.get("fetched"):
                 line.append(" (fetched)", style="dim italic")
             return line
+        if name == "EVENT":
+            line.append(self._cell(str(record["stream"]), "stream", "cyan"))
+            line.append(self._cell(str(record["writer"]), "writer", "yellow"))
+            line.append(self._cell(str(record["token"]), "token", "bold"))
+            self._event(line, record)
+            if record.get("fetched"):
+                line.append(" (fetched)", style="dim italic")
+            return line
         if name == "POSITION":
             line.append(self._cell(str(record["stream"]), "stream", "cyan"))
             line.append(self._cell(str(record["writer"]), "writer", "yellow"))
@@ -329,8 +423,63 @@ class Output:
         self._fields(line, {k: v for k, v in record.items() if k not in ("command", "ts")})
         return line
 
+    @classmethod
+    def _event(cls, line: Text, record: Mapping[str, Any]) -> None:
+        """``ROOM SENDER: BODY`` for a message; room, sender, type and content
+        fields for other events; what is known of a missing one."""
+        event = record.get("event")
+        if event is None:
+            missing = record.get("missing") or {}
+            line.append(printable(str(missing.get("room_id") or "?")) + " ", style="cyan")
+            what = printable(str(missing.get("event_id")))
+            if missing.get("type"):
+                what += f" ({printable(str(missing['type']))})"
+            reason = printable(str(missing.get("reason")))
+            line.append(f"no content for {what}: {reason}", style="red")
+            return
+        content: Mapping[str, Any] = event.get("content") or {}
+        line.append(printable(str(event["room_id"])) + " ", style="cyan")
+        sender = printable(str(event["sender"]))
+        kind = event["type"]
+        if kind == "m.room.message" or kind == "m.room.encrypted":
+            line.append(sender + ":", style="bold yellow")
+            body = content.get("body")
+            msgtype = content.get("msgtype")
+            if kind == "m.room.encrypted":
+                line.append(" (encrypted)", style="dim")
+            elif event.get("redacted") or not content:
+                line.append(
+                    " (redacted)" if event.get("redacted") else " (no content)", style="dim"
+                )
+            else:
+                if isinstance(msgtype, str) and msgtype not in _PLAIN_MSGTYPES:
+                    line.append(f" [{printable(msgtype)}]", style="dim")
+                text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+                line.append(" " + printable(text))
+        else:
+            line.append(sender + " ", style="bold yellow")
+            line.append(printable(str(kind)), style="magenta")
+            fields: dict[str, Any] = {}
+            if event.get("state_key") is not None:
+                fields["state_key"] = event["state_key"]
+            if event.get("redacts"):
+                fields["redacts"] = event["redacts"]
+            fields.update(content)
+            if fields:
+                line.append(" ")
+                cls._fields(line, fields, escape=True)
+            if event.get("redacted"):
+                line.append(" (redacted)", style="dim")
+        if event.get("rejected"):
+            reason = event.get("rejection_reason")
+            line.append(
+                f" (rejected: {printable(str(reason))})" if reason else " (rejected)", style="red"
+            )
+        if event.get("outlier"):
+            line.append(" (outlier)", style="dim")
+
     @staticmethod
-    def _fields(line: Text, fields: Mapping[str, Any]) -> None:
+    def _fields(line: Text, fields: Mapping[str, Any], *, escape: bool = False) -> None:
         first = True
         for key, value in fields.items():
             if value is None or value is False:
@@ -338,8 +487,11 @@ class Output:
             if not first:
                 line.append(" ")
             first = False
-            line.append(f"{key}=", style="dim")
-            line.append(_value_text(value), style="red" if value == REDACTED else "")
+            text = _value_text(value)
+            line.append(f"{printable(key) if escape else key}=", style="dim")
+            line.append(
+                printable(text) if escape else text, style="red" if value == REDACTED else ""
+            )
 
 
 def print_summary(

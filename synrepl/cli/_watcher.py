@@ -1,6 +1,7 @@
 """Decoding the channel line by line for ``watch``, ``demo`` and ``top``.
 
-:class:`LineWatcher` prints every line from the first one it sees: unlike
+:class:`LineWatcher` prints every line from the first one it sees (that the
+filters let through, ``--room`` and ``--type`` included): unlike
 the position bookkeeping it does not wait for a writer's POSITION, because
 it is not promising completeness, only showing what flows.  Rows sent as
 ``batch`` are held (per stream and writer, at most :data:`MAX_HELD`) until
@@ -12,7 +13,9 @@ first, the command stopped, or the hold limit was reached) is printed with
 :class:`PositionFile` keeps ``watch --resume`` positions on disk: it is the
 library's file checkpoint store (atomic writes; a regular file only, at most
 :data:`MAX_POSITION_FILE_SIZE`, so a FIFO or a device given as ``--resume
-FILE`` is an error line, never a hang) with the CLI's wording.
+FILE`` is an error line, never a hang) with the CLI's wording.  ``watch``
+hands it to the ReplicationClient as its checkpoint store, which saves it
+after each handled batch.
 """
 
 from __future__ import annotations
@@ -109,14 +112,17 @@ class LineWatcher:
         if not self._filters.wants_rows(stream, writer):
             return
         key = (stream, writer)
+        wanted = self._filters.wants_row(stream, cmd.row)
         if cmd.token is None:
-            held = self._held.setdefault(key, [])
-            held.append((cmd.row, ts))
-            if len(held) >= MAX_HELD:
-                self._flush(key, None)
+            if wanted:
+                held = self._held.setdefault(key, [])
+                held.append((cmd.row, ts))
+                if len(held) >= MAX_HELD:
+                    self._flush(key, None)
             return
-        self._flush(key, cmd.token)
-        self.emit(row_record(stream, writer, cmd.token, cmd.row, ts=ts))
+        self._flush(key, cmd.token)  # the batch completes, whether this row is shown or not
+        if wanted:
+            self.emit(row_record(stream, writer, cmd.token, cmd.row, ts=ts))
 
     def _flush(self, key: tuple[str, str], token: int | None) -> None:
         for row, ts in self._held.pop(key, ()):
@@ -136,6 +142,9 @@ class PositionFile(FileCheckpointStore):
     Saves merge into what was loaded or saved before, so a run that follows
     fewer streams keeps the others' positions; a save that changes nothing
     is skipped.  A file that cannot be loaded is a :class:`UsageError`.
+
+    ``on_saved``, when set, is called with the whole saved map after each
+    save that succeeded (skipped ones included), in the thread that saved.
     """
 
     _noun = "position file"
@@ -143,6 +152,7 @@ class PositionFile(FileCheckpointStore):
     def __init__(self, path: str | os.PathLike[str], server_name: str) -> None:
         super().__init__(path, server_name=server_name)
         self._saved: dict[str, dict[str, int]] = {}
+        self.on_saved: Callable[[dict[str, dict[str, int]]], None] | None = None
 
     def load(self) -> dict[str, dict[str, int]] | None:
         """The saved positions, or None when the file does not exist yet.
@@ -170,7 +180,8 @@ class PositionFile(FileCheckpointStore):
         merged = {s: dict(w) for s, w in self._saved.items()}
         for stream, writers in positions.items():
             merged.setdefault(stream, {}).update(writers)
-        if merged == self._saved and self.path.is_file():
-            return
-        super().save(merged)
-        self._saved = merged
+        if merged != self._saved or not self.path.is_file():
+            super().save(merged)
+            self._saved = merged
+        if self.on_saved is not None:
+            self.on_saved({s: dict(w) for s, w in merged.items()})

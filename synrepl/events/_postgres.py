@@ -108,10 +108,11 @@ class PostgresEventSource:
         extra = {str(k): str(v) for k, v in (params or {}).items()}
         try:
             given = pg.conninfo.conninfo_to_dict(conninfo, **extra)
-        except pg.Error as e:
-            secrets = [extra.get("password")]
+        except pg.Error:
+            # libpq's complaint quotes pieces of the string, a password's too.
             raise ValueError(
-                f"bad PostgreSQL connection string: {describe_error(e, secrets)}"
+                "bad PostgreSQL connection string (not quoted: it may hold a password); "
+                "use key=value pairs or a postgresql:// URI"
             ) from None
         settings = {**KEEPALIVES, "application_name": "synrepl-events", **given}
         # libpq counts whole seconds, and 1 is taken as 2.

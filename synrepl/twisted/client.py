@@ -254,6 +254,10 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
             self._delivery.cancel_wait(key)
             if isinstance(key, defer.Deferred) and not key.called:
                 key.errback(SynreplError("replication client stopped"))
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.errback(SynreplError("replication client stopped before it was ready"))
         for store in (self._checkpoint, self._dead_letters):
             if store is not None:
                 await self._in_thread(store.close)
