@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
+from synrepl._files import file_kind, os_reason
 from synrepl.config import FileRefusedError, read_regular_file
 from synrepl.errors import SynreplError, excerpt, shown
 
@@ -135,26 +136,6 @@ def _shown_path(path: _StrPath) -> str:
     """A path for a message: the user's own, on one line and bounded."""
     text = os.fspath(path)
     return excerpt(text if text.isprintable() else repr(text)[1:-1], 300)
-
-
-def _file_kind(mode: int) -> str | None:
-    """None for a regular file, else what it is, in words."""
-    if stat.S_ISREG(mode):
-        return None
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _os_reason(error: OSError) -> str:
-    return error.strerror or type(error).__name__
 
 
 def _copy_positions(positions: Mapping[str, Mapping[str, int]]) -> Positions:
@@ -381,7 +362,7 @@ class FileCheckpointStore:
         except StoreError:
             raise
         except OSError as e:
-            reason = _os_reason(e)
+            reason = os_reason(e)
             raise StoreError(
                 f"cannot write the {self._noun} '{self._shown}': {reason}", reason
             ) from None
@@ -500,7 +481,7 @@ class _SqliteDatabase:
                     f"cannot {doing} in {self.description}: {reason}", reason
                 ) from None
             except OSError as e:
-                reason = _os_reason(e)
+                reason = os_reason(e)
                 raise StoreError(
                     f"cannot {doing} in {self.description}: {reason}", reason
                 ) from None
@@ -509,7 +490,7 @@ class _SqliteDatabase:
         if self._connection is not None:
             return self._connection
         try:
-            kind = _file_kind(os.stat(self.path).st_mode)
+            kind = file_kind(os.stat(self.path).st_mode)
         except FileNotFoundError:
             kind = None
         if kind is not None:

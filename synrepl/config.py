@@ -22,7 +22,6 @@ is expanded; and an error message quotes at most an excerpt of a value.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +31,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from synrepl._files import file_kind, os_reason
 from synrepl.errors import ConfigError, SynreplError, excerpt, shown
 from synrepl.sharding import (
     MAIN_INSTANCE_NAME,
@@ -294,15 +294,15 @@ def _expand_paths(paths: Iterable[StrPath], warnings: list[str]) -> list[Path]:
             entries = sorted(path.iterdir())
         except OSError as e:
             raise ConfigError(
-                f"cannot read config directory '{_show_path(path)}': {_os_reason(e)}"
+                f"cannot read config directory '{_show_path(path)}': {os_reason(e)}"
             ) from None
         for entry in entries:
             if entry.suffix != ".yaml":
                 continue
             try:
-                kind = _file_kind(os.stat(entry).st_mode)
+                kind = file_kind(os.stat(entry).st_mode)
             except OSError as e:
-                kind = f"unreadable ({_os_reason(e)})"
+                kind = f"unreadable ({os_reason(e)})"
             if kind is None:
                 files.append(entry)
             else:
@@ -331,22 +331,6 @@ class FileRefusedError(SynreplError, OSError):
         super().__init__(reason)
         self.reason = reason
         self.errno = errno
-
-
-def _file_kind(mode: int) -> str | None:
-    """None for a regular file, else what it is, in words."""
-    if stat.S_ISREG(mode):
-        return None
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "a special file"
 
 
 def _size_text(size: int) -> str:
@@ -388,7 +372,7 @@ def read_regular_file(path: StrPath, limit: int, what: str) -> bytes:
     except FileRefusedError:
         raise
     except OSError as e:
-        raise FileRefusedError(_os_reason(e), e.errno) from None
+        raise FileRefusedError(os_reason(e), e.errno) from None
     except ValueError:  # "embedded null byte"
         raise FileRefusedError("the path contains a NUL character") from None
 
@@ -408,7 +392,7 @@ def _read_checked(path: StrPath, limit: int, what: str) -> bytes:
 
 
 def _refuse_special(mode: int) -> None:
-    kind = _file_kind(mode)
+    kind = file_kind(mode)
     if kind is not None:
         raise FileRefusedError(f"it is {kind}, not a regular file")
 
@@ -524,10 +508,6 @@ class _BoundedLoader(yaml.SafeLoader):
                 problem=f"cannot read this value: {excerpt(why, 100)}",
                 problem_mark=node.start_mark,
             ) from None
-
-
-def _os_reason(error: OSError) -> str:
-    return error.strerror or type(error).__name__
 
 
 def _yaml_reason(error: yaml.YAMLError) -> str:

@@ -32,14 +32,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
+from synrepl._files import file_kind, os_reason
 from synrepl.checkpoints import (
     _DEFAULT,
     StoreError,
     _check_names,
-    _file_kind,
     _foreign,
     _lock,
-    _os_reason,
     _parse_spec,
     _PostgresDatabase,
     _shown_path,
@@ -230,24 +229,24 @@ class FileDeadLetterStore:
         try:
             fd = os.open(self.path, _OPEN_FLAGS, 0o600)
         except OSError as e:
-            raise self._cannot("write", _os_reason(e)) from None
+            raise self._cannot("write", os_reason(e)) from None
         try:
             self._append(fd, line)
         except StoreError:
             raise
         except OSError as e:
-            raise self._cannot("write", _os_reason(e)) from None
+            raise self._cannot("write", os_reason(e)) from None
         finally:
             os.close(fd)
 
     def _append(self, fd: int, line: bytes) -> None:
-        kind = _file_kind(os.fstat(fd).st_mode)
+        kind = file_kind(os.fstat(fd).st_mode)
         if kind is not None:
             raise self._cannot("write", f"it is {kind}, not a regular file")
         try:
             _lock(fd)
         except TimeoutError as e:
-            raise self._cannot("write", _os_reason(e)) from None
+            raise self._cannot("write", os_reason(e)) from None
         size = os.fstat(fd).st_size
         if self._no_header_yet(os.pread(fd, len(self._header), 0)):
             os.ftruncate(fd, 0)
