@@ -26,9 +26,17 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Hashable,
+    Mapping,
+    Sequence,
+)
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import attrs
 
@@ -43,9 +51,11 @@ from synrepl.commands import (
     PositionCommand,
     RdataCommand,
     RemoteServerUpCommand,
+    ReplicateCommand,
     SelectiveParser,
     UserIpCommand,
     UserSyncCommand,
+    encode,
 )
 from synrepl.config import SynapseConfig
 from synrepl.deadletters import DeadLetter
@@ -99,6 +109,8 @@ __all__ = (
     "GapHandler",
     "ResetHandler",
     "StreamUpdatesLike",
+    "StreamFetcher",
+    "Transport",
     "named_instances",
 )
 
@@ -107,7 +119,7 @@ logger = logging.getLogger("synrepl.client")
 _C = TypeVar("_C", bound=Command)
 _T = TypeVar("_T")
 #: What the adapter's ``send_*`` methods return (a Deferred, an awaitable).
-_Sent = TypeVar("_Sent")
+_Sent = TypeVar("_Sent", bound=Awaitable[None])
 
 #: What a row handler gets: one token's rows of one writer.  It returns
 #: None when done, or an awaitable (coroutine, Deferred, future) to wait for.
@@ -141,6 +153,28 @@ class NotReadyError(SynreplError, TimeoutError):
         self.silent = {stream: list(writers) for stream, writers in silent.items()}
         names = "; ".join(f"{s}: {', '.join(w)}" for s, w in self.silent.items())
         super().__init__(f"no position after {waited:g} s from {names}")
+
+
+class StreamFetcher(Protocol):
+    """What the client needs from an HTTP replication client: one page of a
+    writer's stream history, ``from_token < token <= upto_token``."""
+
+    def get_repl_stream_updates(
+        self, instance: str, stream: str, from_token: int, upto_token: int
+    ) -> Any: ...
+
+
+class Transport(Protocol):
+    """What the client needs from a Redis transport (either adapter's)."""
+
+    @property
+    def subscribed(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> Awaitable[None]: ...
+
+    def publish(self, channel: str, message: str) -> Awaitable[int]: ...
 
 
 class PositionSource(Protocol):
@@ -346,6 +380,16 @@ class ClientCore(Generic[_Sent]):
         #: Why delivery stopped for good, if it did.
         self.stop_reason: str | None = None
         self._save_failures = 0
+        #: Set by the adapter: the Redis transport and the HTTP fetcher.
+        self.transport: Transport
+        self._fetcher: StreamFetcher
+        self._subscribed_once: _Sent | None = None
+        self._stopped = False
+        self._timers: set[Callable[[], None]] = set()
+        self._ready_waiters: list[_Sent] = []
+        self._finish_waiters: list[_Sent] = []
+        #: False until stopped; then None, or the error a loud stop ends with.
+        self._outcome: DeliveryStoppedError | bool | None = False
         self._event_stats = EventFetchStats()
         self._source_warnings = RateLimitedWarning(logger, clock)
         self._bad_lines = RateLimitedWarning(logger, clock)
@@ -545,39 +589,27 @@ class ClientCore(Generic[_Sent]):
 
     # ------------------------------------------------------------ hooks (the adapter's)
 
-    def _send(self, cmd: Command) -> _Sent:
-        """Publish ``cmd`` as this instance."""
+    def _new_waiter(self) -> _Sent:
+        """A fresh awaitable of the adapter's kind (a Deferred, a Future),
+        settled later with :meth:`_settle`."""
         raise NotImplementedError
 
-    def _start_fetch(self, need: FetchNeeded) -> None:
-        """Ask ``need.writer`` for the page; report it with :meth:`_fetch_done`
-        or :meth:`_fetch_failed`."""
+    def _settle(self, waiter: _Sent, error: BaseException | None) -> None:
+        """Resolve ``waiter`` (with None, or failing with ``error``), unless it is already."""
+        raise NotImplementedError
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run one of the core's coroutines on the loop (they await the
+        adapter's own awaitables only)."""
         raise NotImplementedError
 
     def _await_then(self, result: object, then: Callable[[BaseException | None], None]) -> None:
-        """Wait for ``result`` (what a handler returned), then call ``then``
-        with None or the exception it failed with."""
-        raise NotImplementedError
-
-    def _waiter_reached(self, key: object) -> None:
-        """The waiter registered under ``key`` is satisfied."""
-        raise NotImplementedError
-
-    def _blocking(
-        self,
-        call: Callable[[], _T],
-        then: Callable[[_T | None, BaseException | None], None],
-    ) -> None:
-        """Run ``call`` in a worker thread (stores and sources block); call
-        ``then(result, None)`` or ``then(None, error)`` back on the loop."""
-        raise NotImplementedError
-
-    def _call_later(self, delay: float, call: Callable[[], None]) -> None:
-        """Call ``call`` on the loop after ``delay`` seconds."""
+        """Wait for ``result`` (what a user's handler returned: a coroutine,
+        Deferred, future...), then call ``then`` with None or its exception."""
         raise NotImplementedError
 
     def _in_thread(self, call: Callable[[], _T]) -> Awaitable[_T]:
-        """``call`` run in a worker thread, as something a coroutine awaits."""
+        """``call`` run in a worker thread that never keeps the process alive."""
         raise NotImplementedError
 
     def _sleep(self, seconds: float) -> Awaitable[None]:
@@ -589,73 +621,266 @@ class ClientCore(Generic[_Sent]):
         to a source that may hang): the batch is then abandoned, unprocessed."""
         raise NotImplementedError
 
-    def _became_ready(self) -> None:
-        """Every expected writer has a position (see :attr:`ready`)."""
+    def _schedule(self, delay: float, call: Callable[[], None]) -> Callable[[], None]:
+        """Call ``call`` on the loop after ``delay`` seconds; returns a cancel."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------ carried out with the hooks
+
+    def _send(self, cmd: Command) -> _Sent:
+        """Publish ``cmd`` as this instance; the waiter says when Redis took it."""
+        waiter = self._new_waiter()
+
+        async def publish() -> None:
+            try:
+                await self._publish(cmd)
+            except Exception as e:  # noqa: BLE001 - handed to the caller's waiter
+                self._settle(waiter, e)
+            else:
+                self._settle(waiter, None)
+
+        self._spawn(publish())
+        return waiter
+
+    async def _publish(self, cmd: Command) -> None:
+        await self.transport.publish(cmd.channel(self._config.server_name), encode(cmd))
+
+    def _on_subscribed(self) -> None:
+        if self._subscribed_once is not None:
+            self._settle(self._subscribed_once, None)
+        if self._subscribed():
+
+            async def replicate() -> None:
+                try:
+                    await self._publish(ReplicateCommand())
+                except Exception as e:  # noqa: BLE001 - the next connect asks again
+                    logger.warning("REPLICATE failed: %s", _describe(e))
+
+            self._spawn(replicate())
+
+    def _start_fetch(self, need: FetchNeeded) -> None:
+        self._spawn(self._fetch(need))
+
+    async def _fetch(self, need: FetchNeeded) -> None:
+        try:
+            page: StreamUpdatesLike = await self._fetcher.get_repl_stream_updates(
+                need.writer, need.stream, need.from_token, need.upto_token
+            )
+        except Exception as e:  # noqa: BLE001 - any failure to fetch is a gap to report
+            self._fetch_failed(need, e)
+            return
+        self._fetch_done(need, page)
+
+    def _waiter_reached(self, key: object) -> None:
+        self._settle(key, None)  # type: ignore[arg-type]  # keys are our waiters
+
+    def _blocking(
+        self,
+        call: Callable[[], _T],
+        then: Callable[[_T | None, BaseException | None], None],
+    ) -> None:
+        """Run ``call`` in a worker thread (stores and sources block); call
+        ``then(result, None)`` or ``then(None, error)`` back on the loop."""
+
+        async def run() -> None:
+            try:
+                result = await self._in_thread(call)
+            except Exception as e:  # noqa: BLE001 - handed to ``then``
+                then(None, e)
+            else:
+                then(result, None)
+
+        self._spawn(run())
+
+    def _call_later(self, delay: float, call: Callable[[], None]) -> None:
+        """Call ``call`` after ``delay`` seconds, unless the client stops first."""
+        cancels: list[Callable[[], None]] = []
+
+        def fire() -> None:
+            self._timers.difference_update(cancels)
+            call()
+
+        cancels.append(self._schedule(delay, fire))
+        self._timers.update(cancels)
+
+    def _became_ready(self) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            self._settle(waiter, None)
 
     def _stopped_loudly(self, reason: str) -> None:
-        """Delivery stopped for good (a batch nothing may take): stop the client."""
-        raise NotImplementedError
+        self._spawn(self._stop_sequence())
 
-    # ------------------------------------------------------------ starting
+    # ------------------------------------------------------------ the public lifecycle
 
-    def _prepare(self, then: Callable[[BaseException | None], None]) -> None:
+    def start(self) -> _Sent:
+        """Resume from the checkpoint store (and read the database's positions,
+        with ``seed_from``), then connect.
+
+        The waiter is settled once subscribed for the first time; it fails if
+        the checkpoint cannot be read.
+        """
+        return self._as_waiter(self._start_sequence())
+
+    def stop(self, drain_timeout: float = 30.0) -> _Sent:
+        """Leave cleanly: clear announced user syncs (CLEAR_USER_SYNC),
+        disconnect, let the batch with the handlers finish (at most
+        ``drain_timeout`` seconds) and save the last checkpoint.  Batches not
+        yet handed out are delivered again after a restart."""
+        return self._as_waiter(self._stop_sequence(drain_timeout))
+
+    def finished(self) -> _Sent:
+        """Settled when the client has stopped: with None after :meth:`stop`,
+        failing with :class:`DeliveryStoppedError` when delivery stopped
+        because a batch could be neither handled nor dead-lettered."""
+        waiter = self._new_waiter()
+        if self._outcome is False:
+            self._finish_waiters.append(waiter)
+        else:
+            self._tell_finished(waiter)
+        return waiter
+
+    def wait_ready(self, timeout: float | None = None) -> _Sent:
+        """Settled once every expected writer of every followed stream has a
+        known position (see :attr:`ready`); after ``timeout`` seconds it
+        fails with :class:`NotReadyError` naming the silent writers."""
+        waiter = self._new_waiter()
+        if self.ready:
+            self._settle(waiter, None)
+            return waiter
+        self._ready_waiters.append(waiter)
+        if timeout is not None:
+
+            def too_late() -> None:
+                if waiter in self._ready_waiters:
+                    self._ready_waiters.remove(waiter)
+                    self._settle(waiter, NotReadyError(self.silent_writers(), timeout))
+
+            self._call_later(timeout, too_late)
+        return waiter
+
+    def wait_for_stream_position(self, stream: str, writer: str, token: int) -> _Sent:
+        """Settled once the handlers have processed ``stream`` from ``writer``
+        up to ``token`` (at once if they already have)."""
+        self._check_followed(stream)
+        waiter = self._new_waiter()
+        if self._delivery.wait_for(stream, writer, token, cast(Hashable, waiter)):
+            self._settle(waiter, None)
+        return waiter
+
+    def _as_waiter(self, work: Coroutine[Any, Any, None]) -> _Sent:
+        waiter = self._new_waiter()
+
+        async def run() -> None:
+            try:
+                await work
+            except Exception as e:  # noqa: BLE001 - handed to the caller's waiter
+                self._settle(waiter, e)
+            else:
+                self._settle(waiter, None)
+
+        self._spawn(run())
+        return waiter
+
+    def _tell_finished(self, waiter: _Sent) -> None:
+        outcome = self._outcome
+        self._settle(waiter, outcome if isinstance(outcome, DeliveryStoppedError) else None)
+
+    # ------------------------------------------------------------ starting and stopping
+
+    async def _start_sequence(self) -> None:
+        await self._load_start()
+        self._subscribed_once = self._new_waiter()
+        self.transport.start()
+        await self._subscribed_once
+
+    async def _load_start(self) -> None:
         """Before connecting: resume from the checkpoint store, then read the
         writers' positions from the database (``seed_from``): a "from now"
         start for writers the checkpoint does not name, a catch-up for the
-        others; ``then(error)`` when done.
+        others.
 
         A checkpoint that cannot be read fails the start (resuming from
         nothing would skip what happened meanwhile); a seed that cannot be
         read is only a warning (the writers' own traffic will start them).
         """
         if self._checkpoint is not None:
-            self._blocking(self._checkpoint.load, partial(self._loaded, then))
-        else:
-            self._loaded(then, None, None)
-
-    def _loaded(
-        self,
-        then: Callable[[BaseException | None], None],
-        saved: dict[str, dict[str, int]] | None,
-        error: BaseException | None,
-    ) -> None:
-        if error is not None:
-            then(error)
-            return
-        if saved:
-            logger.info("resuming from the checkpoint: %s", saved)
-            self._perform(self._delivery.seed(saved))
+            saved = await self._in_thread(self._checkpoint.load)
+            if saved:
+                logger.info("resuming from the checkpoint: %s", saved)
+                self._perform(self._delivery.seed(saved))
         if self._seed_from is not None:
             # Also with a checkpoint: what was written while we were down is
             # fetched now, not at each writer's next traffic.
-            self._blocking(self._seed_from.positions, partial(self._seeded, then))
-            return
-        self._started_delivery()
-        then(None)
-
-    def _seeded(
-        self,
-        then: Callable[[BaseException | None], None],
-        positions: dict[str, dict[str, int]] | None,
-        error: BaseException | None,
-    ) -> None:
-        if error is not None:
-            logger.warning(
-                "cannot read start positions from the database (%s); writers start "
-                "at their own next POSITION or RDATA",
-                _describe(error),
-            )
-        elif positions:
-            self._perform(self._delivery.seed(positions))
-        self._started_delivery()
-        then(None)
-
-    def _started_delivery(self) -> None:
+            try:
+                positions = await self._in_thread(self._seed_from.positions)
+            except Exception as e:  # noqa: BLE001 - a warning: traffic starts them anyway
+                logger.warning(
+                    "cannot read start positions from the database (%s); writers start "
+                    "at their own next POSITION or RDATA",
+                    _describe(e),
+                )
+            else:
+                if positions:
+                    self._perform(self._delivery.seed(positions))
         if self._delivery.ready:
             self._became_ready()
         elif self._silent_after is not None:
             self._call_later(self._silent_after, self._warn_silent)
+
+    async def _stop_sequence(self, drain_timeout: float = 30.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._closing = True
+        clear = self._clear_on_stop()
+        if clear is not None and self.transport.subscribed:
+            try:
+                await self._publish(clear)
+            except Exception:
+                logger.warning("could not send CLEAR_USER_SYNC on stop", exc_info=True)
+        await self.transport.stop()
+        for cancel in list(self._timers):
+            cancel()
+        self._timers.clear()
+        self._cut_all()
+        waited = 0.0
+        while not self._delivery.idle and waited < drain_timeout:
+            await self._sleep(0.02)
+            waited += 0.02
+        if not self._delivery.idle:
+            logger.warning(
+                "stopping while a handler still runs (after %g s): its batch is delivered "
+                "again after a restart",
+                drain_timeout,
+            )
+        await self._final_save()
+        for key in self._delivery.waiter_keys():
+            self._delivery.cancel_wait(key)
+            self._settle(key, SynreplError("replication client stopped"))  # type: ignore[arg-type]
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            self._settle(waiter, SynreplError("replication client stopped before it was ready"))
+        for store in (self._checkpoint, self._dead_letters):
+            if store is not None:
+                await self._in_thread(store.close)
+        self._outcome = (
+            DeliveryStoppedError(self.stop_reason) if self.stop_reason is not None else None
+        )
+        finish, self._finish_waiters = self._finish_waiters, []
+        for waiter in finish:
+            self._tell_finished(waiter)
+
+    def _cut_all(self) -> None:
+        """Cut short what :meth:`_cut_at_stop` registered (the adapter's)."""
+
+    async def _final_save(self) -> None:
+        if self._checkpoint is None or not self._delivery.unsaved:
+            return
+        try:
+            await self._in_thread(partial(self._checkpoint.save, self.positions()))
+        except Exception as e:  # noqa: BLE001 - report it; the next start repeats what follows
+            logger.error("cannot save the last checkpoint on stop: %s", e)
 
     def _warn_silent(self) -> None:
         silent = self._delivery.silent_writers()

@@ -98,8 +98,10 @@ class ModelClient(ReplicationClient):
 
     machine: ClientMachine
 
-    def _blocking(self, call: Any, then: Any) -> None:
-        self.machine.io.append((self, call, then))
+    def _in_thread(self, call: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.machine.io.append((self, call, d))
+        return d
 
 
 @attrs.frozen
@@ -170,7 +172,7 @@ class ClientMachine(ClusterModel):
         or "from now" for a few."""
         self.bound = bound
         self.read_only = read_only
-        self.io: list[tuple[ModelClient, Any, Any]] = []
+        self.io: list[tuple[ModelClient, Any, defer.Deferred[Any]]] = []
         self.checkpoints = MemoryCheckpoints() if checkpointing else None
         self.dead_letters = MemoryDeadLetters(self)
         self.config = config()
@@ -218,7 +220,7 @@ class ClientMachine(ClusterModel):
         client.on_gap(lambda gap: self.gap(client, gap))
         self.client = client
         self.io.clear()
-        client._prepare(lambda error: None)
+        defer.ensureDeferred(client._load_start())
         while self.io:  # the checkpoint loads before any traffic
             self.complete(0, False)
         known = client.positions()
@@ -301,11 +303,11 @@ class ClientMachine(ClusterModel):
         self.complete(index, fail)
 
     def complete(self, index: int, fail: bool) -> None:
-        _, call, then = self.io.pop(index % len(self.io))
+        _, call, done = self.io.pop(index % len(self.io))
         if fail:
-            then(None, OSError("the disk is full"))
+            done.errback(OSError("the disk is full"))
         else:
-            then(call(), None)
+            done.callback(call())
 
     # ------------------------------------------------------------ writers and the wire
 

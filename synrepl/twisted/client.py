@@ -20,10 +20,10 @@ reports it as a gap (``on_gap``).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
-from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer, task
 
@@ -37,15 +37,13 @@ from synrepl._client_core import (
     ReadOnlyError,
     ResetHandler,
     RowHandler,
+    StreamFetcher,
     StreamUpdatesLike,
     logger,
 )
-from synrepl.commands import Command, ReplicateCommand, encode
 from synrepl.config import SynapseConfig
 from synrepl.connection import AttemptFailure, TransportOptions
 from synrepl.delivery import HandlerFailurePolicy
-from synrepl.errors import SynreplError
-from synrepl.positions import FetchNeeded
 from synrepl.twisted.http_client import ReplicationHttpClient
 from synrepl.twisted.redis_transport import RedisTransport
 
@@ -68,15 +66,6 @@ __all__ = (
     "StreamFetcher",
     "StreamUpdatesLike",
 )
-
-
-class StreamFetcher(Protocol):
-    """What the client needs from the HTTP replication client: one page of a
-    writer's stream history, ``from_token < token <= upto_token``."""
-
-    def get_repl_stream_updates(
-        self, instance: str, stream: str, from_token: int, upto_token: int
-    ) -> Any: ...
 
 
 class ReplicationClient(ClientCore["defer.Deferred[None]"]):
@@ -177,7 +166,7 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         self._cuttable: set[defer.Deferred[Any]] = set()
         channels = [config.server_name, *(f"{config.server_name}/{c}" for c in extra_channels)]
         #: The Redis connection pair underneath.
-        self.transport = RedisTransport(
+        self.transport: RedisTransport = RedisTransport(
             reactor,
             config.redis,
             channels,
@@ -198,164 +187,49 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         self.http = http
         return http
 
-    # ------------------------------------------------------------ lifecycle
-
     def start(self) -> defer.Deferred[None]:
-        """Resume from the checkpoint store (or seed positions), then connect.
+        """Resume from the checkpoint store (and read the database's positions,
+        with ``seed_from``), then connect; fires once subscribed for the
+        first time.
 
-        The Deferred fires once subscribed for the first time; it fails if
-        the checkpoint cannot be read.
+        Raises:
+            RuntimeError: the reactor is Twisted's asyncio reactor and it is
+                not running (its thread pool would never resolve Redis's
+                host): call ``reactor.startRunning()``, or use
+                ``synrepl.asyncio``.
         """
-        return defer.ensureDeferred(self._start())
-
-    async def _start(self) -> None:
-        prepared: defer.Deferred[None] = defer.Deferred()
-        self._prepare(
-            lambda error: prepared.callback(None) if error is None else prepared.errback(error)
-        )
-        await prepared
-        self.transport.start()
-        await self._subscribed_once
-
-    async def stop(self, drain_timeout: float = 30.0) -> None:
-        """Leave cleanly: clear announced user syncs (CLEAR_USER_SYNC),
-        disconnect, let the batch with the handlers finish (at most
-        ``drain_timeout`` seconds) and save the last checkpoint.  Batches not
-        yet handed out are fetched again after a restart."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._closing = True
-        clear = self._clear_on_stop()
-        if clear is not None and self.transport.subscribed:
-            try:
-                await self._publish(clear)
-            except Exception:  # noqa: BLE001 - leaving must not fail on a lost connection
-                logger.warning("could not send CLEAR_USER_SYNC on stop", exc_info=True)
-        await self.transport.stop()
-        for waiting in list(self._cuttable):
-            waiting.cancel()
-        waited = 0.0
-        while not self._delivery.idle and waited < drain_timeout:
-            await task.deferLater(self._reactor, 0.02, lambda: None)
-            waited += 0.02
-        if not self._delivery.idle:
-            logger.warning(
-                "stopping while a handler still runs (after %g s): its batch is delivered "
-                "again after a restart",
-                drain_timeout,
+        if _is_asyncio_reactor(self._reactor) and not self._reactor.running:
+            raise RuntimeError(
+                "the Twisted asyncio reactor is not running, so this client could never "
+                "connect: call reactor.startRunning() first, or use synrepl.asyncio"
             )
-        for timer in self._timers:
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
-        await self._final_save()
-        for key in self._delivery.waiter_keys():
-            self._delivery.cancel_wait(key)
-            if isinstance(key, defer.Deferred) and not key.called:
-                key.errback(SynreplError("replication client stopped"))
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.errback(SynreplError("replication client stopped before it was ready"))
-        for store in (self._checkpoint, self._dead_letters):
-            if store is not None:
-                await self._in_thread(store.close)
-        self._outcome = (
-            DeliveryStoppedError(self.stop_reason) if self.stop_reason is not None else None
-        )
-        waiters, self._finish_waiters = self._finish_waiters, []
-        for waiter in waiters:
-            self._tell_finished(waiter)
-
-    async def _final_save(self) -> None:
-        if self._checkpoint is None or not self._delivery.unsaved:
-            return
-        try:
-            await self._in_thread(partial(self._checkpoint.save, self.positions()))
-        except Exception as e:  # noqa: BLE001 - report it; the next start repeats what follows
-            logger.error("cannot save the last checkpoint on stop: %s", e)
-
-    def finished(self) -> defer.Deferred[None]:
-        """Fires when the client has stopped: with None after :meth:`stop`,
-        failing with :class:`DeliveryStoppedError` when delivery stopped
-        because a batch could be neither handled nor dead-lettered."""
-        waiter: defer.Deferred[None] = defer.Deferred()
-        if self._outcome is False:
-            self._finish_waiters.append(waiter)
-        else:
-            self._tell_finished(waiter)
-        return waiter
-
-    def _tell_finished(self, waiter: defer.Deferred[None]) -> None:
-        if isinstance(self._outcome, DeliveryStoppedError):
-            waiter.errback(self._outcome)
-        else:
-            waiter.callback(None)
-
-    def wait_ready(self, timeout: float | None = None) -> defer.Deferred[None]:
-        """Fires once every expected writer of every followed stream has a
-        known position (see :attr:`ready`); after ``timeout`` seconds it
-        fails with :class:`NotReadyError` naming the silent writers."""
-        if self.ready:
-            return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._ready_waiters.append(waiter)
-        if timeout is not None:
-
-            def too_late() -> None:
-                if not waiter.called:
-                    self._ready_waiters.remove(waiter)
-                    waiter.errback(NotReadyError(self.silent_writers(), timeout))
-
-            self._call_later(timeout, too_late)
-        return waiter
-
-    # ------------------------------------------------------------ waiting
-
-    def wait_for_stream_position(
-        self, stream: str, writer: str, token: int
-    ) -> defer.Deferred[None]:
-        """Fires once the handlers have processed ``stream`` from ``writer``
-        up to ``token`` (at once if they already have)."""
-        self._check_followed(stream)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        if self._delivery.wait_for(stream, writer, token, waiter):
-            waiter.callback(None)
-        return waiter
+        return super().start()
 
     # ------------------------------------------------------------ hooks
 
-    def _send(self, cmd: Command) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._publish(cmd))
+    def _new_waiter(self) -> defer.Deferred[None]:
+        return defer.Deferred()
 
-    async def _publish(self, cmd: Command) -> None:
-        await self.transport.publish(cmd.channel(self._config.server_name), encode(cmd))
+    def _settle(self, waiter: defer.Deferred[None], error: BaseException | None) -> None:
+        if not waiter.called:
+            if error is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(error)
 
-    def _on_subscribed(self) -> None:
-        if not self._subscribed_once.called:
-            self._subscribed_once.callback(None)
-        if self._subscribed():
-            d = defer.ensureDeferred(self._publish(ReplicateCommand()))
-            d.addErrback(lambda f: logger.warning("REPLICATE failed: %s", f.getErrorMessage()))
-
-    def _start_fetch(self, need: FetchNeeded) -> None:
-        defer.ensureDeferred(self._fetch(need))
-
-    async def _fetch(self, need: FetchNeeded) -> None:
-        try:
-            page: StreamUpdatesLike = await self._fetcher.get_repl_stream_updates(
-                need.writer, need.stream, need.from_token, need.upto_token
-            )
-        except Exception as e:  # noqa: BLE001 - any failure to fetch is a gap to report
-            self._fetch_failed(need, e)
-            return
-        self._fetch_done(need, page)
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        defer.ensureDeferred(work).addErrback(
+            lambda f: logger.error("synrepl internal error: %s", f.getTraceback())
+        )
 
     def _await_then(self, result: object, then: Callable[[BaseException | None], None]) -> None:
         d: defer.Deferred[object]
         if isinstance(result, defer.Deferred):
             d = result
+        elif isinstance(result, Awaitable) and _is_asyncio_reactor(self._reactor):
+            # Under the asyncio reactor a coroutine may await asyncio's futures.
+            loop = self._reactor._asyncioEventloop
+            d = defer.Deferred.fromFuture(asyncio.ensure_future(result, loop=loop))
         elif isinstance(result, Coroutine):
             d = defer.ensureDeferred(result)
         elif isinstance(result, Awaitable):
@@ -364,10 +238,6 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
             then(None)
             return
         d.addCallbacks(lambda _: then(None), lambda f: then(f.value))
-
-    def _waiter_reached(self, key: object) -> None:
-        if isinstance(key, defer.Deferred) and not key.called:
-            key.callback(None)
 
     def _in_thread(self, call: Callable[[], _T]) -> defer.Deferred[_T]:
         # A daemon thread of its own, not the reactor's pool: a call stuck on
@@ -398,31 +268,22 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         self._cuttable.discard(d)
         return result
 
-    def _blocking(
-        self,
-        call: Callable[[], _T],
-        then: Callable[[_T | None, BaseException | None], None],
-    ) -> None:
-        self._in_thread(call).addCallbacks(
-            lambda result: then(result, None), lambda f: then(None, f.value)
-        )
+    def _cut_all(self) -> None:
+        for waiting in list(self._cuttable):
+            waiting.cancel()
 
-    def _call_later(self, delay: float, call: Callable[[], None]) -> None:
-        def fire() -> None:
-            self._timers.discard(timer)
-            call()
+    def _schedule(self, delay: float, call: Callable[[], None]) -> Callable[[], None]:
+        timer = self._reactor.callLater(delay, call)
 
-        timer = self._reactor.callLater(delay, fire)
-        self._timers.add(timer)
+        def cancel() -> None:
+            if timer.active():
+                timer.cancel()
 
-    def _became_ready(self) -> None:
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.callback(None)
+        return cancel
 
-    def _stopped_loudly(self, reason: str) -> None:
-        defer.ensureDeferred(self.stop())
+
+def _is_asyncio_reactor(reactor: Any) -> bool:
+    return hasattr(reactor, "_asyncioEventloop")
 
 
 async def _awaited(awaitable: Awaitable[object]) -> object:
