@@ -346,3 +346,38 @@ def test_persisted_upto_waits_for_every_configured_writer() -> None:
     assert client.persisted_upto("events") is None  # p2 not heard yet
     client._line_received("units.test", "POSITION events p2 3 3")
     assert client.persisted_upto("events") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handler_coroutine_may_await_deferreds_and_asyncio_futures() -> None:
+    """Whatever the reactor, a coroutine handler that awaits a Deferred runs to
+    its end before its rows count; under Twisted's asyncio reactor (the unit
+    suite's) it may await asyncio futures too; one that fails is retried."""
+    import asyncio
+
+    from synrepl.delivery import HandlerFailurePolicy
+
+    hs = await homeserver()
+    hs.write("typing", [TypingRow("!r", ())])
+    client = client_for(hs, failure_policy=HandlerFailurePolicy(retries=1, base_delay=0.05))
+    finished: list[int] = []
+    calls: list[int] = []
+    on_asyncio = hasattr(reactor, "_asyncioEventloop")
+
+    async def handler(batch: RowsReceived) -> None:
+        calls.append(batch.token)
+        await sleep(0.01)  # a Deferred
+        if on_asyncio:
+            await asyncio.sleep(0.01)  # an asyncio future
+        if len(calls) == 1:
+            raise RuntimeError("the first call fails")
+        finished.append(batch.token)
+
+    client.on_rows("typing", handler)
+    await connected(client, hs, ["typing"])
+    token = hs.write("typing", [TypingRow("!r", ("@a",))])
+    await wait_until(lambda: client.positions()["typing"]["master"] == token)
+    assert calls == [token, token] and finished == [token]
+    assert client.counters.handler_errors == 1 and client.counters.handler_retries == 1
+    await client.stop()
+    await hs.stop()

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from synrepl._client_core import (
     ClientCore,
@@ -226,14 +227,10 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         d: defer.Deferred[object]
         if isinstance(result, defer.Deferred):
             d = result
-        elif isinstance(result, Awaitable) and _is_asyncio_reactor(self._reactor):
-            # Under the asyncio reactor a coroutine may await asyncio's futures.
-            loop = self._reactor._asyncioEventloop
-            d = defer.Deferred.fromFuture(asyncio.ensure_future(result, loop=loop))
         elif isinstance(result, Coroutine):
-            d = defer.ensureDeferred(result)
+            d = _drive(result)
         elif isinstance(result, Awaitable):
-            d = defer.ensureDeferred(_awaited(result))
+            d = _drive(_awaited(result))
         else:  # a plain value: nothing to wait for
             then(None)
             return
@@ -280,6 +277,52 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
                 timer.cancel()
 
         return cancel
+
+
+def _drive(work: Coroutine[Any, Any, Any]) -> defer.Deferred[Any]:
+    """Run a handler's coroutine that awaits Deferreds, asyncio futures or both.
+
+    Twisted's ``ensureDeferred`` knows only Deferreds and asyncio's tasks only
+    futures; under Twisted's asyncio reactor a handler may well await either.
+    """
+    done: defer.Deferred[Any] = defer.Deferred()
+
+    def step(error: BaseException | None = None) -> None:
+        while True:
+            try:
+                waiting = work.throw(error) if error is not None else work.send(None)
+            except StopIteration as stop:
+                done.callback(stop.value)
+                return
+            except BaseException as e:  # noqa: BLE001 - the handler's failure, handed on
+                done.errback(e)
+                return
+            error = None
+            if isinstance(waiting, defer.Deferred):
+                if waiting.called and not waiting.paused:
+                    continue  # fired already: the coroutine reads its result
+                waiting.addBoth(_resumed, step)
+                return
+            if asyncio.isfuture(waiting):
+                waiting._asyncio_future_blocking = False
+                waiting.add_done_callback(lambda _: step())
+                return
+            work.close()
+            done.errback(TypeError(f"a handler's coroutine awaited {waiting!r}"))
+            return
+
+    step()
+    return done
+
+
+def _resumed(result: object, step: Callable[..., None]) -> object:
+    """Resume the coroutine waiting on a Deferred: a failure is thrown into it
+    (and so consumed here), a result it reads from the Deferred itself."""
+    if isinstance(result, Failure):
+        step(result.value)
+        return None
+    step()
+    return result
 
 
 def _is_asyncio_reactor(reactor: Any) -> bool:
