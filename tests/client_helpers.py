@@ -3,12 +3,13 @@ collector and waiting."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 
 from synrepl.positions import RowsReceived
 from synrepl.streams import EventRow
@@ -75,3 +76,119 @@ def client_for(hs: FakeHomeserver, **kwargs: Any) -> ReplicationClient:
     return ReplicationClient(
         reactor, config, fetcher=ReplicationHttpClient(reactor, config), **kwargs
     )
+
+
+# ---------------------------------------------------------------- both adapters
+
+ADAPTERS = ("twisted", "asyncio")
+
+
+class AsyncioClientFacade:
+    """The asyncio ReplicationClient as a Twisted test body awaits it: each
+    future it returns is handed over as a Deferred (the unit suite runs on
+    Twisted's asyncio reactor, so both share one loop)."""
+
+    _WAITERS = frozenset(
+        {
+            "start",
+            "stop",
+            "wait_ready",
+            "finished",
+            "wait_for_stream_position",
+            "send_user_sync",
+            "send_clear_user_sync",
+            "send_federation_ack",
+            "send_user_ip",
+            "send_remote_server_up",
+            "send_lock_released",
+            "send_new_active_task",
+            "send_cancel_task",
+        }
+    )
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    @property
+    def http(self) -> Any:
+        """The client's own HTTP client, its close() a Deferred too."""
+        http = self._client.http
+        return None if http is None else _HttpFacade(http)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if name not in self._WAITERS:
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return defer.Deferred.fromFuture(asyncio.ensure_future(value(*args, **kwargs)))
+
+        return call
+
+
+class _HttpFacade:
+    def __init__(self, http: Any) -> None:
+        self._http = http
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromFuture(asyncio.ensure_future(self._http.close()))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._http, name)
+
+
+def make_client(adapter: str, config: Any, **kwargs: Any) -> Any:
+    """A ReplicationClient of either adapter for ``config`` (not started); the
+    asyncio one behind :class:`AsyncioClientFacade`."""
+    if adapter == "twisted":
+        return ReplicationClient(reactor, config, **kwargs)
+    from synrepl.asyncio import ReplicationClient as AsyncioClient
+
+    return AsyncioClientFacade(AsyncioClient(config, **kwargs))
+
+
+class Gate:
+    """What a slow handler returns, of its adapter's kind, opened by the test."""
+
+    def __init__(self, adapter: str) -> None:
+        self._deferred: defer.Deferred[None] | None = None
+        self._future: asyncio.Future[None] | None = None
+        if adapter == "asyncio":
+            self._future = asyncio.get_event_loop().create_future()
+        else:
+            self._deferred = defer.Deferred()
+
+    @property
+    def awaitable(self) -> Any:
+        return self._future if self._future is not None else self._deferred
+
+    def open(self) -> None:
+        if self._future is not None:
+            self._future.set_result(None)
+        else:
+            assert self._deferred is not None
+            self._deferred.callback(None)
+
+
+class Adapter:
+    """One of the two ReplicationClients, for tests that run on both."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def client(self, hs: FakeHomeserver, **kwargs: Any) -> Any:
+        """A ReplicationClient of ``hs``'s cluster (not started)."""
+        config = kwargs.pop("config", None) or hs.config()
+        return make_client(self.name, config, **kwargs)
+
+    def gate(self) -> Gate:
+        return Gate(self.name)
+
+    def done(self) -> Any:
+        """What a handler returns when it completes at once, of the adapter's kind."""
+        gate = self.gate()
+        gate.open()
+        return gate.awaitable

@@ -7,12 +7,14 @@ the client's start position.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 import pytest_twisted
 import redis as redis_py
 from client_helpers import (
+    Adapter,
     Collector,
     client_for,
     event,
@@ -29,7 +31,7 @@ from synrepl.twisted.client import ReadOnlyError, ReplicationClient
 from synrepl.twisted.http_client import ReplicationHttpClient
 
 
-async def connected(client: ReplicationClient, hs: FakeHomeserver, streams: list[str]) -> None:
+async def connected(client: Any, hs: FakeHomeserver, streams: list[str]) -> None:
     """Start the client and wait until every writer's streams are connected."""
     await client.start()
     await wait_until(
@@ -50,7 +52,7 @@ def expected(hs: FakeHomeserver, stream: str, writer: str, after: int) -> list[t
 
 
 @pytest_twisted.ensureDeferred
-async def test_steady_stream_across_streams_and_writers() -> None:
+async def test_steady_stream_across_streams_and_writers(adapter: Adapter) -> None:
     """Thousands of rows on three streams from two writers (batches included)
     arrive exactly once, in order, with the right writer names."""
     hs = await homeserver(writers=("master", "persister1"))
@@ -61,7 +63,7 @@ async def test_steady_stream_across_streams_and_writers() -> None:
     ):
         hs.write(stream, [row], writer="master")
     hs.write("events", [event(0)], writer="persister1")
-    client = client_for(hs)
+    client = adapter.client(hs)
     seen = Collector()
     client.on_rows(None, seen)
     await connected(client, hs, ["events", "typing", "to_device"])
@@ -94,12 +96,12 @@ async def test_steady_stream_across_streams_and_writers() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_dropped_rdata_is_fetched_when_a_position_reveals_it() -> None:
+async def test_dropped_rdata_is_fetched_when_a_position_reveals_it(adapter: Adapter) -> None:
     """RDATA lost on the wire is noticed at the writer's next POSITION and
     fetched over HTTP from that writer, in order, before later rows."""
     hs = await homeserver()
     hs.write("receipts", [ReceiptsRow("!r", "m.read", "@a", "$e0", None, {"ts": 0})])
-    client = client_for(hs)
+    client = adapter.client(hs)
     seen = Collector()
     client.on_rows("receipts", seen)
     await connected(client, hs, ["receipts"])
@@ -122,12 +124,12 @@ async def test_dropped_rdata_is_fetched_when_a_position_reveals_it() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_restart_from_saved_positions_catches_up_over_http() -> None:
+async def test_restart_from_saved_positions_catches_up_over_http(adapter: Adapter) -> None:
     """A client restarted from its position map gets exactly the rows written
     while it was away (over HTTP, in pages), then live rows, no duplicates."""
     hs = await homeserver(page_limit=7)
     hs.write("events", [event(0)])
-    first = client_for(hs)
+    first = adapter.client(hs)
     seen_first = Collector()
     first.on_rows("events", seen_first)
     await connected(first, hs, ["events"])
@@ -138,7 +140,7 @@ async def test_restart_from_saved_positions_catches_up_over_http() -> None:
     await first.stop()
     for n in range(11, 60):  # written while no client listens
         hs.write("events", [event(n), event(1000 + n)] if n % 4 == 0 else [event(n)])
-    second = client_for(hs, start=saved)
+    second = adapter.client(hs, start=saved)
     seen = Collector()
     second.on_rows("events", seen)
     await second.start()
@@ -155,12 +157,12 @@ async def test_restart_from_saved_positions_catches_up_over_http() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_garbage_and_unknown_commands_are_skipped() -> None:
+async def test_garbage_and_unknown_commands_are_skipped(adapter: Adapter) -> None:
     """Garbage lines and unknown commands on the channel are counted and
     skipped; rows around them still arrive exactly once."""
     hs = await homeserver()
     hs.write("typing", [TypingRow("!r", ())])
-    client = client_for(hs)
+    client = adapter.client(hs)
     seen = Collector()
     client.on_rows("typing", seen)
     await connected(client, hs, ["typing"])
@@ -180,13 +182,13 @@ async def test_garbage_and_unknown_commands_are_skipped() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_slow_handler_memory_stays_bounded_and_nothing_is_lost() -> None:
+async def test_slow_handler_memory_stays_bounded_and_nothing_is_lost(adapter: Adapter) -> None:
     """A handler far slower than its stream: the queue never holds more than
     max_pending_rows rows (plus a page); skipped rows are fetched back later,
     so every row still arrives exactly once, in order."""
     hs = await homeserver(page_limit=50)
     hs.write("to_device", [ToDeviceRow("@a")])
-    client = client_for(hs, max_pending_rows=100)
+    client = adapter.client(hs, max_pending_rows=100)
     seen = Collector()
     peak = 0
 
@@ -194,7 +196,7 @@ async def test_slow_handler_memory_stays_bounded_and_nothing_is_lost() -> None:
         nonlocal peak
         peak = max(peak, client.pending_rows("to_device"))
         seen(batch)
-        await sleep(0.001)
+        await asyncio.sleep(0.001)
 
     client.on_rows("to_device", slow)
     await connected(client, hs, ["to_device"])
@@ -241,12 +243,12 @@ async def test_unreachable_writer_gap_is_reported_with_its_range() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_read_only_client_publishes_nothing() -> None:
+async def test_read_only_client_publishes_nothing(adapter: Adapter) -> None:
     """A read-only client sends not even REPLICATE, refuses to send anything,
     and still receives rows once a writer's own POSITION connects the stream."""
     hs = await homeserver()
     hs.write("typing", [TypingRow("!r", ())])
-    client = client_for(hs, read_only=True)
+    client = adapter.client(hs, read_only=True)
     seen = Collector()
     client.on_rows("typing", seen)
     sub = redis_py.Redis(host="127.0.0.1", port=6379).pubsub()
@@ -269,12 +271,12 @@ async def test_read_only_client_publishes_nothing() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_sent_commands_reach_the_channel_and_stop_clears_user_syncs() -> None:
+async def test_sent_commands_reach_the_channel_and_stop_clears_user_syncs(adapter: Adapter) -> None:
     """Typed send methods publish Synapse's lines on the right channels, and
     stopping after a USER_SYNC start sends CLEAR_USER_SYNC."""
     hs = await homeserver()
     hs.write("typing", [TypingRow("!r", ())])
-    client = client_for(hs, instance_name="worker7", extra_channels=["USER_IP"])
+    client = adapter.client(hs, instance_name="worker7", extra_channels=["USER_IP"])
     sub = redis_py.Redis(host="127.0.0.1", port=6379).pubsub()
     sub.psubscribe(hs.server_name + "*")
     await connected(client, hs, ["typing"])
@@ -302,15 +304,15 @@ async def test_sent_commands_reach_the_channel_and_stop_clears_user_syncs() -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_wait_for_stream_position() -> None:
+async def test_wait_for_stream_position(adapter: Adapter) -> None:
     """wait_for_stream_position fires once the handlers processed that token."""
     hs = await homeserver()
     hs.write("account_data", [["@a", None, "m.direct"]])
-    client = client_for(hs)
+    client = adapter.client(hs)
     processed: list[int] = []
 
     async def handler(batch: RowsReceived) -> None:
-        await sleep(0.05)
+        await asyncio.sleep(0.05)
         processed.append(batch.token)
 
     client.on_rows("account_data", handler)
@@ -320,7 +322,7 @@ async def test_wait_for_stream_position() -> None:
     assert not waiter.called
     await waiter
     assert processed == [token]
-    assert client.wait_for_stream_position("account_data", "master", token).called
+    await client.wait_for_stream_position("account_data", "master", token)  # reached: at once
     await client.stop()
     await hs.stop()
 

@@ -9,18 +9,18 @@ start exactly once, in order, or the loss is reported with its range.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest_twisted
 from client_helpers import (
+    Adapter,
     Collector,
-    client_for,
     event,
     homeserver,
     sleep,
     wait_until,
 )
-from twisted.internet import defer
 
 from synrepl import _json
 from synrepl.positions import RowsReceived
@@ -50,13 +50,13 @@ async def caught_up(client: ReplicationClient, stream: str, writer: str, token: 
 
 
 @pytest_twisted.ensureDeferred
-async def test_slow_http_during_refill_loses_nothing() -> None:
+async def test_slow_http_during_refill_loses_nothing(adapter: Adapter) -> None:
     """A slow handler overflows its bound while the writer's HTTP answers are
     slow and live rows keep coming: every row still arrives exactly once, in
     order (the report: 18 and 36 of 330 events lost just after refill pages)."""
     hs = await homeserver(page_limit=1000)
     hs.write("events", [event(0)])
-    client = client_for(hs, max_pending_rows=50)
+    client = adapter.client(hs, max_pending_rows=50)
     seen = Collector()
     batches = 0
 
@@ -64,7 +64,7 @@ async def test_slow_http_during_refill_loses_nothing() -> None:
         nonlocal batches
         seen(batch)
         batches += 1
-        await sleep(0.002 * len(batch.rows) + (0.5 if batches % 40 == 0 else 0))
+        await asyncio.sleep(0.002 * len(batch.rows) + (0.5 if batches % 40 == 0 else 0))
 
     client.on_rows("events", slow)
     await client.start()
@@ -87,21 +87,21 @@ async def test_slow_http_during_refill_loses_nothing() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_overflow_while_the_handler_holds_a_writers_only_batch() -> None:
+async def test_overflow_while_the_handler_holds_a_writers_only_batch(adapter: Adapter) -> None:
     """On ``caches`` (idle writers send no POSITION), the queue overflows while
     the handler is busy with the one batch of a second writer: that batch is
     not handed over again when the skipped range is fetched."""
     hs = await homeserver(writers=("master", "persister1"))
     hs.write("caches", [invalidation(0)], writer="master")
     hs.write("caches", [invalidation(0)], writer="persister1")
-    client = client_for(hs, max_pending_rows=5)
+    client = adapter.client(hs, max_pending_rows=5)
     seen = Collector()
-    gate: defer.Deferred[None] = defer.Deferred()
+    gate = adapter.gate()
 
-    def handler(batch: RowsReceived) -> defer.Deferred[None] | None:
+    def handler(batch: RowsReceived) -> Any:
         seen(batch)
         if batch.writer == "persister1" and len(seen.batches) == 1:
-            return gate  # hold the persister's only batch
+            return gate.awaitable  # hold the persister's only batch
         return None
 
     client.on_rows("caches", handler)
@@ -117,7 +117,7 @@ async def test_overflow_while_the_handler_holds_a_writers_only_batch() -> None:
         hs.write("caches", [invalidation(n)], writer="master")
     hs.write("caches", [invalidation(12)], writer="persister1")  # overflows
     await sleep(0.3)
-    gate.callback(None)
+    gate.open()
     await caught_up(client, "caches", "master", hs.history("caches", writer="master")[-1][0])
     await caught_up(
         client, "caches", "persister1", hs.history("caches", writer="persister1")[-1][0]
@@ -129,18 +129,18 @@ async def test_overflow_while_the_handler_holds_a_writers_only_batch() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_thousands_of_batches_behind_one_slow_call_then_synchronous() -> None:
+async def test_thousands_of_batches_behind_one_slow_call_then_synchronous(adapter: Adapter) -> None:
     """Batches queued behind one slow handler call, then handled synchronously
-    (``defer.succeed``), are all delivered: no recursion stops the stream."""
+    (an already fired Deferred or done future), are all delivered: no recursion stops the stream."""
     hs = await homeserver()
     hs.write("events", [event(0)])
-    client = client_for(hs, max_pending_rows=100_000)
+    client = adapter.client(hs, max_pending_rows=100_000)
     seen = Collector()
-    gate: defer.Deferred[None] = defer.Deferred()
+    gate = adapter.gate()
 
-    def handler(batch: RowsReceived) -> defer.Deferred[None]:
+    def handler(batch: RowsReceived) -> Any:
         seen(batch)
-        return gate if len(seen.batches) == 1 else defer.succeed(None)
+        return gate.awaitable if len(seen.batches) == 1 else adapter.done()
 
     client.on_rows("events", handler)
     await client.start()
@@ -149,7 +149,7 @@ async def test_thousands_of_batches_behind_one_slow_call_then_synchronous() -> N
     for n in range(1, 2001):
         hs.write("events", [event(n)])
     await wait_until(lambda: queued_rows(client, "events") == 1999, what="2,000 queued")
-    gate.callback(None)
+    gate.open()
     await caught_up(client, "events", "master", hs.token("events"))
     assert seen.rows("events", "master") == history_after(hs, "events", "master", start)
     assert client.counters.handler_errors == 0
@@ -158,14 +158,14 @@ async def test_thousands_of_batches_behind_one_slow_call_then_synchronous() -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_start_map_ahead_of_the_writer_is_loud_and_hides_nothing() -> None:
+async def test_start_map_ahead_of_the_writer_is_loud_and_hides_nothing(adapter: Adapter) -> None:
     """A position file 500 tokens ahead of the writer (kept across a database
     restore): the client says so, trusts the writer, and delivers the rows
     the writer writes afterwards instead of dropping them as duplicates."""
     hs = await homeserver()
     for n in range(10):
         hs.write("events", [event(n)])
-    client = client_for(hs, start={"events": {"master": hs.token("events") + 500}})
+    client = adapter.client(hs, start={"events": {"master": hs.token("events") + 500}})
     seen = Collector()
     client.on_rows("events", seen)
     behind: list[Any] = []
@@ -184,17 +184,17 @@ async def test_start_map_ahead_of_the_writer_is_loud_and_hides_nothing() -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_refill_starts_at_half_the_bound() -> None:
+async def test_refill_starts_at_half_the_bound(adapter: Adapter) -> None:
     """After an overflow the next page is asked for while the handler still has
     rows to work on (at half the bound), not once it has run dry."""
     hs = await homeserver(page_limit=10)
     hs.write("events", [event(0)])
-    client = client_for(hs, max_pending_rows=40)
+    client = adapter.client(hs, max_pending_rows=40)
     depth_at_request: list[int] = []
     hs.on_updates_request = lambda *_: depth_at_request.append(queued_rows(client, "events"))
 
     async def slow(batch: RowsReceived) -> None:
-        await sleep(0.003)
+        await asyncio.sleep(0.003)
 
     client.on_rows("events", slow)
     await client.start()
@@ -210,12 +210,12 @@ async def test_refill_starts_at_half_the_bound() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_position_from_a_writer_the_config_does_not_name_is_no_loss() -> None:
+async def test_position_from_a_writer_the_config_does_not_name_is_no_loss(adapter: Adapter) -> None:
     """POSITIONs from an instance nobody configured (a stray process, a forgery)
     are counted and skipped for gap filling: no fetch, no false "rows lost"."""
     hs = await homeserver()
     hs.write("events", [event(0)])
-    client = client_for(hs)
+    client = adapter.client(hs)
     seen = Collector()
     client.on_rows("events", seen)
     gaps: list[Any] = []

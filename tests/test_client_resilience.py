@@ -13,15 +13,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from client_helpers import Collector, event, sleep, unique_server_name, wait_until
+from client_helpers import Adapter, Collector, event, sleep, unique_server_name, wait_until
 from redis_server import RedisServer, redis_server_available
 from twisted.internet import reactor
 
 from synrepl.connection import TransportOptions
 from synrepl.streams import TypingRow
 from synrepl.testing.homeserver import FakeHomeserver
-from synrepl.twisted.client import ReplicationClient
-from synrepl.twisted.http_client import ReplicationHttpClient
 
 pytestmark = pytest.mark.skipif(not redis_server_available(), reason="no redis-server binary")
 
@@ -35,8 +33,8 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 async def cluster(
-    server: RedisServer, **hs_kwargs: Any
-) -> tuple[FakeHomeserver, ReplicationClient, Collector]:
+    server: RedisServer, adapter: Adapter, **hs_kwargs: Any
+) -> tuple[FakeHomeserver, Any, Collector]:
     hs = FakeHomeserver(
         reactor,
         server_name=unique_server_name(),
@@ -46,13 +44,7 @@ async def cluster(
     )
     await hs.start()
     hs.write("events", [event(0)])
-    config = hs.config()
-    client = ReplicationClient(
-        reactor,
-        config,
-        fetcher=ReplicationHttpClient(reactor, config),
-        transport_options=FAST,
-    )
+    client = adapter.client(hs, transport_options=FAST)
     seen = Collector()
     client.on_rows("events", seen)
     await client.start()
@@ -69,9 +61,7 @@ async def write_while(hs: FakeHomeserver, count: int, disturb_at: int, disturb: 
         await sleep(0.005)
 
 
-async def settle(
-    hs: FakeHomeserver, client: ReplicationClient, start: int, seen: Collector
-) -> None:
+async def settle(hs: FakeHomeserver, client: Any, start: int, seen: Collector) -> None:
     """After the disturbance: a final POSITION round, then every row must be in."""
     target = hs.token("events")
     for _ in range(100):
@@ -84,16 +74,16 @@ async def settle(
     assert seen.rows("events", "master") == expected
 
 
-async def shutdown(hs: FakeHomeserver, client: ReplicationClient) -> None:
+async def shutdown(hs: FakeHomeserver, client: Any) -> None:
     await client.stop()
     await hs.stop()
 
 
 @pytest_twisted.ensureDeferred
-async def test_redis_restarted_mid_stream(server: RedisServer) -> None:
+async def test_redis_restarted_mid_stream(server: RedisServer, adapter: Adapter) -> None:
     """Redis killed and restarted while the writer writes: the client
     reconnects, re-REPLICATEs and fetches what was lost; no row lost or repeated."""
-    hs, client, seen = await cluster(server)
+    hs, client, seen = await cluster(server, adapter)
     start = client.positions()["events"]["master"]
     await write_while(hs, 150, 50, server.kill)
     server.start()
@@ -105,10 +95,10 @@ async def test_redis_restarted_mid_stream(server: RedisServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_subscriber_killed_with_client_kill(server: RedisServer) -> None:
+async def test_subscriber_killed_with_client_kill(server: RedisServer, adapter: Adapter) -> None:
     """CLIENT KILL TYPE pubsub cuts every subscriber: the client reconnects
     and still delivers every row exactly once."""
-    hs, client, seen = await cluster(server)
+    hs, client, seen = await cluster(server, adapter)
     start = client.positions()["events"]["master"]
     admin = server.client()
     await write_while(hs, 100, 40, lambda: admin.client_kill_filter(_type="pubsub"))
@@ -118,10 +108,10 @@ async def test_subscriber_killed_with_client_kill(server: RedisServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_redis_paused_past_the_keepalive(server: RedisServer) -> None:
+async def test_redis_paused_past_the_keepalive(server: RedisServer, adapter: Adapter) -> None:
     """CLIENT PAUSE longer than the keepalive: the dead-looking connection is
     dropped and re-made, and no row is lost or repeated."""
-    hs, client, seen = await cluster(server)
+    hs, client, seen = await cluster(server, adapter)
     start = client.positions()["events"]["master"]
     admin = server.client()
     await write_while(hs, 60, 20, lambda: admin.execute_command("CLIENT", "PAUSE", "1500", "ALL"))
@@ -131,7 +121,9 @@ async def test_redis_paused_past_the_keepalive(server: RedisServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_read_only_client_issues_no_publish_at_all(server: RedisServer) -> None:
+async def test_read_only_client_issues_no_publish_at_all(
+    server: RedisServer, adapter: Adapter
+) -> None:
     """Redis's own command log (MONITOR-like INFO commandstats) shows that a
     read-only client never ran PUBLISH and never opened a second connection."""
     hs = FakeHomeserver(reactor, server_name=unique_server_name(), redis_port=server.port)
@@ -142,10 +134,7 @@ async def test_read_only_client_issues_no_publish_at_all(server: RedisServer) ->
     admin.config_resetstat()
     clients_before = len(admin.client_list())
     publishes_before = admin.info("commandstats").get("cmdstat_publish", {}).get("calls", 0)
-    config = hs.config()
-    client = ReplicationClient(
-        reactor, config, fetcher=ReplicationHttpClient(reactor, config), read_only=True
-    )
+    client = adapter.client(hs, read_only=True)
     seen = Collector()
     client.on_rows("typing", seen)
     await client.start()

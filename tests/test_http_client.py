@@ -1,14 +1,27 @@
-"""ReplicationHttpClient against a local twisted.web server that records requests."""
+"""Both ReplicationHttpClients against local twisted.web servers that record requests.
+
+Every scenario that takes the ``driver`` fixture runs twice: through
+:mod:`synrepl.twisted.http_client` and through :mod:`synrepl.asyncio.http_client`.
+The servers are real (TCP, TLS, a unix socket) and run on the reactor; the
+asyncio client runs on an event loop of its own in a thread, so that both
+clients meet exactly the same servers. At the end, the core's decisions are
+checked once more with no loop and no wire at all.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import datetime
+import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+import ssl as stdlib_ssl
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -20,10 +33,16 @@ from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from synrepl.asyncio.http_client import ReplicationHttpClient as AsyncioHttpClient
 from synrepl.cli._http import explain_http_failure
 from synrepl.config import SynapseConfig, config_from_dict
 from synrepl.errors import ConfigError
 from synrepl.http import (
+    AttemptFailed,
+    BodyCollector,
+    HttpAnswer,
+    HttpAttempt,
+    HttpClientCore,
     HttpReplicationError,
     MalformedResponseError,
     PositionWaitTimeoutError,
@@ -136,11 +155,218 @@ def make_config(main_port: int, **extra: Any) -> SynapseConfig:
     )
 
 
+# --- the two adapters ------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+class FakeWaiter:
+    """Records waits; each finishes after ``delay`` seconds (never when None)."""
+
+    def __init__(self, delay: float | None, follows: tuple[str, ...] | None = None) -> None:
+        self.delay = delay
+        self.follows = follows
+        self.waits: list[tuple[str, str, int]] = []
+
+    def wait_for_stream_position(self, stream: str, writer: str, token: int) -> Any:
+        if self.follows is not None and stream not in self.follows:
+            raise ValueError(f"not following {stream}")
+        self.waits.append((stream, writer, token))
+        return self._wait()
+
+    def _wait(self) -> Any:
+        raise NotImplementedError
+
+    def all_fired(self) -> bool:
+        raise NotImplementedError
+
+
+class TwistedWaiter(FakeWaiter):
+    def __init__(self, delay: float | None, follows: tuple[str, ...] | None = None) -> None:
+        super().__init__(delay, follows)
+        self.deferreds: list[defer.Deferred[None]] = []
+
+    def _wait(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.delay is not None:
+            reactor.callLater(self.delay, d.callback, None)
+        self.deferreds.append(d)
+        return d
+
+    def all_fired(self) -> bool:
+        return all(d.called for d in self.deferreds)
+
+
+class AsyncioWaiter(FakeWaiter):
+    """Called on the asyncio client's loop; returns futures of that loop."""
+
+    def __init__(self, delay: float | None, follows: tuple[str, ...] | None = None) -> None:
+        super().__init__(delay, follows)
+        self.futures: list[asyncio.Future[None]] = []
+
+    def _wait(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if self.delay is not None:
+            loop.call_later(self.delay, lambda: future.done() or future.set_result(None))
+        self.futures.append(future)
+        return future
+
+    def all_fired(self) -> bool:
+        return all(f.done() and not f.cancelled() for f in self.futures)
+
+
+class Driver(Protocol):
+    """One adapter, as the scenarios see it from the reactor."""
+
+    name: str
+    #: The exception a refused certificate is reported as.
+    tls_failure: str
+
+    def client(self, config: SynapseConfig, **options: Any) -> Any: ...
+
+    def waiter(self, delay: float | None, follows: tuple[str, ...] | None = None) -> FakeWaiter: ...
+
+    def trusting(self, cert_pem: bytes) -> dict[str, Any]:
+        """Client options that trust ``cert_pem``."""
+        ...
+
+    def without_io(self) -> dict[str, Any]:
+        """Client options under which any I/O fails the test."""
+        ...
+
+    async def settled(self) -> bool:
+        """True once nothing of the client's is still running."""
+        ...
+
+
+class TwistedDriver:
+    name = "twisted"
+    tls_failure = "ResponseNeverReceived"  # which Synapse would retry as a timeout
+
+    def client(self, config: SynapseConfig, **options: Any) -> ReplicationHttpClient:
+        return ReplicationHttpClient(reactor, config, **options)
+
+    def waiter(self, delay: float | None, follows: tuple[str, ...] | None = None) -> FakeWaiter:
+        return TwistedWaiter(delay, follows)
+
+    def trusting(self, cert_pem: bytes) -> dict[str, Any]:
+        trust = ssl.Certificate.loadPEM(cert_pem)
+
+        class TrustOurCert:
+            def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+                return ssl.optionsForClientTLS(hostname.decode(), trustRoot=trust)
+
+        return {"tls_policy": TrustOurCert()}
+
+    def without_io(self) -> dict[str, Any]:
+        class NoAgent:
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                raise AssertionError("no request may be made")
+
+        return {"agent": NoAgent()}
+
+    async def settled(self) -> bool:
+        return True
+
+
+class AsyncioDriver:
+    """The asyncio client on its own event loop, in a thread; each of its
+    coroutines is run there and its outcome handed back as a Deferred."""
+
+    name = "asyncio"
+    tls_failure = "ClientConnectorCertificateError"
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="asyncio-client")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def run(self, work: Coroutine[Any, Any, _T]) -> defer.Deferred[_T]:
+        """Run ``work`` on the loop; cancelling the Deferred cancels it there."""
+        future = asyncio.run_coroutine_threadsafe(work, self.loop)
+        result: defer.Deferred[_T] = defer.Deferred(lambda _: future.cancel())
+
+        def deliver(done: concurrent.futures.Future[_T]) -> None:
+            if result.called:
+                return
+            if done.cancelled():
+                result.errback(defer.CancelledError())
+            elif done.exception() is not None:
+                result.errback(done.exception())
+            else:
+                result.callback(done.result())
+
+        future.add_done_callback(lambda done: reactor.callFromThread(deliver, done))
+        return result
+
+    def client(self, config: SynapseConfig, **options: Any) -> OnLoop:
+        return OnLoop(AsyncioHttpClient(config, **options), self)
+
+    def waiter(self, delay: float | None, follows: tuple[str, ...] | None = None) -> FakeWaiter:
+        return AsyncioWaiter(delay, follows)
+
+    def trusting(self, cert_pem: bytes) -> dict[str, Any]:
+        return {"ssl_context": stdlib_ssl.create_default_context(cadata=cert_pem.decode())}
+
+    def without_io(self) -> dict[str, Any]:
+        class NoSession:
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                raise AssertionError("no request may be made")
+
+        return {"session": NoSession()}
+
+    async def settled(self) -> bool:
+        async def others() -> int:
+            return len(asyncio.all_tasks() - {asyncio.current_task()})
+
+        return await self.run(others()) == 0
+
+
+class OnLoop:
+    """The asyncio client seen from the reactor: its coroutine methods run on
+    the driver's loop and return Deferreds."""
+
+    def __init__(self, client: AsyncioHttpClient, driver: AsyncioDriver) -> None:
+        self.client = client
+        self._driver = driver
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.client, name)
+        if not inspect.iscoroutinefunction(attribute):
+            return attribute
+
+        def on_loop(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            return self._driver.run(attribute(*args, **kwargs))
+
+        return on_loop
+
+    def __repr__(self) -> str:
+        return repr(self.client)
+
+
+@pytest.fixture(params=["twisted", "asyncio"])
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    if request.param == "twisted":
+        yield TwistedDriver()
+        return
+    running = AsyncioDriver()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 @contextlib.asynccontextmanager
-async def client_for(config: SynapseConfig, **options: Any) -> AsyncIterator[ReplicationHttpClient]:
+async def client_for(driver: Driver, config: SynapseConfig, **options: Any) -> AsyncIterator[Any]:
     options.setdefault("retry", FAST)
     options.setdefault("timeout", 5.0)
-    client = ReplicationHttpClient(reactor, config, **options)
+    client = driver.client(config, **options)
     try:
         yield client
     finally:
@@ -149,18 +375,20 @@ async def client_for(config: SynapseConfig, **options: Any) -> AsyncIterator[Rep
 
 @contextlib.asynccontextmanager
 async def server_and_client(
-    handler: Handler, **options: Any
-) -> AsyncIterator[tuple[RecordingResource, ReplicationHttpClient]]:
+    driver: Driver, handler: Handler, **options: Any
+) -> AsyncIterator[tuple[RecordingResource, Any]]:
     async with contextlib.AsyncExitStack() as stack:
         resource, port = await stack.enter_async_context(serving(handler))
-        client = await stack.enter_async_context(client_for(make_config(port), **options))
+        client = await stack.enter_async_context(client_for(driver, make_config(port), **options))
         yield resource, client
 
 
-def free_port() -> int:
+async def free_port() -> int:
+    """A port nobody listens on (closed before it is handed out: the asyncio
+    client, on its own thread, would otherwise connect before the close)."""
     port = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
     number: int = port.getHost().port
-    port.stopListening()
+    await port.stopListening()
     return number
 
 
@@ -168,9 +396,9 @@ def free_port() -> int:
 
 
 @pytest_twisted.ensureDeferred
-async def test_stub_sends_what_synapse_expects() -> None:
+async def test_stub_sends_what_synapse_expects(driver: Driver) -> None:
     """A stub call is one POST to the quoted path, authenticated, with a JSON body."""
-    async with server_and_client(answer({"max_stream_id": 12})) as (server, client):
+    async with server_and_client(driver, answer({"max_stream_id": 12})) as (server, client):
         result = await client.add_tag(
             user_id="@alice:hs", room_id="!room/1:hs", tag="m.favourite", content={"order": 1}
         )
@@ -186,8 +414,8 @@ async def test_stub_sends_what_synapse_expects() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_cached_endpoint_gets_a_txn_id_segment() -> None:
-    async with server_and_client(answer({})) as (server, client):
+async def test_cached_endpoint_gets_a_txn_id_segment(driver: Driver) -> None:
+    async with server_and_client(driver, answer({})) as (server, client):
         assert await client.update_current_state(room_id="!r:hs", instance="main") is None
     (request,) = server.requests
     prefix = "/_synapse/replication/update_current_state/%21r%3Ahs/"
@@ -196,17 +424,20 @@ async def test_cached_endpoint_gets_a_txn_id_segment() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_generic_call_returns_the_body() -> None:
-    async with server_and_client(answer({"max_stream_id": 3, "extra": True})) as (_, client):
+async def test_generic_call_returns_the_body(driver: Driver) -> None:
+    async with server_and_client(driver, answer({"max_stream_id": 3, "extra": True})) as (
+        _,
+        client,
+    ):
         body = await client.call("remove_tag", "master", user_id="u", room_id="r", tag="t")
     assert body == {"max_stream_id": 3, "extra": True}
 
 
 @pytest_twisted.ensureDeferred
-async def test_no_authorization_without_a_secret() -> None:
+async def test_no_authorization_without_a_secret(driver: Driver) -> None:
     async with serving(answer({})) as (server, port):
         config = attrs.evolve(make_config(port), worker_replication_secret=None)
-        async with client_for(config) as client:
+        async with client_for(driver, config) as client:
             await client.handle_new_device_update()
     (request,) = server.requests
     assert "authorization" not in request.headers
@@ -214,9 +445,9 @@ async def test_no_authorization_without_a_secret() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_get_repl_stream_updates() -> None:
+async def test_get_repl_stream_updates(driver: Driver) -> None:
     page = {"updates": [[5, ["@u:hs", 1]], [6, ["@v:hs", 2]]], "upto_token": 6, "limited": True}
-    async with server_and_client(answer(page)) as (server, client):
+    async with server_and_client(driver, answer(page)) as (server, client):
         result = await client.get_repl_stream_updates("master", "typing", 4, 10)
     assert result == StreamUpdates([(5, ["@u:hs", 1]), (6, ["@v:hs", 2])], 6, True)
     (request,) = server.requests
@@ -230,9 +461,9 @@ async def test_get_repl_stream_updates() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_http_error_is_mapped_and_not_retried() -> None:
+async def test_http_error_is_mapped_and_not_retried(driver: Driver) -> None:
     body = {"errcode": "M_FORBIDDEN", "error": "You shall not pass", "extra": 1}
-    async with server_and_client(answer(body, status=403)) as (server, client):
+    async with server_and_client(driver, answer(body, status=403)) as (server, client):
         with pytest.raises(HttpReplicationError) as info:
             await client.remote_join(
                 room_id="!r:remote",
@@ -249,8 +480,8 @@ async def test_http_error_is_mapped_and_not_retried() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_server_error_without_json() -> None:
-    async with server_and_client(answer(b"oops", status=502)) as (server, client):
+async def test_server_error_without_json(driver: Driver) -> None:
+    async with server_and_client(driver, answer(b"oops", status=502)) as (server, client):
         with pytest.raises(HttpReplicationError) as info:
             await client.delete_all_pushers_for_user(user_id="@u:hs")
     assert (info.value.status, info.value.errcode) == (502, "M_UNKNOWN")
@@ -305,32 +536,32 @@ def test_synapse_internal_error_body_is_what_synapse_encodes() -> None:
 
 
 async def _fail_against(
-    handler: SynapseLike, *, client_secret: bool = True
+    driver: Driver, handler: SynapseLike, *, client_secret: bool = True
 ) -> tuple[HttpReplicationError, int]:
     async with serving(handler) as (server, port):
         config = make_config(port)
         if not client_secret:
             config = attrs.evolve(config, worker_replication_secret=None)
-        async with client_for(config) as client:
+        async with client_for(driver, config) as client:
             with pytest.raises(HttpReplicationError) as info:
                 await client.get_repl_stream_updates("master", "caches", 0, 0)
     return info.value, len(server.requests)
 
 
 @pytest_twisted.ensureDeferred
-async def test_right_secret_passes_synapse_auth_check() -> None:
+async def test_right_secret_passes_synapse_auth_check(driver: Driver) -> None:
     handler = SynapseLike(SECRET)
-    async with server_and_client(handler) as (_, client):
+    async with server_and_client(driver, handler) as (_, client):
         await client.get_repl_stream_updates("master", "caches", 0, 0)
     assert handler.refusals == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_wrong_secret_is_explained_as_one_of_two_causes() -> None:
+async def test_wrong_secret_is_explained_as_one_of_two_causes(driver: Driver) -> None:
     """Synapse's answer to a wrong secret is its answer to any internal
     failure: the message quotes it and names both causes, not just one."""
     handler = SynapseLike("the-secret-the-cluster-uses")
-    error, requests = await _fail_against(handler)
+    error, requests = await _fail_against(driver, handler)
     assert handler.refusals == ["Invalid Authorization header."]
     assert (error.status, error.errcode, error.error) == SYNAPSE_INTERNAL_ERROR
     assert error.may_be_secret_refusal
@@ -349,9 +580,9 @@ async def test_wrong_secret_is_explained_as_one_of_two_causes() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_missing_secret_is_explained_as_one_of_two_causes() -> None:
+async def test_missing_secret_is_explained_as_one_of_two_causes(driver: Driver) -> None:
     handler = SynapseLike("the-secret-the-cluster-uses")
-    error, _ = await _fail_against(handler, client_secret=False)
+    error, _ = await _fail_against(driver, handler, client_secret=False)
     assert handler.refusals == ["Missing Authorization header."]
     assert error.may_be_secret_refusal
     explained = explain_http_failure(error, "main", "http://h:1", has_secret=False)
@@ -395,12 +626,12 @@ async def test_missing_secret_is_explained_as_one_of_two_causes() -> None:
 )
 @pytest_twisted.ensureDeferred
 async def test_other_error_answers_are_not_blamed_on_the_secret(
-    status: int, body: Any, quoted: str
+    driver: Driver, status: int, body: Any, quoted: str
 ) -> None:
     """An answer Synapse does not give a refused secret is quoted as it came,
     with no word about worker_replication_secret."""
     handler = SynapseLike(SECRET, failure=(status, body))
-    error, _ = await _fail_against(handler)
+    error, _ = await _fail_against(driver, handler)
     assert handler.refusals == []
     assert not error.may_be_secret_refusal
     assert "worker_replication_secret" not in str(error)
@@ -413,11 +644,11 @@ async def test_other_error_answers_are_not_blamed_on_the_secret(
 
 
 @pytest_twisted.ensureDeferred
-async def test_error_text_is_quoted_bounded_and_on_one_line() -> None:
+async def test_error_text_is_quoted_bounded_and_on_one_line(driver: Driver) -> None:
     """A peer's error text can be anything: messages keep an excerpt, on one line."""
     text = "first line\nsecond line " + "x" * 100_000
     handler = SynapseLike(SECRET, failure=(500, {"errcode": "E" * 10_000, "error": text}))
-    error, _ = await _fail_against(handler)
+    error, _ = await _fail_against(driver, handler)
     assert error.error == text  # the attribute keeps it whole
     explained = explain_http_failure(error, "main", "http://h:1", has_secret=True)
     for message in (str(error), explained.problem):
@@ -427,8 +658,8 @@ async def test_error_text_is_quoted_bounded_and_on_one_line() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_malformed_success_answer() -> None:
-    async with server_and_client(answer({"event_id": 5})) as (_, client):
+async def test_malformed_success_answer(driver: Driver) -> None:
+    async with server_and_client(driver, answer({"event_id": 5})) as (_, client):
         with pytest.raises(MalformedResponseError, match="event_id"):
             await client.remote_rescind_knock(
                 knock_event_id="$k", txn_id=None, requester={}, content={}
@@ -436,12 +667,8 @@ async def test_malformed_success_answer() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_unknown_instance_fails_before_any_io() -> None:
-    class NoAgent:
-        def request(self, *args: Any, **kwargs: Any) -> Any:
-            raise AssertionError("no request may be made")
-
-    client = ReplicationHttpClient(reactor, make_config(1), agent=NoAgent())
+async def test_unknown_instance_fails_before_any_io(driver: Driver) -> None:
+    client = driver.client(make_config(1), **driver.without_io())
     with pytest.raises(UnknownInstanceError) as info:
         await client.remove_tag(user_id="u", room_id="r", tag="t", instance="worker9")
     assert isinstance(info.value, ConfigError)
@@ -453,8 +680,8 @@ async def test_unknown_instance_fails_before_any_io() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_connection_refused_is_retried_then_reported(caplog: Any) -> None:
-    async with client_for(make_config(free_port())) as client:
+async def test_connection_refused_is_retried_then_reported(driver: Driver, caplog: Any) -> None:
+    async with client_for(driver, make_config(await free_port())) as client:
         logs = caplog.at_level(logging.WARNING, logger="synrepl.http")
         with logs, pytest.raises(ReplicationUnreachableError) as info:
             await client.remove_tag(user_id="u", room_id="r", tag="t")
@@ -462,6 +689,11 @@ async def test_connection_refused_is_retried_then_reported(caplog: Any) -> None:
     assert "ConnectionRefusedError" in info.value.reason
     assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
     assert SECRET not in caplog.text and SECRET not in str(info.value)
+
+
+# The reactor's clock is injected into the Twisted client; the same delays,
+# decided by the core for both clients, are checked without any loop below
+# (test_core_backs_off_exponentially_with_a_cap).
 
 
 def test_connection_errors_back_off_exponentially_with_a_cap() -> None:
@@ -510,21 +742,21 @@ def test_http_errors_are_never_retried_on_the_clock() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_timeout_is_retried_with_the_same_txn_id() -> None:
+async def test_timeout_is_retried_with_the_same_txn_id(driver: Driver) -> None:
     def first_hangs(recorded: Recorded, request: Request) -> Any:
         if len(server.requests) == 1:
             return NOT_DONE_YET
         return 200, {}
 
-    async with server_and_client(first_hangs, timeout=0.3) as (server, client):
+    async with server_and_client(driver, first_hangs, timeout=0.3) as (server, client):
         await client.fed_cleanup_room(room_id="!r:hs")
     first, second = server.requests
     assert first.path == second.path, "a retry reuses the txn_id"
 
 
 @pytest_twisted.ensureDeferred
-async def test_timeout_gives_up_after_the_retries() -> None:
-    async with server_and_client(hang, timeout=0.2) as (server, client):
+async def test_timeout_gives_up_after_the_retries(driver: Driver) -> None:
+    async with server_and_client(driver, hang, timeout=0.2) as (server, client):
         with pytest.raises(ReplicationTimeoutError) as info:
             await client.fed_cleanup_room(room_id="!r:hs")
     assert info.value.attempts == 2
@@ -532,7 +764,7 @@ async def test_timeout_gives_up_after_the_retries() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_timeout_while_reading_the_body() -> None:
+async def test_timeout_while_reading_the_body(driver: Driver) -> None:
     """The timeout covers the whole answer, not only its headers."""
 
     def stall_body(recorded: Recorded, request: Request) -> Any:
@@ -542,29 +774,30 @@ async def test_timeout_while_reading_the_body() -> None:
         request.write(b"{")
         return NOT_DONE_YET
 
-    async with server_and_client(stall_body, timeout=0.3) as (server, client):
+    async with server_and_client(driver, stall_body, timeout=0.3) as (server, client):
         await client.fed_cleanup_room(room_id="!r:hs")
     assert len(server.requests) == 2
 
 
 @pytest_twisted.ensureDeferred
-async def test_answer_size_is_bounded() -> None:
+async def test_answer_size_is_bounded(driver: Driver) -> None:
     big = {"max_stream_id": 1, "padding": "x" * 1000}
-    async with server_and_client(answer(big), max_response_size=100) as (server, client):
+    async with server_and_client(driver, answer(big), max_response_size=100) as (server, client):
         with pytest.raises(ReplicationTransportError, match="larger than 100 bytes"):
             await client.remove_tag(user_id="u", room_id="r", tag="t")
     assert len(server.requests) == 1
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancelling_a_call_stops_it() -> None:
-    async with server_and_client(hang, timeout=5.0) as (server, client):
+async def test_cancelling_a_call_stops_it(driver: Driver) -> None:
+    async with server_and_client(driver, hang, timeout=5.0) as (server, client):
         call = defer.ensureDeferred(client.fed_cleanup_room(room_id="!r:hs"))
         await deferLater(reactor, 0.1)
         call.cancel()
         with pytest.raises(defer.CancelledError):
             await call
         await deferLater(reactor, 0.1)
+        assert await driver.settled(), "nothing of the call is left running"
     assert len(server.requests) == 1
 
 
@@ -572,11 +805,11 @@ async def test_cancelling_a_call_stops_it() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_unix_socket_location(tmp_path: Path) -> None:
+async def test_unix_socket_location(driver: Driver, tmp_path: Path) -> None:
     socket = tmp_path / "replication.sock"
     async with serving(answer({}), unix=socket) as (server, _):
         config = make_config(1, instance_map={"sock": {"path": str(socket)}})
-        async with client_for(config) as client:
+        async with client_for(driver, config) as client:
             await client.post_register(
                 user_id="@u:hs", auth_result={}, access_token=None, instance="sock"
             )
@@ -586,7 +819,7 @@ async def test_unix_socket_location(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_routing_by_stream_writers() -> None:
+async def test_routing_by_stream_writers(driver: Driver) -> None:
     """instance=None sends presence to the presence writer, the rest to main."""
     async with serving(answer({})) as (main, main_port), serving(answer({})) as (pres, port):
         config = make_config(
@@ -594,7 +827,7 @@ async def test_routing_by_stream_writers() -> None:
             instance_map={"pres": {"host": "127.0.0.1", "port": port}},
             stream_writers={"presence": "pres"},
         )
-        async with client_for(config) as client:
+        async with client_for(driver, config) as client:
             await client.bump_presence_active_time(user_id="@u:hs", device_id="D")
             await client.membership_change(room_id="!r:hs", user_id="@u:hs", change="left")
     assert [r.path for r in pres.requests] == [
@@ -635,27 +868,21 @@ def _self_signed() -> tuple[bytes, bytes]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_location() -> None:
+async def test_tls_location(driver: Driver) -> None:
     key_pem, cert_pem = _self_signed()
     server_options = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem).options()
-    trust = ssl.Certificate.loadPEM(cert_pem)
-
-    class TrustOurCert:
-        def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-            return ssl.optionsForClientTLS(hostname.decode(), trustRoot=trust)
-
     async with serving(answer({}), tls=server_options) as (server, port):
         config = make_config(
             1, instance_map={"secure": {"host": "localhost", "port": port, "tls": True}}
         )
-        async with client_for(config, tls_policy=TrustOurCert()) as client:
+        async with client_for(driver, config, **driver.trusting(cert_pem)) as client:
             await client.remove_pusher(user_id="@u:hs", app_id="a", pushkey="k", instance="secure")
-        async with client_for(config) as client:  # default policy: the cert is not trusted
+        async with client_for(driver, config) as client:  # by default the cert is not trusted
             with pytest.raises(ReplicationTransportError) as info:
                 await client.remove_pusher(
                     user_id="@u:hs", app_id="a", pushkey="k", instance="secure"
                 )
-    assert "ResponseNeverReceived" in info.value.reason, "Synapse would retry this as a timeout"
+    assert driver.tls_failure in info.value.reason
     assert "certificate verify failed" in info.value.reason
     assert len(server.requests) == 1
     assert server.requests[0].json() == {"app_id": "a", "pushkey": "k"}
@@ -664,48 +891,26 @@ async def test_tls_location() -> None:
 # --- stream positions ------------------------------------------------------------
 
 
-class FakeWaiter:
-    """Records waits; fires each after ``delay`` seconds (never when None)."""
-
-    def __init__(self, delay: float | None, follows: tuple[str, ...] | None = None) -> None:
-        self.delay = delay
-        self.follows = follows
-        self.waits: list[tuple[str, str, int]] = []
-        self.deferreds: list[defer.Deferred[None]] = []
-
-    def wait_for_stream_position(
-        self, stream: str, writer: str, token: int
-    ) -> defer.Deferred[None]:
-        if self.follows is not None and stream not in self.follows:
-            raise ValueError(f"not following {stream}")
-        self.waits.append((stream, writer, token))
-        d: defer.Deferred[None] = defer.Deferred()
-        if self.delay is not None:
-            reactor.callLater(self.delay, d.callback, None)
-        self.deferreds.append(d)
-        return d
-
-
 WRITTEN = {"max_stream_id": 5, "_INT_STREAM_POS": {"account_data": 5, "events": 90}}
 
 
 @pytest_twisted.ensureDeferred
-async def test_read_after_write_waits_for_the_answer_positions() -> None:
-    waiter = FakeWaiter(delay=0.1)
-    async with server_and_client(answer(WRITTEN), position_waiter=waiter) as (_, client):
+async def test_read_after_write_waits_for_the_answer_positions(driver: Driver) -> None:
+    waiter = driver.waiter(delay=0.1)
+    async with server_and_client(driver, answer(WRITTEN), position_waiter=waiter) as (_, client):
         result = await client.add_user_account_data(
             user_id="@u:hs", account_data_type="m.x", content={}
         )
     assert result == 5
     assert sorted(waiter.waits) == [("account_data", "master", 5), ("events", "master", 90)]
-    assert all(d.called for d in waiter.deferreds)
+    assert waiter.all_fired()
 
 
 @pytest_twisted.ensureDeferred
-async def test_read_after_write_timeout_raises_with_the_result() -> None:
-    waiter = FakeWaiter(delay=None)
+async def test_read_after_write_timeout_raises_with_the_result(driver: Driver) -> None:
+    waiter = driver.waiter(delay=None)
     options = {"position_waiter": waiter, "position_wait_timeout": 0.1}
-    async with server_and_client(answer(WRITTEN), **options) as (server, client):
+    async with server_and_client(driver, answer(WRITTEN), **options) as (server, client):
         with pytest.raises(PositionWaitTimeoutError) as info:
             await client.add_user_account_data(user_id="@u:hs", account_data_type="m.x", content={})
     error = info.value
@@ -716,15 +921,15 @@ async def test_read_after_write_timeout_raises_with_the_result() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_streams_the_waiter_does_not_follow_are_skipped() -> None:
-    waiter = FakeWaiter(delay=0.0, follows=("account_data",))
-    async with server_and_client(answer(WRITTEN), position_waiter=waiter) as (_, client):
+async def test_streams_the_waiter_does_not_follow_are_skipped(driver: Driver) -> None:
+    waiter = driver.waiter(delay=0.0, follows=("account_data",))
+    async with server_and_client(driver, answer(WRITTEN), position_waiter=waiter) as (_, client):
         await client.add_user_account_data(user_id="@u:hs", account_data_type="m.x", content={})
     assert waiter.waits == [("account_data", "master", 5)]
 
 
 @pytest_twisted.ensureDeferred
-async def test_own_positions_are_sent_like_synapse() -> None:
+async def test_own_positions_are_sent_like_synapse(driver: Driver) -> None:
     def positions() -> dict[str, int]:
         return {"events": 33}
 
@@ -734,7 +939,7 @@ async def test_own_positions_are_sent_like_synapse() -> None:
     def handler(recorded: Recorded, request: Request) -> Any:
         return 200, page if recorded.method == "GET" else {"max_stream_id": 1}
 
-    async with server_and_client(handler, **options) as (server, client):
+    async with server_and_client(driver, handler, **options) as (server, client):
         await client.add_tag(user_id="u", room_id="r", tag="t", content={})
         await client.get_repl_stream_updates("main", "events", 0, 1)
         await client.call_endpoint(
@@ -755,10 +960,256 @@ async def test_own_positions_are_sent_like_synapse() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_secret_never_logged_or_shown(caplog: Any) -> None:
-    async with server_and_client(answer(b"", status=500)) as (_, client):
+async def test_secret_never_logged_or_shown(driver: Driver, caplog: Any) -> None:
+    async with server_and_client(driver, answer(b"", status=500)) as (_, client):
         with caplog.at_level(logging.DEBUG), pytest.raises(HttpReplicationError) as info:
             await client.remove_tag(user_id="u", room_id="r", tag="t")
         texts = [caplog.text, str(info.value), repr(info.value), repr(client)]
     assert caplog.text
     assert not any(SECRET in text for text in texts)
+
+
+# --- the same wire from both adapters ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_clients_send_the_same_requests(tmp_path: Path) -> None:
+    """Method, path, query, body and every header but Host's port are the
+    same from both clients, over TCP and over a unix socket."""
+    seen: dict[str, list[Any]] = {}
+    socket = tmp_path / "replication.sock"
+    drivers: tuple[Driver, ...] = (TwistedDriver(), AsyncioDriver())
+    try:
+        for driver in drivers:
+            with contextlib.suppress(FileNotFoundError):
+                socket.unlink()
+            async with (
+                serving(answer({})) as (tcp, port),
+                serving(answer({}), unix=socket) as (
+                    unix,
+                    _,
+                ),
+            ):
+                config = make_config(port, instance_map={"sock": {"path": str(socket)}})
+                async with client_for(driver, config, local_positions=lambda: {"events": 3}) as c:
+                    tag = {"user_id": "@u:hs", "room_id": "!r/1:hs", "tag": "t", "content": {}}
+                    await c.call_endpoint("add_tag", None, tag)
+                    await c.call_endpoint("fed_cleanup_room", "sock", {"room_id": "!r"}, txn_id="T")
+                    page = {"stream_name": "events", "from_token": 0, "upto_token": 1}
+                    await c.call_endpoint("get_repl_stream_updates", "main", page, txn_id="U")
+            seen[driver.name] = [
+                (r.method, r.uri, r.body, {k: v for k, v in r.headers.items() if k != "host"})
+                for r in [*tcp.requests, *unix.requests]
+            ]
+            seen[driver.name].append([r.headers["host"] for r in unix.requests])
+    finally:
+        drivers[1].stop()  # type: ignore[attr-defined]
+    assert seen["twisted"] == seen["asyncio"]
+    assert seen["asyncio"][-1] == [["localhost"]]
+
+
+# --- the core, with no loop and no wire -------------------------------------------
+#
+# HttpClientCore makes every decision; its hooks are scripted here and its
+# coroutines driven by hand, without any event loop: what holds here holds
+# for both adapters.
+
+
+class Blocked:
+    """An awaitable that never finishes (the waiter has not seen the position)."""
+
+    def __await__(self) -> Any:
+        yield self
+
+
+class ScriptedCore(HttpClientCore[Any]):
+    def __init__(self, config: SynapseConfig, outcomes: list[Any], **options: Any) -> None:
+        super().__init__(config, **options)
+        self.outcomes = outcomes
+        self.attempts: list[HttpAttempt] = []
+        self.slept: list[float] = []
+        self.position_timeouts: list[float] = []
+
+    async def _attempt(self, attempt: HttpAttempt) -> HttpAnswer:
+        self.attempts.append(attempt)
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, AttemptFailed):
+            raise outcome
+        assert isinstance(outcome, HttpAnswer)
+        return outcome
+
+    async def _sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    async def _wait_all(
+        self, waits: Mapping[str, Coroutine[Any, Any, None]], timeout: float
+    ) -> set[str]:
+        self.position_timeouts.append(timeout)
+        late = set()
+        for stream, wait in waits.items():
+            try:
+                wait.send(None)
+            except StopIteration:
+                continue
+            wait.close()
+            late.add(stream)
+        return late
+
+
+def without_a_loop(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run a coroutine that never blocks, with no event loop at all."""
+    try:
+        work.send(None)
+    except StopIteration as done:
+        result: _T = done.value
+        return result
+    raise AssertionError("the coroutine blocked")
+
+
+def ok(body: Any = None, status: int = 200) -> HttpAnswer:
+    return HttpAnswer(status, "OK", json.dumps({} if body is None else body).encode())
+
+
+def refused() -> AttemptFailed:
+    return AttemptFailed("connect", "ConnectionRefusedError: refused")
+
+
+REMOVE_TAG = {"user_id": "u", "room_id": "r", "tag": "t"}
+
+
+def test_core_backs_off_exponentially_with_a_cap() -> None:
+    core = ScriptedCore(
+        make_config(1),
+        [refused() for _ in range(5)],
+        retry=RetryPolicy(connect_retries=4, connect_base_delay=1, max_delay=4),
+    )
+    with pytest.raises(ReplicationUnreachableError) as info:
+        without_a_loop(core.call("remove_tag", None, **REMOVE_TAG))
+    assert core.slept == [1, 2, 4, 4]
+    assert info.value.attempts == 5
+    assert info.value.reason == "ConnectionRefusedError: refused"
+    assert len({a.request.path for a in core.attempts}) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "attempts"),
+    [
+        ("timeout", ReplicationTimeoutError, 3),
+        ("no_answer", ReplicationTimeoutError, 3),
+        ("connect", ReplicationUnreachableError, 4),
+        ("tls", ReplicationTransportError, 1),
+        ("too_large", ReplicationTransportError, 1),
+        ("broken", ReplicationTransportError, 1),
+    ],
+)
+def test_core_retries_each_kind_of_failure_as_it_should(
+    kind: Any, error: type[Exception], attempts: int
+) -> None:
+    """Timeouts (and connections that end before any answer) and connection
+    errors are retried, each by its own count; nothing else is."""
+    policy = RetryPolicy(connect_retries=3, timeout_retries=2, connect_base_delay=0.5)
+    failures = [AttemptFailed(kind, f"{kind} happened") for _ in range(attempts)]
+    core = ScriptedCore(make_config(1), failures, retry=policy, timeout=7)
+    with pytest.raises(error) as info:
+        without_a_loop(core.call("fed_cleanup_room", None, room_id="!r:hs"))
+    assert len(core.attempts) == attempts
+    assert len({a.request.path for a in core.attempts}) == 1, "one txn_id for every attempt"
+    assert len(core.slept) == attempts - 1
+    if error is ReplicationTimeoutError:
+        assert info.value.attempts == attempts and info.value.timeout == 7  # type: ignore[attr-defined]
+    if error is ReplicationTransportError:
+        assert info.value.reason == f"{kind} happened"  # type: ignore[attr-defined]
+
+
+def test_core_retries_then_succeeds_and_never_retries_an_answer() -> None:
+    core = ScriptedCore(
+        make_config(1),
+        [refused(), AttemptFailed.timed_out(5), ok({"errcode": "M_FORBIDDEN"}, status=403)],
+        retry=FAST,
+    )
+    with pytest.raises(HttpReplicationError) as info:
+        without_a_loop(core.call("remove_tag", None, **REMOVE_TAG))
+    assert (info.value.status, info.value.errcode) == (403, "M_FORBIDDEN")
+    assert len(core.attempts) == 3 and core.outcomes == []
+
+
+def test_core_prepares_the_attempt_before_any_io(tmp_path: Path) -> None:
+    socket = str(tmp_path / "r.sock")
+    config = make_config(8008, instance_map={"sock": {"path": socket}})
+    core = ScriptedCore(config, [], max_response_size=123, timeout=9)
+    tcp = core.prepare("remove_tag", None, REMOVE_TAG)
+    assert (tcp.instance, tcp.timeout, tcp.max_response_size) == ("master", 9, 123)
+    assert tcp.url == tcp.uri == "http://127.0.0.1:8008/_synapse/replication/remove_tag/u/r/t"
+    assert ("Authorization", f"Bearer {SECRET}") in tcp.header_lines()
+    assert SECRET not in f"{tcp!r} {tcp}"
+    unix = core.prepare("remove_tag", "sock", REMOVE_TAG)
+    assert unix.url == "http://localhost/_synapse/replication/remove_tag/u/r/t"
+    assert unix.uri.startswith("http+unix://")
+    assert ("Host", "localhost") in unix.header_lines()
+    with pytest.raises(UnknownInstanceError):
+        core.prepare("remove_tag", "nowhere", REMOVE_TAG)
+    assert core.attempts == []
+
+
+class CoreWaiter:
+    """Finishes at once, never, or raises ValueError (at once or awaited)."""
+
+    def __init__(self, plan: dict[str, str]) -> None:
+        self.plan = plan
+
+    def wait_for_stream_position(self, stream: str, writer: str, token: int) -> Any:
+        how = self.plan[stream]
+        if how == "unfollowed-at-once":
+            raise ValueError(stream)
+        return self._wait(how)
+
+    async def _wait(self, how: str) -> None:
+        if how == "never":
+            await Blocked()
+        if how == "unfollowed-awaited":
+            raise ValueError(how)
+
+
+def test_core_read_after_write() -> None:
+    positions = {"a": 1, "b": 2, "c": 3, "d": 4}
+    plan = {"a": "done", "b": "never", "c": "unfollowed-at-once", "d": "unfollowed-awaited"}
+    answer = ok({"max_stream_id": 1, "_INT_STREAM_POS": positions})
+    core = ScriptedCore(
+        make_config(1), [answer], position_waiter=CoreWaiter(plan), position_wait_timeout=2.5
+    )
+    with pytest.raises(PositionWaitTimeoutError) as info:
+        without_a_loop(core.call("remove_tag", None, **REMOVE_TAG))
+    assert info.value.pending == {"b": 2}
+    assert info.value.result == {"max_stream_id": 1}
+    assert core.position_timeouts == [2.5]
+    # An answer from this very instance is its own write: nothing to wait for.
+    core = ScriptedCore(
+        make_config(1), [answer], position_waiter=CoreWaiter(plan), instance_name="master"
+    )
+    assert without_a_loop(core.call("remove_tag", None, **REMOVE_TAG)) == {"max_stream_id": 1}
+    assert core.position_timeouts == []
+
+
+def test_body_collector_bounds_the_answer() -> None:
+    collector = BodyCollector(5)
+    collector.feed(b"abc")
+    collector.feed(b"de")
+    assert collector.body() == b"abcde"
+    with pytest.raises(AttemptFailed) as info:
+        collector.feed(b"f")
+    assert info.value.kind == "too_large"
+    assert info.value.reason == "the answer is larger than 5 bytes"
+
+
+def test_the_core_imports_no_event_loop() -> None:
+    """synrepl.http is sans-IO: importing it imports neither Twisted, asyncio
+    nor aiohttp."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, synrepl.http; "
+        "print([m for m in ('twisted', 'asyncio', 'aiohttp') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from client_helpers import Collector, client_for, event, homeserver, sleep, wait_until
+from client_helpers import Adapter, Collector, event, homeserver, sleep, wait_until
 from twisted.internet import defer
 
 from synrepl import _json
@@ -66,7 +66,9 @@ class MemorySource:
 
 
 @pytest_twisted.ensureDeferred
-async def test_read_only_alone_connects_from_rdata_and_gets_the_whole_first_token() -> None:
+async def test_read_only_alone_connects_from_rdata_and_gets_the_whole_first_token(
+    adapter: Adapter,
+) -> None:
     """Nobody sends REPLICATE: the first RDATA connects the writer, its token is
     fetched whole although its batch began before the client listened, and every
     later token arrives; nothing is published."""
@@ -75,7 +77,7 @@ async def test_read_only_alone_connects_from_rdata_and_gets_the_whole_first_toke
     token = hs.write_silently("events", [event(1), event(2), event(3)])
     rows = [_json.dumps(e.to_raw()) for e in (event(1), event(2), event(3))]
     await hs.publish_raw(f"RDATA events master batch {rows[0]}")  # before the client listens
-    client = client_for(hs, read_only=True)
+    client = adapter.client(hs, read_only=True)
     seen = Collector()
     client.on_rows("events", seen)
     await client.start()
@@ -92,11 +94,13 @@ async def test_read_only_alone_connects_from_rdata_and_gets_the_whole_first_toke
 
 
 @pytest_twisted.ensureDeferred
-async def test_readiness_names_silent_writers_and_seeds_make_ready_at_once() -> None:
+async def test_readiness_names_silent_writers_and_seeds_make_ready_at_once(
+    adapter: Adapter,
+) -> None:
     """wait_ready fails naming a silent writer; its first row makes the client
     ready; a seed from the database makes a new client ready before any traffic."""
     hs = await homeserver(writers=("master", "persister1"))
-    client = client_for(hs, read_only=True, streams={"events"})
+    client = adapter.client(hs, read_only=True, streams={"events"})
     await client.start()
     with pytest.raises(NotReadyError) as info:
         await client.wait_ready(timeout=0.3)
@@ -110,7 +114,7 @@ async def test_readiness_names_silent_writers_and_seeds_make_ready_at_once() -> 
 
     source = MemorySource()
     source.seed = {"events": {"persister1": 40}}
-    seeded = client_for(hs, read_only=True, streams={"events"}, seed_from=source)
+    seeded = adapter.client(hs, read_only=True, streams={"events"}, seed_from=source)
     await seeded.start()
     await seeded.wait_ready(timeout=1)
     assert seeded.positions() == {"events": {"persister1": 40}}
@@ -119,7 +123,9 @@ async def test_readiness_names_silent_writers_and_seeds_make_ready_at_once() -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_checkpoint_store_resumes_exactly_once_across_a_clean_stop(tmp_path: Path) -> None:
+async def test_checkpoint_store_resumes_exactly_once_across_a_clean_stop(
+    tmp_path: Path, adapter: Adapter
+) -> None:
     """With a checkpoint store the client saves after each handled batch and a
     restart resumes there: rows written while it was down arrive once."""
     hs = await homeserver(writers=("master", "persister1"))
@@ -129,7 +135,7 @@ async def test_checkpoint_store_resumes_exactly_once_across_a_clean_stop(tmp_pat
     def store() -> FileCheckpointStore:
         return FileCheckpointStore(path, server_name=hs.server_name)
 
-    first = client_for(hs, read_only=True, streams={"events"}, checkpoint=store())
+    first = adapter.client(hs, read_only=True, streams={"events"}, checkpoint=store())
     seen = Collector()
     first.on_rows("events", seen)
     await first.start()
@@ -138,7 +144,7 @@ async def test_checkpoint_store_resumes_exactly_once_across_a_clean_stop(tmp_pat
     await first.stop()
     for n in range(4, 8):
         tokens.append(hs.write("events", [event(n)], writer="persister1"))
-    second = client_for(hs, read_only=True, streams={"events"}, checkpoint=store())
+    second = adapter.client(hs, read_only=True, streams={"events"}, checkpoint=store())
     second.on_rows("events", seen)
     await second.start()
     tokens.append(hs.write("events", [event(8)], writer="persister1"))
@@ -150,13 +156,15 @@ async def test_checkpoint_store_resumes_exactly_once_across_a_clean_stop(tmp_pat
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failing_batch_is_retried_then_dead_lettered(tmp_path: Path) -> None:
+async def test_a_failing_batch_is_retried_then_dead_lettered(
+    tmp_path: Path, adapter: Adapter
+) -> None:
     """The handler fails on one token: it is run again after a delay, then kept
     in the dead-letter store; later rows still arrive and the position moves on."""
     hs = await homeserver()
     hs.write("events", [event(0)])
     letters = FileDeadLetterStore(tmp_path / "dead.jsonl", server_name=hs.server_name)
-    client = client_for(
+    client = adapter.client(
         hs,
         read_only=True,
         dead_letters=letters,
@@ -185,11 +193,11 @@ async def test_a_failing_batch_is_retried_then_dead_lettered(tmp_path: Path) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_batch_nothing_may_take_stops_the_client_before_it() -> None:
+async def test_a_batch_nothing_may_take_stops_the_client_before_it(adapter: Adapter) -> None:
     """then="stop": the client stops loudly and its position stays before the batch."""
     hs = await homeserver()
     hs.write("events", [event(0)])
-    client = client_for(
+    client = adapter.client(
         hs, read_only=True, failure_policy=HandlerFailurePolicy(retries=1, base_delay=0.05)
     )
     bad = hs.token("events") + 2
@@ -209,14 +217,16 @@ async def test_a_batch_nothing_may_take_stops_the_client_before_it() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_full_events_are_filtered_fetched_in_batches_and_never_skipped() -> None:
+async def test_full_events_are_filtered_fetched_in_batches_and_never_skipped(
+    adapter: Adapter,
+) -> None:
     """on_events: room and type filters decide before any fetch; the sender filter
     on the fetched event; an event not yet visible is retried, then passed on as
     missing; while the source is down the position waits, then moves on."""
     hs = await homeserver()
     hs.write("events", [event(0)])
     source = MemorySource()
-    client = client_for(hs, read_only=True)
+    client = adapter.client(hs, read_only=True)
     got: list[EventsReceived] = []
     client.on_events(
         got.append,
@@ -253,23 +263,25 @@ async def test_full_events_are_filtered_fetched_in_batches_and_never_skipped() -
 
 
 @pytest_twisted.ensureDeferred
-async def test_stop_lets_the_running_batch_finish_and_saves(tmp_path: Path) -> None:
+async def test_stop_lets_the_running_batch_finish_and_saves(
+    tmp_path: Path, adapter: Adapter
+) -> None:
     """A clean stop waits for the batch with the handler and saves the checkpoint
     that includes it, so a restart repeats nothing."""
     hs = await homeserver()
     hs.write("events", [event(0)])
     path = tmp_path / "cp"
-    client = client_for(
+    client = adapter.client(
         hs,
         read_only=True,
         checkpoint=FileCheckpointStore(path, server_name=hs.server_name),
     )
-    gate: defer.Deferred[None] = defer.Deferred()
+    gate = adapter.gate()
     started: list[int] = []
 
     def handler(batch: RowsReceived) -> Any:
         started.append(batch.token)
-        return gate
+        return gate.awaitable
 
     client.on_rows("events", handler)
     await client.start()
@@ -278,7 +290,7 @@ async def test_stop_lets_the_running_batch_finish_and_saves(tmp_path: Path) -> N
     stopping = defer.ensureDeferred(client.stop())
     await sleep(0.1)
     assert not stopping.called
-    gate.callback(None)
+    gate.open()
     await stopping
     saved = FileCheckpointStore(path, server_name=hs.server_name).load()
     assert saved == {"events": {"master": token}}

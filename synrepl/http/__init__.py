@@ -1,7 +1,10 @@
 """Synapse's HTTP replication endpoints: the table, requests, answers and stubs.
 
-Pure, like the rest of the core: nothing here does I/O or imports Twisted.
-The Twisted client is :class:`synrepl.twisted.http_client.ReplicationHttpClient`.
+Pure, like the rest of the core: nothing here does I/O or imports Twisted
+or asyncio. The clients are
+:class:`synrepl.twisted.http_client.ReplicationHttpClient` and
+:class:`synrepl.asyncio.http_client.ReplicationHttpClient`, two thin adapters
+of :class:`HttpClientCore`.
 
 - :data:`ENDPOINTS`: one :class:`Endpoint` per Synapse endpoint.
 - :func:`build_request` / :func:`parse_response` / :func:`parse_result`:
@@ -10,8 +13,23 @@ The Twisted client is :class:`synrepl.twisted.http_client.ReplicationHttpClient`
   primitive that adapters implement.
 - :class:`RetryPolicy`: Synapse's retry rules, bounded.
 - :func:`route_instance`: which instance an endpoint must be sent to.
+- :class:`HttpClientCore`: a whole call (routing, the request, retries,
+  errors, the answer size limit, read-after-write) over three hooks an
+  adapter implements on its event loop: one :class:`HttpAttempt` to an
+  :class:`HttpAnswer` or an :class:`AttemptFailed`, a sleep, and position
+  waits with a timeout.
 """
 
+from synrepl.http._calls import (
+    RETRIED_AS,
+    AttemptFailed,
+    AttemptFailureKind,
+    BodyCollector,
+    HttpAnswer,
+    HttpAttempt,
+    HttpClientCore,
+    PositionWaiter,
+)
 from synrepl.http._stubs import ReplicationStubs
 from synrepl.http.endpoints import (
     EDU_WRITER_KEYS,
@@ -80,6 +98,14 @@ __all__ = (
     "route_instance",
     "StubBase",
     "ReplicationStubs",
+    "HttpClientCore",
+    "HttpAttempt",
+    "HttpAnswer",
+    "AttemptFailed",
+    "AttemptFailureKind",
+    "RETRIED_AS",
+    "BodyCollector",
+    "PositionWaiter",
     "RequestArgumentError",
     "UnknownInstanceError",
     "ReplicationRequestError",

@@ -17,9 +17,9 @@ from twisted.python.failure import Failure
 from synrepl.connection import (
     SUBSCRIBER,
     AttemptFailure,
+    Keepalive,
     LinkState,
     LogLine,
-    RedisTransportError,
     SetUp,
     SetupCommand,
 )
@@ -34,8 +34,9 @@ class LinkOwner(Protocol):
     """What a :class:`Link` reports to: the transport, through private names
     (they are no part of its public API)."""
 
-    #: Whether the subscriber's reading is paused (applied on each set-up).
-    _reading_paused: bool
+    @property
+    def _reading_paused(self) -> bool:
+        """Whether the subscriber's reading is paused (applied on each set-up)."""
 
     def _describe(self, reason: Failure | BaseException) -> str:
         """A password-free account of ``reason`` (see describe_failure)."""
@@ -94,7 +95,7 @@ class Link:
         self._setup_timer: DelayedCall | None = None
         self._keepalive: LoopingCall | None = None
         self._ping_timer: DelayedCall | None = None
-        self._ping_outstanding = False
+        self._pings = Keepalive(self._options)
         self._closed_waiters: list[defer.Deferred[None]] = []
 
     @property
@@ -136,15 +137,14 @@ class Link:
 
     async def _set_up(self, proto: RedisConnection) -> None:
         for step in self._setup:
-            if step.answer == "subscriptions":
-                await proto.subscribe(step.channels)
-                continue
             try:
-                await proto.command(*step.args)
+                if step.answer == "subscriptions":
+                    await proto.subscribe(step.channels)
+                else:
+                    await proto.command(*step.args)
             except txredisapi.ResponseError as e:
-                if step.fatal:
-                    raise RedisTransportError(step.refusal(str(e))) from None
-                self._owner._setup_refused(step.refusal(str(e)))
+                # A fatal refusal raises RedisTransportError: the attempt fails.
+                self._owner._setup_refused(step.refused(str(e)))
 
     def _set_up_done(self, _: object, proto: RedisConnection) -> None:
         self._cancel_setup_timer()
@@ -152,9 +152,9 @@ class Link:
             return
         setup = self.state.set_up(self._clock.seconds())
         _log(setup.log)
-        self._ping_outstanding = False
-        self._start_keepalive()
-        if self.role == SUBSCRIBER and self._owner._reading_paused:
+        paused = self.role == SUBSCRIBER and self._owner._reading_paused
+        self._start_keepalive(paused)
+        if paused:
             proto.pauseProducing()
         self._owner._link_ready(self, setup)
 
@@ -210,12 +210,13 @@ class Link:
 
     # --- keepalive -------------------------------------------------------------
 
-    def _start_keepalive(self) -> None:
+    def _start_keepalive(self, paused: bool) -> None:
         self._stop_keepalive()
+        self._pings = Keepalive(self._options, paused=paused)
         loop = LoopingCall(self._ping)
         loop.clock = cast(Any, self._clock)
         self._keepalive = loop
-        loop.start(self._options.keepalive_interval, now=False).addErrback(
+        loop.start(self._pings.interval, now=False).addErrback(
             lambda f: logger.error("Redis %s: keepalive failed: %s", self.role, f.value)
         )
 
@@ -224,7 +225,6 @@ class Link:
             self._keepalive.stop()
         self._keepalive = None
         self._cancel_ping_timer()
-        self._ping_outstanding = False
 
     def _cancel_ping_timer(self) -> None:
         if self._ping_timer is not None and self._ping_timer.active():
@@ -233,22 +233,19 @@ class Link:
 
     def _ping(self) -> None:
         proto = self.current
-        if proto is None or not self.ready or self._ping_outstanding or proto.paused:
+        if proto is None or not self.ready or not self._pings.due():
             return
-        self._ping_outstanding = True
         self._arm_ping_timer(proto)
         proto.command("PING").addBoth(self._pong, proto)
 
     def _arm_ping_timer(self, proto: RedisConnection) -> None:
-        self._ping_timer = self._clock.callLater(
-            self._options.keepalive_timeout, self._ping_timed_out, proto
-        )
+        self._cancel_ping_timer()
+        self._ping_timer = self._clock.callLater(self._pings.timeout, self._ping_timed_out, proto)
 
     def _pong(self, _: object, proto: RedisConnection) -> None:
         # Any answer, even an error reply, shows the connection is alive; a
         # lost connection is handled by connection_lost.
-        if proto is self.current:
-            self._ping_outstanding = False
+        if proto is self.current and self._pings.answered():
             self._cancel_ping_timer()
 
     def _ping_timed_out(self, proto: RedisConnection) -> None:
@@ -263,11 +260,13 @@ class Link:
             return  # applied once the next connection is set up
         if paused and not proto.paused:
             proto.pauseProducing()
-            self._cancel_ping_timer()  # its answer cannot be read now
+            if self._pings.pause():
+                self._cancel_ping_timer()  # its answer cannot be read now
         elif not paused and proto.paused:
-            proto.resumeProducing()
-            if self._ping_outstanding and self._ping_timer is None and proto is self.current:
+            # Before reading: a line read now may pause again at once.
+            if self._pings.resume():
                 self._arm_ping_timer(proto)
+            proto.resumeProducing()
 
     # --- stop --------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 
+from synrepl._resp import MESSAGE, Subscription, pubsub_push
 from synrepl.twisted._resp import PythonReader
 
 __all__ = ("HIREDIS", "Clock", "DelayedCall", "RedisConnection", "OneShotFactory")
@@ -71,7 +72,7 @@ class RedisConnection(txredisapi.RedisProtocol):  # type: ignore[misc]
         self.close_reason: str | None = None
         self.lost_reason: Failure | None = None
         self._draining = False
-        self._unconfirmed: set[bytes] = set()
+        self._subscription: Subscription | None = None
         self._subscribing: defer.Deferred[None] | None = None
 
     # --- commands ------------------------------------------------------------
@@ -85,11 +86,11 @@ class RedisConnection(txredisapi.RedisProtocol):  # type: ignore[misc]
 
     def subscribe(self, channels: Sequence[str]) -> defer.Deferred[None]:
         """SUBSCRIBE; fires once Redis has confirmed every channel."""
-        self._unconfirmed = {c.encode("utf-8") for c in channels}
+        subscription = self._subscription = Subscription(channels)
         d: defer.Deferred[None] = defer.Deferred()
         self._subscribing = d
         # The confirmations are pushes, not one reply: they bypass the queue.
-        self.transport.write(self._build_command("SUBSCRIBE", *channels))
+        self.transport.write(subscription.command)
         return d
 
     def close(self, reason: str, *, abort: bool = False) -> None:
@@ -129,24 +130,32 @@ class RedisConnection(txredisapi.RedisProtocol):  # type: ignore[misc]
             self._draining = False
 
     def replyReceived(self, reply: object) -> None:
-        if isinstance(reply, list) and len(reply) == 3:
-            kind = reply[0]
-            if kind in (b"message", "message"):
-                if self.close_reason is None:
-                    self._on_message(reply[1], reply[2])
+        push = pubsub_push(reply)
+        if push is None:
+            pending = self._subscribing
+            if (
+                pending is not None
+                and isinstance(reply, txredisapi.ResponseError)
+                and not self.replyQueue.waiting
+            ):
+                # SUBSCRIBE refused (an ACL without the channel): its only answer.
+                self._subscription = self._subscribing = None
+                pending.errback(reply)
                 return
-            if kind in (b"subscribe", "subscribe"):
-                self._confirmed(reply[1])
-                return
-        self.replyQueue.put(reply)
+            self.replyQueue.put(reply)
+        elif push[0] == MESSAGE:
+            if self.close_reason is None:
+                self._on_message(push[1], push[2])
+        else:
+            self._confirmed(push[1])
 
     def _confirmed(self, channel: object) -> None:
-        if isinstance(channel, str):
-            channel = channel.encode("utf-8")
-        self._unconfirmed.discard(cast(bytes, channel))
-        if not self._unconfirmed and self._subscribing is not None:
+        subscription = self._subscription
+        if subscription is not None and subscription.confirmed(channel):
+            self._subscription = None
             d, self._subscribing = self._subscribing, None
-            d.callback(None)
+            if d is not None:
+                d.callback(None)
 
     def resumeProducing(self) -> None:
         self.paused = False

@@ -1,9 +1,10 @@
 """ReplicationHttpClient: call other Synapse processes over HTTP replication.
 
-The Twisted adapter over :mod:`synrepl.http`: the table says what to send,
-:func:`~synrepl.http.build_request` builds it, this module moves it, retries
-it and waits for read-after-write, and :func:`~synrepl.http.parse_response`
-reads the answer.
+The Twisted adapter of :class:`synrepl.http.HttpClientCore`, which decides
+everything (routing, the request, retries, errors, the answer size limit,
+read-after-write); this module only carries one attempt over a Twisted
+agent, sleeps and waits on the injected reactor's clock, and says how
+Twisted reports each failure.
 
 - Routing: the instance name is looked up in the configuration's
   ``instance_map`` (``main`` and ``master`` both name the main process);
@@ -24,8 +25,7 @@ The reactor is always passed in, never imported.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
@@ -48,52 +48,32 @@ from twisted.web.client import (
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import (
-    IAgent,
-    IAgentEndpointFactory,
-    IBodyProducer,
-    IPolicyForHTTPS,
-)
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from synrepl.config import SynapseConfig
-from synrepl.errors import ConfigError
-from synrepl.http._stubs import ReplicationStubs
-from synrepl.http.endpoints import Endpoint
-from synrepl.http.errors import (
-    PositionWaitTimeoutError,
-    ReplicationTimeoutError,
-    ReplicationTransportError,
-    ReplicationUnreachableError,
-    UnknownInstanceError,
+from synrepl.http._calls import (
+    DEFAULT_MAX_RESPONSE_SIZE,
+    DEFAULT_POSITION_WAIT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    AttemptFailed,
+    AttemptFailureKind,
+    BodyCollector,
+    HttpAnswer,
+    HttpAttempt,
+    HttpClientCore,
+    describe_error,
 )
-from synrepl.http.requests import (
-    DEFAULT_USER_AGENT,
-    ReplicationRequest,
-    ReplicationResponse,
-    RequestPositions,
-    build_request,
-    check_arguments,
-    lookup_endpoint,
-    parse_response,
-    target_uri,
+from synrepl.http.requests import DEFAULT_USER_AGENT
+from synrepl.http.retry import RetryPolicy
+
+__all__ = (
+    "DEFAULT_MAX_RESPONSE_SIZE",
+    "DEFAULT_POSITION_WAIT_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "PositionWaiter",
+    "ReplicationHttpClient",
 )
-from synrepl.http.retry import FailureKind, RetryPolicy
-from synrepl.http.routing import route_instance
-from synrepl.sharding import InstanceLocation, canonical_instance_name
-
-__all__ = ("PositionWaiter", "ReplicationHttpClient")
-
-logger = logging.getLogger("synrepl.http")
-
-#: Synapse's per-attempt timeout for replication requests, in seconds.
-DEFAULT_TIMEOUT = 60.0
-
-#: How long Synapse waits for a stream position before giving up, in seconds.
-DEFAULT_POSITION_WAIT_TIMEOUT = 5.0
-
-#: The largest answer body read, in bytes (Synapse sets no limit).
-DEFAULT_MAX_RESPONSE_SIZE = 64 * 1024 * 1024
 
 
 # zope interfaces do not type-check without a mypy plugin: the few methods
@@ -113,6 +93,7 @@ class _Agent(Protocol):
 class _Response(Protocol):
     code: int
     phrase: bytes
+    headers: Headers
 
     def deliverBody(self, protocol: TwistedProtocol) -> None: ...
 
@@ -155,8 +136,8 @@ class PositionWaiter(Protocol):
     ) -> defer.Deferred[None]:
         """Fire once ``stream`` from ``writer`` has been seen up to ``token``.
 
-        May raise :class:`ValueError` at once for a stream it does not
-        follow; that stream is then not waited for.
+        May raise :class:`ValueError` for a stream it does not follow (at
+        once, or by failing the Deferred); that stream is then not waited for.
         """
         ...
 
@@ -183,37 +164,28 @@ class _BytesProducer:
         """Nothing to stop."""
 
 
-class _ResponseTooLargeError(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the answer is larger than {limit} bytes")
-
-
 class _BodyReader(TwistedProtocol):
-    """Collects an answer body, up to a size limit; cancelling it (or going
-    over the limit) drops the connection."""
+    """Collects an answer body into a :class:`BodyCollector`; cancelling it
+    (or going over the limit) drops the connection."""
 
     def __init__(self, limit: int) -> None:
         self.finished: defer.Deferred[bytes] = defer.Deferred(lambda _: self._drop())
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._limit = limit
+        self._collector = BodyCollector(limit)
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished.called:
             return
-        self._size += len(data)
-        if self._size > self._limit:
-            self._chunks.clear()
-            self.finished.errback(_ResponseTooLargeError(self._limit))
+        try:
+            self._collector.feed(data)
+        except AttemptFailed as failed:
+            self.finished.errback(failed)
             self._drop()
-            return
-        self._chunks.append(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self.finished.called:
             return
         if reason is None or isinstance(reason.value, ResponseDone):
-            self.finished.callback(b"".join(self._chunks))
+            self.finished.callback(self._collector.body())
         else:
             self.finished.errback(reason)
 
@@ -249,21 +221,16 @@ class _LocationEndpointFactory:
         return cast(IStreamClientEndpoint, tcp)
 
 
-def _failure_kind(error: BaseException) -> FailureKind | None:
-    """How Synapse classes a transport failure: retried as a timeout, as a
-    connection error, or not at all.
-
-    One deliberate difference: Synapse retries a failed TLS handshake as if it
-    had timed out; a certificate that does not verify will not verify on a
-    retry either, so synrepl does not retry it.
-    """
+def _failure_kind(error: BaseException) -> AttemptFailureKind:
+    """How Twisted reports each kind of failure (see
+    :data:`synrepl.http.AttemptFailureKind`)."""
     if isinstance(error, ResponseNeverReceived):
-        return None if any(_is_tls_error(r.value) for r in error.reasons) else "timeout"
+        return "tls" if any(_is_tls_error(r.value) for r in error.reasons) else "no_answer"
     if isinstance(error, ConnectTimeoutError | ConnectingCancelledError):
         return "timeout"
     if isinstance(error, ConnectError | DNSLookupError):
         return "connect"
-    return None
+    return "broken"
 
 
 def _is_tls_error(error: BaseException) -> bool:
@@ -282,10 +249,10 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, ResponseFailed):
         reasons = "; ".join(str(r.value) or type(r.value).__name__ for r in error.reasons)
         return f"{type(error).__name__}: {reasons}"
-    return f"{type(error).__name__}: {error}"
+    return describe_error(error)
 
 
-class ReplicationHttpClient(ReplicationStubs):
+class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
     """Typed HTTP replication calls to the instances of one Synapse cluster.
 
     Args:
@@ -332,17 +299,18 @@ class ReplicationHttpClient(ReplicationStubs):
         instance_name: str | None = None,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
     ) -> None:
+        super().__init__(
+            config,
+            position_waiter=position_waiter,
+            local_positions=local_positions,
+            timeout=timeout,
+            retry=retry,
+            position_wait_timeout=position_wait_timeout,
+            user_agent=user_agent,
+            instance_name=instance_name,
+            max_response_size=max_response_size,
+        )
         self._reactor = reactor
-        self._config = config
-        self._secret = config.worker_replication_secret
-        self._instance_name = canonical_instance_name(instance_name or config.instance_name)
-        self._local_positions = local_positions
-        self._timeout = timeout
-        self._retry = retry if retry is not None else RetryPolicy()
-        self._position_wait_timeout = position_wait_timeout
-        self._user_agent = user_agent
-        self._max_response_size = max_response_size
-        self.position_waiter = position_waiter
         self._clock: _Clock = reactor
         self._pool: _Pool | None = None
         if agent is None:
@@ -357,181 +325,19 @@ class ReplicationHttpClient(ReplicationStubs):
             self._pool = pool
         self._agent: _Agent = cast(_Agent, agent)
 
-    def __repr__(self) -> str:
-        return f"<ReplicationHttpClient as {self._instance_name!r}>"
-
-    @property
-    def position_waiter(self) -> PositionWaiter | None:
-        """Who waits for answers' stream positions (None: nobody)."""
-        return self._position_waiter
-
-    @position_waiter.setter
-    def position_waiter(self, waiter: PositionWaiter | None) -> None:
-        self._position_waiter = waiter
-
     def close(self) -> defer.Deferred[None]:
         """Close the pooled connections (only those of the default agent)."""
         if self._pool is None:
             return defer.succeed(None)
         return self._pool.closeCachedConnections()
 
-    # ------------------------------------------------------------ calls
+    # ------------------------------------------------------------ hooks
 
-    async def call(
-        self, endpoint: str | Endpoint, instance: str | None, /, **args: Any
-    ) -> dict[str, Any]:
-        """Call an endpoint by name with keyword arguments; return the answer body.
-
-        ``instance`` None routes the call by the endpoint's rule.
-        """
-        response = await self.call_endpoint(endpoint, instance, args)
-        return response.body
-
-    async def call_endpoint(
-        self,
-        endpoint: str | Endpoint,
-        instance: str | None,
-        args: Mapping[str, Any],
-        *,
-        stream_positions: Mapping[str, int] | None = None,
-        txn_id: str | None = None,
-    ) -> ReplicationResponse:
-        """Call an endpoint; the full form.
-
-        Args:
-            endpoint: the endpoint or its name.
-            instance: the instance to call; None: by the endpoint's rule.
-            args: the endpoint's arguments, by name.
-            stream_positions: this process's own ``{stream: token}`` to send
-                (instead of ``local_positions``).
-            txn_id: the txn_id to use for an endpoint that caches (default:
-                a random one). Reuse one to make a repeated call idempotent.
-
-        Returns:
-            The answer, once read-after-write holds.
-
-        Raises:
-            RequestArgumentError, UnknownInstanceError: before any I/O.
-            HttpReplicationError: the instance answered an error status.
-            ReplicationTransportError: the request could not be carried out
-                (also as ReplicationUnreachableError, ReplicationTimeoutError).
-            MalformedResponseError: the answer is not what the endpoint returns.
-            PositionWaitTimeoutError: answered, but its positions were not
-                seen on replication in time.
-        """
-        entry = lookup_endpoint(endpoint)
-        check_arguments(entry, args)
-        target = instance if instance is not None else route_instance(entry, self._config, args)
-        location = self._locate(entry, target)
-        request = build_request(
-            entry,
-            args,
-            secret=self._secret,
-            txn_id=txn_id,
-            positions=self._request_positions(entry, stream_positions),
-            user_agent=self._user_agent,
-        )
-        response = await self._send(entry, canonical_instance_name(target), location, request)
-        await self._wait_for_positions(response)
-        return response
-
-    async def _send_call(
-        self, endpoint: Endpoint, instance: str | None, args: Mapping[str, Any]
-    ) -> ReplicationResponse:
-        return await self.call_endpoint(endpoint, instance, args)
-
-    def _locate(self, endpoint: Endpoint, instance: str) -> InstanceLocation:
-        try:
-            return self._config.location_of(instance)
-        except ConfigError as e:
-            raise UnknownInstanceError(instance, endpoint.name, e.message) from None
-
-    def _request_positions(
-        self, endpoint: Endpoint, explicit: Mapping[str, int] | None
-    ) -> RequestPositions | None:
-        if explicit is not None:
-            return RequestPositions(self._instance_name, explicit)
-        if self._local_positions is not None and endpoint.carries_positions:
-            return RequestPositions(self._instance_name, self._local_positions())
-        return None
-
-    # ------------------------------------------------------------ transport
-
-    async def _send(
-        self,
-        endpoint: Endpoint,
-        instance: str,
-        location: InstanceLocation,
-        request: ReplicationRequest,
-    ) -> ReplicationResponse:
-        uri = target_uri(location, request.path)
+    async def _attempt(self, attempt: HttpAttempt) -> HttpAnswer:
         headers = Headers()
-        for name, value in request.header_lines():
+        for name, value in attempt.header_lines():
             headers.addRawHeader(name.encode("ascii"), value.encode("ascii"))
-        if location.is_unix:
-            headers.addRawHeader(b"Host", b"localhost")
-        failures: dict[FailureKind, int] = {"timeout": 0, "connect": 0}
-        while True:
-            logger.debug("%s %s to %s", request.method, request.path, instance)
-            try:
-                status, phrase, body = await self._attempt(request, uri, headers)
-            except _AttemptFailed as failed:
-                kind, error = failed.kind, failed.error
-                delay = self._retry_delay(endpoint, kind, failures)
-                if delay is None:
-                    raise self._give_up(endpoint, instance, kind, failures, error) from None
-                logger.warning(
-                    "%s to %s failed (%s); retrying in %.3g s",
-                    endpoint.name,
-                    instance,
-                    _describe(error),
-                    delay,
-                )
-                await deferLater(self._reactor, delay)
-                continue
-            return parse_response(endpoint, instance, status, body, phrase)
-
-    def _retry_delay(
-        self, endpoint: Endpoint, kind: FailureKind | None, failures: dict[FailureKind, int]
-    ) -> float | None:
-        if kind is None:
-            return None
-        failures[kind] += 1
-        allowed = (
-            endpoint.retry_on_timeout if kind == "timeout" else endpoint.retry_on_connect_error
-        )
-        return self._retry.delay(kind, failures[kind]) if allowed else None
-
-    def _give_up(
-        self,
-        endpoint: Endpoint,
-        instance: str,
-        kind: FailureKind | None,
-        failures: dict[FailureKind, int],
-        error: BaseException,
-    ) -> Exception:
-        if kind == "timeout":
-            return ReplicationTimeoutError(
-                endpoint=endpoint.name,
-                instance=instance,
-                attempts=failures["timeout"],
-                timeout=self._timeout,
-            )
-        if kind == "connect":
-            return ReplicationUnreachableError(
-                endpoint=endpoint.name,
-                instance=instance,
-                attempts=failures["connect"],
-                reason=_describe(error),
-            )
-        return ReplicationTransportError(
-            endpoint=endpoint.name, instance=instance, reason=_describe(error)
-        )
-
-    async def _attempt(
-        self, request: ReplicationRequest, uri: bytes, headers: Headers
-    ) -> tuple[int, str, bytes]:
-        producer = None if request.body is None else _BytesProducer(request.body)
+        producer = None if attempt.body is None else _BytesProducer(attempt.body)
         waiting: list[defer.Deferred[Any]] = []
         timed_out = False
 
@@ -541,79 +347,67 @@ class ReplicationHttpClient(ReplicationStubs):
             if waiting:
                 waiting[-1].cancel()
 
-        timer = self._clock.callLater(self._timeout, expire)
+        timer = self._clock.callLater(attempt.timeout, expire)
         try:
-            method = request.method.encode("ascii")
-            waiting.append(self._agent.request(method, uri, headers, producer))
+            method = attempt.method.encode("ascii")
+            waiting.append(
+                self._agent.request(method, attempt.uri.encode("ascii"), headers, producer)
+            )
             response: _Response = await waiting[-1]
-            reader = _BodyReader(self._max_response_size)
+            reader = _BodyReader(attempt.max_response_size)
             waiting.append(reader.finished)
             response.deliverBody(reader)
             body: bytes = await waiting[-1]
+        except AttemptFailed:
+            raise
         except Exception as error:  # noqa: BLE001 - every failure is classified below
             if timed_out:
-                raise _AttemptFailed("timeout", error) from None
+                raise AttemptFailed.timed_out(attempt.timeout) from None
             if _is_cancellation(error):
                 raise defer.CancelledError() from None
-            raise _AttemptFailed(_failure_kind(error), error) from None
+            raise AttemptFailed(_failure_kind(error), _describe(error)) from None
         finally:
             if timer.active():
                 timer.cancel()
+        answer_headers = tuple(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, values in response.headers.getAllRawHeaders()
+            for value in values
+        )
         phrase = response.phrase.decode("ascii", "replace")
-        return response.code, phrase, body
+        return HttpAnswer(response.code, phrase, body, answer_headers)
 
-    # ------------------------------------------------------------ read-after-write
+    async def _sleep(self, seconds: float) -> None:
+        await deferLater(self._reactor, seconds)
 
-    async def _wait_for_positions(self, response: ReplicationResponse) -> None:
-        waiter = self._position_waiter
-        if waiter is None or not response.positions or response.instance == self._instance_name:
-            return
-        waits: dict[str, defer.Deferred[None]] = {}
-        for stream, token in response.positions.items():
-            try:
-                waits[stream] = waiter.wait_for_stream_position(stream, response.instance, token)
-            except ValueError:
-                logger.debug("not waiting for %s: the position waiter does not follow it", stream)
+    async def _wait_all(
+        self, waits: Mapping[str, Coroutine[Any, Any, None]], timeout: float
+    ) -> set[str]:
+        running = {stream: defer.ensureDeferred(wait) for stream, wait in waits.items()}
         timed_out = False
 
         def expire() -> None:
             nonlocal timed_out
             timed_out = True
-            for wait in waits.values():
+            for wait in running.values():
                 if not wait.called:
                     wait.cancel()
 
-        timer = self._clock.callLater(self._position_wait_timeout, expire)
-        missing: dict[str, int] = {}
+        timer = self._clock.callLater(timeout, expire)
+        late: set[str] = set()
         try:
-            for stream, wait in waits.items():
+            for stream, wait in running.items():
                 try:
                     await wait
                 except defer.CancelledError:
                     if not timed_out:
                         raise
-                    missing[stream] = response.positions[stream]
+                    late.add(stream)
         finally:
             if timer.active():
                 timer.cancel()
-            for wait in waits.values():
+            for wait in running.values():
+                wait.addErrback(lambda _: None)
                 if not wait.called:
-                    wait.addErrback(lambda _: None)
                     wait.cancel()
-        if missing:
-            raise PositionWaitTimeoutError(
-                endpoint=response.endpoint,
-                instance=response.instance,
-                pending=missing,
-                timeout=self._position_wait_timeout,
-                result=response.body,
-            )
-
-
-class _AttemptFailed(Exception):
-    """One attempt failed: how to class it, and why."""
-
-    def __init__(self, kind: FailureKind | None, error: BaseException) -> None:
-        super().__init__(kind)
-        self.kind = kind
-        self.error = error
+        return late

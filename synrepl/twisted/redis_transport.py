@@ -8,9 +8,10 @@ hiredis's reply parser where it is installed) and hands every received
 message up as text.  It knows nothing about commands: the caller parses the
 lines.
 
-Every rule it follows (options, set-up sequence, backoff, counters, what is
-logged when, what a message becomes) is in :mod:`synrepl.connection`; the
-modules here only carry them out:
+Every rule it follows (options, set-up sequence, backoff, keepalive,
+counters, the callback contract, what is logged when, what a message
+becomes) is in :mod:`synrepl.connection` (:class:`~synrepl.connection.TransportState`
+holds this transport's share of it); the modules here only carry them out:
 
 - ``_resp``: the pure-Python reply reader used without hiredis;
 - ``_redis_protocol``: one connection (txredisapi's protocol, pub/sub pushes
@@ -61,14 +62,11 @@ import txredisapi  # type: ignore[import-untyped]
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from synrepl._ratelimit import RateLimitedWarning
 from synrepl.config import RedisConfig
 from synrepl.connection import (
     PUBLISHER,
     SUBSCRIBER,
     AttemptFailure,
-    BlankMessage,
-    LinkState,
     NotConnectedError,
     PublishDisabledError,
     RedisTransportError,
@@ -76,14 +74,8 @@ from synrepl.connection import (
     Role,
     SetUp,
     TransportOptions,
-    channel_name,
-    describe_failure,
-    message_line,
-    redis_address,
-    setup_sequence,
-    subscription_channels,
+    TransportState,
 )
-from synrepl.errors import EncodeError
 from synrepl.twisted._redis_endpoint import make_endpoint
 from synrepl.twisted._redis_link import Link
 from synrepl.twisted._redis_protocol import HIREDIS, Clock
@@ -101,9 +93,6 @@ __all__ = (
 )
 
 logger = logging.getLogger("synrepl.redis")
-
-#: Rate-limited warnings (bad messages, callback errors): at most one per period.
-_RATE_LIMIT_PERIOD = 10.0
 
 
 class RedisTransport:
@@ -149,44 +138,45 @@ class RedisTransport:
         publish_enabled: bool = True,
         options: TransportOptions = TransportOptions(),  # noqa: B008 - frozen
     ) -> None:
-        self.channels: tuple[str, ...] = subscription_channels(channels)
+        self._core = TransportState(
+            redis,
+            channels,
+            on_line=on_line,
+            on_subscribed=on_subscribed,
+            on_connection_lost=on_connection_lost,
+            on_attempt_failed=on_attempt_failed,
+            publish_enabled=publish_enabled,
+            options=options,
+            clock=reactor,
+        )
+        self.channels: tuple[str, ...] = self._core.channels
         #: The options this transport was built with.
         self.options = options
         self._clock: Clock = reactor
-        self._redis = redis
-        self._on_line = on_line
-        self._on_subscribed = on_subscribed
-        self._on_connection_lost = on_connection_lost
-        self._on_attempt_failed = on_attempt_failed
         self._endpoint = make_endpoint(reactor, redis, options)
-
-        self.stats = RedisTransportStats()
-        #: The latest failed connection attempt of either link (None until one
-        #: fails; kept after a later success).
-        self.last_failure: AttemptFailure | None = None
+        #: The transport's counters.
+        self.stats: RedisTransportStats = self._core.stats
         self._started = False
         self._stopping: defer.Deferred[None] | None = None
-        self._announced = False
-        self._reading_paused = False
         self._subscriber = self._make_link(SUBSCRIBER)
         self._publisher = self._make_link(PUBLISHER) if publish_enabled else None
-        self._undecodable_warning = RateLimitedWarning(logger, self._clock, _RATE_LIMIT_PERIOD)
-        self._handler_warning = RateLimitedWarning(logger, self._clock, _RATE_LIMIT_PERIOD)
-        self._setname_warning = RateLimitedWarning(
-            logger, self._clock, period=_RATE_LIMIT_PERIOD * 360
-        )
 
     def _make_link(self, role: Role) -> Link:
-        state = LinkState(role, self.address, self.options, self.stats)
-        setup = setup_sequence(self._redis, role, self.channels, self.options.client_name)
-        return Link(self, state, self._clock, self._endpoint, setup)
+        core = self._core
+        return Link(self, core.link(role), self._clock, self._endpoint, core.setup(role))
 
     # --- public ----------------------------------------------------------------
 
     @property
     def address(self) -> str:
         """Where Redis is, for log lines (never with credentials)."""
-        return redis_address(self._redis)
+        return self._core.address
+
+    @property
+    def last_failure(self) -> AttemptFailure | None:
+        """The latest failed connection attempt of either link (None until
+        one fails; kept after a later success)."""
+        return self._core.last_failure
 
     @property
     def parser(self) -> str:
@@ -196,7 +186,7 @@ class RedisTransport:
     @property
     def subscribed(self) -> bool:
         """True between ``on_subscribed`` and ``on_connection_lost``."""
-        return self._announced
+        return self._core.announced
 
     @property
     def publisher_ready(self) -> bool:
@@ -225,6 +215,7 @@ class RedisTransport:
         """
         if self._stopping is None:
             self._started = True
+            self._core.stop()
             links = [self._subscriber] + ([self._publisher] if self._publisher else [])
             done = defer.gatherResults([link.stop() for link in links], consumeErrors=True)
             self._stopping = done.addCallback(lambda _: logger.debug("Redis transport stopped"))
@@ -245,121 +236,59 @@ class RedisTransport:
             PublishDisabledError: built with ``publish_enabled=False``.
             EncodeError: the message has a newline or cannot be UTF-8 encoded.
         """
-        if self._publisher is None:
-            raise PublishDisabledError(
-                "this RedisTransport was built with publish_enabled=False and cannot publish"
-            )
-        if "\n" in message:
-            raise EncodeError("a replication message must not contain a newline")
-        try:
-            data = message.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise EncodeError(f"message cannot be encoded as UTF-8: {e.reason}") from None
-        proto = self._publisher.ready_connection()
+        data = self._core.publish_payload(message)
+        proto = self._publisher.ready_connection() if self._publisher is not None else None
         if proto is None:
-            self.stats.publish_failures += 1
-            state = "stopped" if self._stopping is not None else "not connected"
-            return defer.fail(NotConnectedError(f"cannot publish: the Redis publisher is {state}"))
+            return defer.fail(self._core.publisher_unavailable())
         d = proto.command("PUBLISH", channel, data)
-        return d.addCallbacks(self._published, self._publish_failed)
+        return d.addCallbacks(self._core.published, self._publish_failed)
 
     def pause_reading(self) -> None:
         """Stop reading the subscriber connection until :meth:`resume_reading`."""
-        self._reading_paused = True
+        self._core.reading_paused = True
         self._subscriber.set_paused(True)
 
     def resume_reading(self) -> None:
         """Read (and deliver) again after :meth:`pause_reading`."""
-        self._reading_paused = False
+        self._core.reading_paused = False
         self._subscriber.set_paused(False)
 
     def __repr__(self) -> str:
-        state = "subscribed" if self._announced else "not subscribed"
+        state = "subscribed" if self._core.announced else "not subscribed"
         return f"<RedisTransport {self.address} {state}>"
 
     # --- what the links report (see synrepl.twisted._redis_link.LinkOwner) ---------
 
+    @property
+    def _reading_paused(self) -> bool:
+        return self._core.reading_paused
+
     def _describe(self, reason: Failure | BaseException) -> str:
         """A short, password-free account of a failure for log lines."""
         error = cast(BaseException, reason.value) if isinstance(reason, Failure) else reason
-        password = self._redis.password.reveal() if self._redis.password is not None else None
-        return describe_failure(
-            error, password, redis_reply=isinstance(error, txredisapi.ResponseError)
-        )
+        return self._core.describe(error, redis_reply=isinstance(error, txredisapi.ResponseError))
 
     def _setup_refused(self, message: str) -> None:
-        self._setname_warning.warning("%s", message)
+        self._core.setup_refused(message)
 
     def _link_ready(self, link: Link, setup: SetUp) -> None:
-        self._maybe_announce()
+        self._core.link_ready()
 
     def _link_lost(self, link: Link) -> None:
-        if link is self._subscriber and self._announced:
-            self._announced = False
-            self._call_back("on_connection_lost", self._on_connection_lost)
+        self._core.link_lost(link.role)
 
     def _attempt_failed(self, failure: AttemptFailure) -> None:
-        self.last_failure = failure
-        callback = self._on_attempt_failed
-        if callback is not None:
-            self._call_back("on_attempt_failed", lambda: callback(failure))
+        self._core.attempt_failed(failure)
 
     def _deliver(self, channel: object, data: object) -> None:
-        self.stats.messages_received += 1
-        if self._stopping is not None:
-            return
-        line = message_line(data)
-        if isinstance(line, str):
-            self.stats.lines_delivered += 1
-            try:
-                self._on_line(channel_name(channel), line)
-            except Exception:  # noqa: BLE001 - the caller's code must not end the connection
-                self.stats.handler_errors += 1
-                self._handler_warning.warning(
-                    "Redis: on_line raised for a message on %r; the message is skipped",
-                    channel_name(channel),
-                    exc_info=True,
-                )
-        elif isinstance(line, BlankMessage):
-            self.stats.blank_messages += 1
-        else:
-            self.stats.undecodable_messages += 1
-            self._undecodable_warning.warning(
-                "Redis: skipping a message on %r that is not UTF-8 (%s at byte %d of %d)",
-                channel_name(channel),
-                line.reason,
-                line.position,
-                line.length,
-            )
+        self._core.message(channel, data)
 
     # --- internals ---------------------------------------------------------------
 
-    def _maybe_announce(self) -> None:
-        if self._announced or self._stopping is not None or not self._subscriber.ready:
-            return
-        if self._publisher is not None and not self._publisher.ready:
-            return
-        self._announced = True
-        self._call_back("on_subscribed", self._on_subscribed)
-
-    def _call_back(self, name: str, callback: Callable[[], None]) -> None:
-        try:
-            callback()
-        except Exception:
-            self.stats.handler_errors += 1
-            logger.exception("Redis transport: %s raised", name)
-
-    def _published(self, result: object) -> int:
-        self.stats.published += 1
-        return int(cast(int, result))
-
     def _publish_failed(self, failure: Failure) -> Failure:
-        self.stats.publish_failures += 1
         if isinstance(failure.value, txredisapi.ConnectionError):
-            raise NotConnectedError(
-                f"the Redis publisher connection was lost before PUBLISH was answered "
-                f"({self._describe(failure)})"
-            )
+            raise self._core.publish_lost(self._describe(failure))
         if isinstance(failure.value, txredisapi.ResponseError):
-            raise RedisTransportError(f"Redis refused PUBLISH: {self._describe(failure)}")
+            raise self._core.publish_refused(self._describe(failure))
+        self.stats.publish_failures += 1
         return failure

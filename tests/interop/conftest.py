@@ -25,6 +25,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet import asyncioreactor
+
+# The suite runs on Twisted's asyncio reactor (pytest.ini: --reactor=asyncio),
+# so that the asyncio ReplicationClient runs beside the Twisted one; the
+# modules imported below import the reactor, so it is installed first.
+if "twisted.internet.reactor" not in sys.modules:
+    asyncioreactor.install()
 
 # The unit suite's helpers (RedisServer, wait_until) live one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -170,10 +177,21 @@ async def api(main_only: harness.Deployment) -> AsyncIterator[Api]:
     await client.close()
 
 
+@pytest.fixture(params=("twisted", "asyncio"))
+def adapter(request: pytest.FixtureRequest) -> str:
+    """Each ReplicationClient adapter in turn: the client scenarios run for both."""
+    return str(request.param)
+
+
 @pytest_twisted.async_yield_fixture
-async def obs(main_only: harness.Deployment, main_redis: RedisServer) -> AsyncIterator[Observation]:
-    """A synrepl client following every stream of the main process, and a tap."""
-    observation = Observation(load_config(*main_only.config_files["master"]), main_redis.port)
+async def obs(
+    main_only: harness.Deployment, main_redis: RedisServer, adapter: str
+) -> AsyncIterator[Observation]:
+    """A synrepl client (of each adapter) following every stream of the main
+    process, and a tap."""
+    observation = Observation(
+        load_config(*main_only.config_files["master"]), main_redis.port, adapter=adapter
+    )
     await observation.start(every(STREAM_NAMES, {"master"}))
     try:
         yield observation

@@ -21,13 +21,11 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import redis
-from client_helpers import wait_until
-from twisted.internet import reactor
+from client_helpers import make_client, wait_until
 
 from synrepl.config import SynapseConfig
 from synrepl.positions import GapUnfillable, RowsReceived
 from synrepl.streams import RawRow, Row
-from synrepl.twisted.client import ReplicationClient
 
 Key = tuple[str, str, int]  # (stream, writer, token)
 
@@ -243,7 +241,7 @@ class Recorder:
         return self.rows(stream, type, writer, where)
 
 
-def connected_streams(client: ReplicationClient) -> dict[str, set[str]]:
+def connected_streams(client: Any) -> dict[str, set[str]]:
     return {stream: set(writers) for stream, writers in client.positions().items()}
 
 
@@ -252,11 +250,12 @@ async def start_client(
     expect: Mapping[str, Collection[str]],
     recorder: Recorder | None = None,
     timeout: float = 20.0,
+    adapter: str = "twisted",
     **kwargs: Any,
-) -> ReplicationClient:
-    """Start a ReplicationClient; return once every ``expect``ed stream has a
-    position for each of its writers."""
-    client = ReplicationClient(reactor, config, **kwargs)
+) -> Any:
+    """Start a ReplicationClient of ``adapter``; return once every ``expect``ed
+    stream has a position for each of its writers."""
+    client = make_client(adapter, config, **kwargs)
     if recorder is not None:
         client.on_rows(None, recorder)
         client.on_gap(recorder.gap)
@@ -283,17 +282,22 @@ class Observation:
     the wire only look at tokens past it.
     """
 
-    def __init__(self, config: SynapseConfig, redis_port: int, **client_kwargs: Any) -> None:
+    def __init__(
+        self, config: SynapseConfig, redis_port: int, adapter: str = "twisted", **client_kwargs: Any
+    ) -> None:
         self.config = config
+        self.adapter = adapter
         self.tap = WireTap(redis_port, config.server_name)
         self.rec = Recorder()
         self._client_kwargs = client_kwargs
-        self.client: ReplicationClient | None = None
+        self.client: Any = None
         self.since: dict[str, dict[str, int]] = {}
 
     async def start(self, expect: Mapping[str, Collection[str]]) -> Observation:
         self.tap.start()
-        self.client = await start_client(self.config, expect, self.rec, **self._client_kwargs)
+        self.client = await start_client(
+            self.config, expect, self.rec, adapter=self.adapter, **self._client_kwargs
+        )
         self.since = self.client.positions()
         return self
 

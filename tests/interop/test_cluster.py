@@ -81,8 +81,10 @@ def cluster_config(cluster: Deployment) -> SynapseConfig:
 
 
 @pytest_twisted.async_yield_fixture
-async def obs(cluster: Deployment, cluster_redis: RedisServer) -> AsyncIterator[Observation]:
-    observation = Observation(cluster_config(cluster), cluster_redis.port)
+async def obs(
+    cluster: Deployment, cluster_redis: RedisServer, adapter: str
+) -> AsyncIterator[Observation]:
+    observation = Observation(cluster_config(cluster), cluster_redis.port, adapter=adapter)
     await observation.start(WRITERS)
     try:
         yield observation
@@ -325,7 +327,7 @@ async def wait_until_persisted(cluster: Deployment, body: str, timeout: float = 
 
 @pytest_twisted.ensureDeferred
 async def test_redis_restarted_while_messages_are_sent(
-    api: Api, cluster: Deployment, cluster_redis: RedisServer
+    api: Api, cluster: Deployment, cluster_redis: RedisServer, adapter: str
 ) -> None:
     """Redis is killed and started again under the running cluster while a
     sender keeps posting messages to rooms on both persisters; one message is
@@ -334,7 +336,9 @@ async def test_redis_restarted_while_messages_are_sent(
     the one sent during the outage fetched over HTTP."""
     config = cluster_config(cluster)
     rec = Recorder()
-    client = await start_client(config, {"events": set(PERSISTERS)}, rec, streams={"events"})
+    client = await start_client(
+        config, {"events": set(PERSISTERS)}, rec, streams={"events"}, adapter=adapter
+    )
     try:
         alice = await new_user(api, "alice")
         rooms = await rooms_on_each_persister(alice, config, per_persister=1)

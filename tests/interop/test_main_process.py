@@ -85,14 +85,16 @@ def expected_event(event: dict[str, Any], relates_to: str | None = None) -> Even
 
 @pytest_twisted.ensureDeferred
 async def test_join_gets_a_position_for_every_stream_of_this_synapse(
-    main_only: Deployment, main_redis: RedisServer
+    main_only: Deployment, main_redis: RedisServer, adapter: str
 ) -> None:
     """A ReplicationClient that joins gets a POSITION from the main process
     for every stream Synapse 1.163.2 has (all 19: the main process here also
     writes ``federation``), and synrepl knows every one of them by name."""
     from synapse.replication.tcp.streams import STREAMS_MAP  # the installed Synapse's list
 
-    observation = Observation(load_config(*main_only.config_files["master"]), main_redis.port)
+    observation = Observation(
+        load_config(*main_only.config_files["master"]), main_redis.port, adapter=adapter
+    )
     await observation.start(every(STREAM_NAMES, MASTER))
     try:
         assert set(STREAMS_MAP) == set(STREAM_NAMES)
@@ -345,7 +347,7 @@ async def test_offline_catch_up_from_a_saved_position_map(
     room = await alice.create_room(preset="public_chat")
     await bob.join(room)
     first = Recorder()
-    client = await start_client(config, every(STREAM_NAMES, MASTER), first)
+    client = await start_client(config, every(STREAM_NAMES, MASTER), first, adapter=obs.adapter)
     await alice.message(room, "before the restart")
     await first.wait_for(
         "the message before the restart",
@@ -379,7 +381,7 @@ async def test_offline_catch_up_from_a_saved_position_map(
     missed_upto = obs.client.positions()  # type: ignore[union-attr]
 
     again = Recorder()
-    restarted = await start_client(config, {}, again, start=saved)
+    restarted = await start_client(config, {}, again, start=saved, adapter=obs.adapter)
     try:
         await wait_until(
             lambda: all(
