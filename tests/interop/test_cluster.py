@@ -21,9 +21,14 @@ with.
 from __future__ import annotations
 
 import itertools
+import json
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -520,3 +525,70 @@ async def test_slow_handler_and_slow_http_refill_lose_nothing(
     finally:
         await observation.stop()
         await http.close()
+
+
+# ---------------------------------------------------------------- the asyncio example
+
+
+@pytest_twisted.ensureDeferred
+async def test_asyncio_example_across_a_redis_restart(
+    api: Api, cluster: Deployment, cluster_redis: RedisServer, tmp_path: Path
+) -> None:
+    """``examples/tail_events_asyncio.py`` (an ``asyncio.run()`` program with
+    no Twisted import of its own), run against the real cluster while Redis
+    is killed and started again: every event the client API lists for rooms
+    on both persisters is printed exactly once, with the writer Synapse
+    persisted it on; it exits cleanly on SIGTERM."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "tail_events_asyncio.py"
+    out_file = tmp_path / "events.jsonl"
+    with out_file.open("w") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
+            [sys.executable, str(example), "-c", str(cluster.shared_config)],
+            stdout=out,
+            stderr=subprocess.PIPE,
+        )
+    try:
+        alice = await new_user(api, "alice")
+        rooms = await rooms_on_each_persister(alice, cluster_config(cluster), per_persister=1)
+        targets = [r for rs in rooms.values() for r in rs]
+
+        def printed() -> list[dict[str, Any]]:
+            return [json.loads(line) for line in out_file.read_text().splitlines()]
+
+        # It is connected once its first event is printed.
+        first = await alice.message(targets[0], "hello asyncio")
+        await wait_until(
+            lambda: any(e["event_id"] == first for e in printed()), timeout=60, what="connected"
+        )
+        for n in range(6):
+            await alice.message(targets[n % 2], f"before the restart {n}")
+        subscribed = subscribers(cluster.redis_port, cluster.server_name)
+        await threads.deferToThread(cluster_redis.kill)
+        await sleep(0.5)
+        await threads.deferToThread(cluster_redis.start)
+        await threads.deferToThread(
+            wait_for_subscribers, cluster.redis_port, cluster.server_name, subscribed
+        )
+        for n in range(6):
+            await alice.message(targets[n % 2], f"after the restart {n}")
+        for persister, room_ids in rooms.items():
+            for room in room_ids:
+                listed = [e["event_id"] for e in await alice.messages(room)]
+                await wait_until(
+                    lambda listed=listed: {e["event_id"] for e in printed()} >= set(listed),
+                    timeout=60,
+                    what=f"every event of {room}",
+                )
+                mine = [e for e in printed() if e["room_id"] == room]
+                assert sorted(e["event_id"] for e in mine) == sorted(set(listed))
+                assert {e["writer"] for e in mine} == {persister}
+        ids = [e["event_id"] for e in printed()]
+        assert len(ids) == len(set(ids)), "an event printed twice"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if not cluster_redis_running(cluster_redis):
+            await threads.deferToThread(cluster_redis.start)
