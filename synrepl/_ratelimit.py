@@ -7,15 +7,23 @@ Pure: the clock is anything with a ``seconds()`` method (a Twisted reactor,
 from __future__ import annotations
 
 import logging
+import time
 from typing import Protocol
 
-__all__ = ("RateLimitedWarning", "SecondsClock")
+__all__ = ("RateLimitedWarning", "SecondsClock", "MonotonicClock")
 
 
 class SecondsClock(Protocol):
     """Whatever tells the time in seconds (a reactor's ``IReactorTime``, ...)."""
 
     def seconds(self) -> float: ...
+
+
+class MonotonicClock:
+    """``seconds()`` from the monotonic clock, for code that has no reactor."""
+
+    def seconds(self) -> float:
+        return time.monotonic()
 
 
 class RateLimitedWarning:

@@ -110,6 +110,11 @@ class AsyncioClientFacade:
         self._client = client
 
     @property
+    def wrapped(self) -> Any:
+        """The asyncio client itself (what its HTTP client waits on)."""
+        return self._client
+
+    @property
     def http(self) -> Any:
         """The client's own HTTP client, its close() a Deferred too."""
         http = self._client.http
@@ -127,14 +132,25 @@ class AsyncioClientFacade:
 
 
 class _HttpFacade:
+    """The asyncio HTTP client as a Twisted test body awaits it: each call
+    that returns a coroutine runs as an asyncio task (aiohttp's timeouts work
+    only inside one) and is handed over as a Deferred."""
+
     def __init__(self, http: Any) -> None:
         self._http = http
 
-    def close(self) -> defer.Deferred[None]:
-        return defer.Deferred.fromFuture(asyncio.ensure_future(self._http.close()))
-
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._http, name)
+        value = getattr(self._http, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = value(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                return defer.Deferred.fromFuture(asyncio.ensure_future(result))
+            return result
+
+        return call
 
 
 def make_client(adapter: str, config: Any, **kwargs: Any) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +27,7 @@ from synrepl._client_core import (
     StreamFetcher,
     logger,
 )
+from synrepl._ratelimit import MonotonicClock
 from synrepl.config import SynapseConfig
 from synrepl.connection import AttemptFailure, TransportOptions
 from synrepl.delivery import HandlerFailurePolicy
@@ -46,11 +46,6 @@ __all__ = (
 )
 
 _T = TypeVar("_T")
-
-
-class _MonotonicClock:
-    def seconds(self) -> float:
-        return time.monotonic()
 
 
 class ReplicationClient(ClientCore["asyncio.Future[None]"]):
@@ -85,7 +80,7 @@ class ReplicationClient(ClientCore["asyncio.Future[None]"]):
 
         super().__init__(
             config,
-            _MonotonicClock(),
+            MonotonicClock(),
             instance_name=instance_name,
             streams=streams,
             start=start,

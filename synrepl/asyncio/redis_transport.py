@@ -66,10 +66,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 from synrepl import _resp
+from synrepl._ratelimit import MonotonicClock
 from synrepl._resp import ReplyError
 from synrepl.asyncio._redis_endpoint import make_opener
 from synrepl.asyncio._redis_link import Link
@@ -102,39 +102,14 @@ logger = logging.getLogger("synrepl.redis")
 HIREDIS = _resp.HIREDIS
 
 
-class _MonotonicClock:
-    """``seconds()`` for the rate-limited warnings (no loop needed)."""
-
-    def seconds(self) -> float:
-        return time.monotonic()
-
-
 class RedisTransport:
     """A subscribing and a publishing connection to one Redis, kept alive on asyncio.
 
-    Args:
-        redis: where and how to connect (host/port or unix ``path``, ``dbid``,
-            ``username``/``password``, TLS with optional client certificate
-            and CA).  ``path`` wins over host and port, and Redis has no TLS
-            on unix sockets, so ``use_tls`` is then ignored, as Synapse does.
-            ``enabled`` is not looked at: the caller decides whether to use Redis.
-        channels: the channels to SUBSCRIBE to (duplicates are dropped).
-        on_line: called with ``(channel, message)`` for every non-blank
-            UTF-8 message, in the order Redis sent them.
-        on_subscribed: called once per connection, after every channel is
-            confirmed and the publisher is ready (see the module docs).
-        on_connection_lost: called once when that connection ends.
-        on_attempt_failed: called for each connection attempt of either link
-            that fails before it is set up (refused, TLS, AUTH, SELECT, a
-            timeout), so a caller can report why without reading the log.
-        publish_enabled: False never opens the publishing connection, and
-            :meth:`publish` raises :class:`PublishDisabledError`.
-        options: keepalive, timeouts, backoff, client name, TLS verification
-            (see :class:`~synrepl.connection.TransportOptions`).
-
-    Raises:
-        TypeError, ValueError: ``channels`` is one string, or empty.
-        ConfigError: a TLS file cannot be read or holds no certificate/key.
+    The arguments, callbacks and errors are those of
+    :class:`synrepl.twisted.redis_transport.RedisTransport`, without the
+    reactor: it runs on the loop it is started in (``start()`` outside a
+    running loop raises RuntimeError).  One difference: ``publish()`` raises
+    :class:`PublishDisabledError` and :class:`EncodeError` when awaited.
     """
 
     def __init__(
@@ -158,7 +133,7 @@ class RedisTransport:
             on_attempt_failed=on_attempt_failed,
             publish_enabled=publish_enabled,
             options=options,
-            clock=_MonotonicClock(),
+            clock=MonotonicClock(),
         )
         self.channels: tuple[str, ...] = self._core.channels
         #: The options this transport was built with.

@@ -280,21 +280,24 @@ async def test_account_data_stubs_return_after_the_row_is_seen(
         calls = via("asyncio", obs)
     # Spy on the waits, so that the check does not depend on whether Redis
     # or the HTTP answer happens to arrive first.
+    # The asyncio client's own HTTP client waits on the client itself, not
+    # on the test's facade around it.
+    waited = getattr(client, "wrapped", client)
     waits: list[tuple[str, str, int]] = []
-    original = client.wait_for_stream_position
+    original = waited.wait_for_stream_position
 
     def spy(stream: str, writer: str, token: int) -> Any:
         waits.append((stream, writer, token))
         return original(stream, writer, token)
 
-    client.wait_for_stream_position = spy  # type: ignore[method-assign]
+    waited.wait_for_stream_position = spy
     try:
         ids = await _stubs_wait_for_their_rows(api, obs, calls)
         assert [w for w in waits if w[0] == "account_data"] == [
             ("account_data", "master", i) for i in ids
         ]
     finally:
-        del client.wait_for_stream_position
+        del waited.wait_for_stream_position
         if http is not None:
             await http.close()
 
