@@ -414,6 +414,25 @@ async def test_stub_sends_what_synapse_expects(driver: Driver) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_asyncio_client_outside_a_task_is_a_clear_error() -> None:
+    """Awaited straight from a Twisted coroutine (the suite's reactor is
+    asyncio's, so a loop runs, but no task): one clear error, no request."""
+    async with serving(answer({"max_stream_id": 1})) as (server, port):
+        http = AsyncioHttpClient(make_config(port))
+        with pytest.raises(RuntimeError, match=r"add_tag: .* inside an asyncio task"):
+            await http.add_tag(user_id="@a:hs", room_id="!r:hs", tag="t", content={})
+        assert server.requests == []
+        # Run as a task, the same client works.
+        result = await defer.Deferred.fromFuture(
+            asyncio.ensure_future(
+                http.add_tag(user_id="@a:hs", room_id="!r:hs", tag="t", content={})
+            )
+        )
+        await defer.Deferred.fromFuture(asyncio.ensure_future(http.close()))
+    assert result == 1 and len(server.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_cached_endpoint_gets_a_txn_id_segment(driver: Driver) -> None:
     async with server_and_client(driver, answer({})) as (server, client):
         assert await client.update_current_state(room_id="!r:hs", instance="main") is None

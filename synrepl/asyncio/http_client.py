@@ -87,6 +87,22 @@ def _describe(error: BaseException) -> str:
     return describe_error(error)
 
 
+def _require_task(endpoint: str) -> None:
+    """aiohttp and asyncio.timeout work only inside an asyncio task; a
+    coroutine driven some other way (say, awaited from a Twisted coroutine
+    under the asyncio reactor) would otherwise fail with a puzzling error."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop at all
+        task = None
+    if task is None:
+        raise RuntimeError(
+            f"{endpoint}: synrepl.asyncio's HTTP client must be awaited inside an "
+            "asyncio task (asyncio.run, asyncio.create_task); from Twisted, wrap the "
+            "call: Deferred.fromFuture(asyncio.ensure_future(call))"
+        )
+
+
 class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
     """Typed HTTP replication calls to the instances of one Synapse cluster, on asyncio.
 
@@ -182,6 +198,7 @@ class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
     # ------------------------------------------------------------ hooks
 
     async def _attempt(self, attempt: HttpAttempt) -> HttpAnswer:
+        _require_task(attempt.endpoint.name)
         session = self._session_for(attempt.location)
         deadline = asyncio.timeout(attempt.timeout)
         answered = False
