@@ -42,6 +42,7 @@ import attrs
 
 from synrepl._ratelimit import RateLimitedWarning, SecondsClock
 from synrepl.commands import (
+    COMMAND_TYPES,
     CancelTaskCommand,
     ClearUserSyncCommand,
     Command,
@@ -277,6 +278,10 @@ def _describe(error: BaseException) -> str:
     return text if len(text) <= _REASON_LIMIT else text[:_REASON_LIMIT] + "..."
 
 
+#: The lines that always matter (checked first: they are most of the traffic).
+_MOVES_POSITIONS = ("RDATA ", "POSITION ")
+
+
 def _sent_by(cmd: Command) -> str | None:
     """The instance a command names as its sender, where it names one."""
     if isinstance(cmd, (UserSyncCommand, ClearUserSyncCommand)):
@@ -365,6 +370,11 @@ class ClientCore(Generic[_Sent]):
         )
         self._parse = SelectiveParser(streams=self._streams)
         self._row_handlers: dict[str | None, list[RowHandler]] = {}
+        #: Per stream, its handlers then the general ones (rebuilt on on_rows).
+        self._stream_handlers: dict[str, list[RowHandler]] = {}
+        #: Names of the commands nobody handles: skipped unparsed (RDATA and
+        #: POSITION are never in it, they move positions).
+        self._unhandled = frozenset(COMMAND_TYPES) - {"RDATA", "POSITION"}
         self._gap_handlers: list[GapHandler] = []
         self._reset_handlers: list[ResetHandler] = []
         self._command_handlers: dict[type[Command], list[Callable[[Any], object]]] = {}
@@ -408,6 +418,7 @@ class ClientCore(Generic[_Sent]):
         the client stops; its position never moves past an unhandled batch.
         """
         self._row_handlers.setdefault(stream, []).append(handler)
+        self._stream_handlers.clear()
 
     def on_events(
         self,
@@ -451,8 +462,10 @@ class ClientCore(Generic[_Sent]):
     def on_command(self, command_type: type[_C], handler: Callable[[_C], object]) -> None:
         """Call ``handler`` for every received command of ``command_type``
         (REMOTE_SERVER_UP, LOCK_RELEASED, USER_SYNC, ...).  Commands this
-        instance sent itself are not passed back."""
+        instance sent itself are not passed back.  Until a command has a
+        handler, its lines are skipped unparsed (they are most of the traffic)."""
         self._command_handlers.setdefault(command_type, []).append(handler)
+        self._unhandled -= {getattr(command_type, "NAME", None)}
 
     # ------------------------------------------------------------ positions
 
@@ -896,6 +909,8 @@ class ClientCore(Generic[_Sent]):
 
     def _line_received(self, channel: str, line: str) -> None:
         self._totals.lines += 1
+        if not line.startswith(_MOVES_POSITIONS) and line.partition(" ")[0] in self._unhandled:
+            return  # nobody asked for it: not even parsed
         try:
             cmd = self._parse(line)
         except UnknownCommandError as e:
@@ -1000,11 +1015,13 @@ class ClientCore(Generic[_Sent]):
             self._performing = False
 
     def _handlers_for(self, stream: str) -> list[RowHandler]:
-        specific = self._row_handlers.get(stream)
-        general = self._row_handlers.get(None)
-        if specific and general:
-            return specific + general
-        return specific or general or []
+        handlers = self._stream_handlers.get(stream)
+        if handlers is None:
+            handlers = self._stream_handlers[stream] = [
+                *self._row_handlers.get(stream, ()),
+                *self._row_handlers.get(None, ()),
+            ]
+        return handlers
 
     def _run_handlers(self, batch: RowsReceived, index: int) -> None:
         """Call the handlers from ``index`` on; the batch is done after the last."""
@@ -1023,7 +1040,9 @@ class ClientCore(Generic[_Sent]):
         if handlers:
             self._totals.rows_delivered += len(batch.rows)
             self._totals.batches_delivered += 1
-        self._perform(self._delivery.handled(batch))
+        actions = self._delivery.handled(batch)
+        if actions:
+            self._perform(actions)
 
     def _handler_returned(
         self, batch: RowsReceived, index: int, error: BaseException | None

@@ -588,7 +588,17 @@ class Delivery:
         return out
 
     def _route(self, events: list[Event]) -> list[Action]:
+        if not events:
+            return []
         out: list[Action] = []
+        if len(events) == 1 and type(events[0]) is RowsReceived:
+            # The common case (one live batch) without the bookkeeping below.
+            batch = events[0]
+            batch_queue = self._queue(batch.stream)
+            batch_queue.items.append(batch)
+            self._pump(batch.stream, batch_queue, out)
+            self._maybe_save(out)
+            return out
         touched: dict[str, _Queue] = {}
         for event in events:
             if isinstance(event, (FetchNeeded, UnnamedWriter)):

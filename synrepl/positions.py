@@ -708,6 +708,10 @@ class StreamPositions:
             pair.batch.append(cmd.row)
             entry = _Rows(token, tuple(pair.batch))
             pair.batch.clear()
+        elif pair.fetch is None:
+            # The common case, live and alone: applied without an entry.
+            self._apply_rows(pair, token, (cmd.row,), out)
+            return out
         else:
             entry = _Rows(token, (cmd.row,))
         if pair.fetch is not None:
@@ -756,17 +760,22 @@ class StreamPositions:
     def _apply(self, pair: _Pair, entry: _Entry, out: list[Event]) -> None:
         """Apply one live or replayed entry to a pair that is not fetching."""
         if isinstance(entry, _Rows):
-            if not pair.connected:
-                self.counters.unconnected_dropped += len(entry.rows)
-            elif pair.token is not None and entry.token <= pair.token:
-                self.counters.duplicates_dropped += 1
-            else:
-                self._deliver(pair, entry.token, entry.rows, False, out)
+            self._apply_rows(pair, entry.token, entry.rows, out)
         elif isinstance(entry, _Missed):
             if pair.token is not None and entry.token > pair.token:
                 self._start_fetch(pair, entry.token, pair.connected, out)
         elif not self._redundant(pair, entry):
             self._position(pair, entry, out)
+
+    def _apply_rows(
+        self, pair: _Pair, token: int, rows: tuple[AnyRow, ...], out: list[Event]
+    ) -> None:
+        if not pair.connected:
+            self.counters.unconnected_dropped += len(rows)
+        elif pair.token is not None and token <= pair.token:
+            self.counters.duplicates_dropped += 1
+        else:
+            self._deliver(pair, token, rows, False, out)
 
     def _redundant(self, pair: _Pair, cmd: PositionCommand) -> bool:
         if pair.connected and pair.token is not None and cmd.new_token == pair.token:

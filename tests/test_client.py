@@ -24,6 +24,7 @@ from client_helpers import (
 )
 from twisted.internet import reactor
 
+from synrepl.commands import LockReleasedCommand
 from synrepl.positions import GapUnfillable, RowsReceived
 from synrepl.streams import ReceiptsRow, ToDeviceRow, TypingRow
 from synrepl.testing.homeserver import FakeHomeserver
@@ -177,6 +178,30 @@ async def test_garbage_and_unknown_commands_are_skipped(adapter: Adapter) -> Non
     assert seen.rows("typing", "master") == expected(hs, "typing", "master", start)
     assert client.counters.unknown_commands >= 5
     assert client.counters.bad_lines >= 5
+    await client.stop()
+    await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_nobody_handles_are_not_parsed(adapter: Adapter) -> None:
+    """Half of real traffic is USER_SYNC, USER_IP and LOCK_RELEASED: without
+    a handler for a command it is skipped unparsed (a malformed one is not
+    even a bad line); once a handler asks for it, it is parsed, errors and
+    all, and handed over."""
+    hs = await homeserver()
+    client = adapter.client(hs)
+    await connected(client, hs, [])
+    await hs.publish_raw("LOCK_RELEASED not enough arguments")
+    await hs.publish_raw('LOCK_RELEASED ["worker1", "lock", "key"]')
+    await wait_until(lambda: client.counters.lines >= 2)
+    assert client.counters.bad_lines == 0
+    released: list[Any] = []
+    client.on_command(LockReleasedCommand, released.append)
+    await hs.publish_raw("LOCK_RELEASED not enough arguments")
+    await hs.publish_raw('LOCK_RELEASED ["worker1", "lock", "key"]')
+    await wait_until(lambda: released)
+    assert released == [LockReleasedCommand("worker1", "lock", "key")]
+    assert client.counters.bad_lines == 1
     await client.stop()
     await hs.stop()
 
