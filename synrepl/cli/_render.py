@@ -17,6 +17,11 @@ one line, otherwise it is laid out in columns.  The JSON shapes:
   instance), ``data`` for the one-argument commands;
 - lines that do not parse: ``{"command": null, "error": ...}``.
 
+Each record is one line of compact JSON, UTF-8 (:func:`json_line`: orjson,
+the standard library for what orjson refuses).  When stdout is not a
+terminal, :class:`Output` (given the reactor) holds lines and writes them
+once the input that was ready has been handled, not one ``write`` per line.
+
 ``USER_IP`` access tokens are replaced by ``"<redacted>"`` unless asked.
 In text, a full event is ``ROOM_ID SENDER: BODY`` for a message, and the
 room, sender, type and content fields for anything else; what an event's
@@ -27,6 +32,7 @@ escaped, so it can neither break the line nor drive the terminal.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -35,6 +41,7 @@ from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 import attrs
+import orjson
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -58,11 +65,14 @@ __all__ = (
     "Filters",
     "Output",
     "Stats",
+    "FLUSH_DELAY",
+    "MAX_HELD_LINES",
     "make_console",
     "command_record",
     "row_record",
     "event_record",
     "error_record",
+    "json_line",
     "sender_of",
     "printable",
 )
@@ -90,6 +100,15 @@ _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 #: Message types shown without a ``[msgtype]`` tag before the body.
 _PLAIN_MSGTYPES = frozenset({"m.text", "m.notice"})
+
+#: Seconds from the first line buffered to its flush, when stdout is not a
+#: terminal: 0 is the reactor's next turn, once it has handled the input that
+#: was ready (Redis's replies are read 64 KiB at a time), so a busy channel is
+#: written a few hundred lines per ``write`` and a quiet one line by line.
+FLUSH_DELAY = 0.0
+
+#: Lines held at most before they are written, whatever the reactor is doing.
+MAX_HELD_LINES = 512
 
 
 def make_console(color: str, *, stderr: bool = False, file: IO[str] | None = None) -> Console:
@@ -187,6 +206,20 @@ class Filters:
         return True
 
 
+#: Per command class: (attribute, record key) of each field (the class's
+#: fields, read once rather than per command).
+_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _record_fields(cls: type) -> tuple[tuple[str, str], ...]:
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        fields = _FIELDS[cls] = tuple(
+            (f.name, "instance" if f.name in _SENDER_FIELDS else f.name) for f in attrs.fields(cls)
+        )
+    return fields
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
@@ -255,9 +288,9 @@ def command_record(
     elif isinstance(cmd, TextCommand):
         record["data"] = cmd.data
     elif not isinstance(cmd, ReplicateCommand):
-        for field in attrs.fields(type(cmd)):
-            name = "instance" if field.name in _SENDER_FIELDS else field.name
-            record[name] = _jsonable(getattr(cmd, field.name))
+        for attr, name in _record_fields(type(cmd)):
+            value = getattr(cmd, attr)
+            record[name] = _jsonable(value) if isinstance(value, tuple) else value
         if isinstance(cmd, UserIpCommand) and not show_access_tokens:
             record["access_token"] = REDACTED
     record["ts"] = round(ts if ts is not None else time.time(), 3)
@@ -327,16 +360,100 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+_orjson_dumps = orjson.dumps
+_APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
+#: The standard library's encoders, for what orjson refuses: text output's,
+#: JSON lines' (NaN refused, see _finite), and for lines with a lone surrogate.
+_stdlib_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_line_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_ascii_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+#: Strings that a text field shows quoted, so they do not read as JSON's literals.
+_LITERALS = frozenset({"null", "true"})
+
+
+def json_line(record: Mapping[str, Any]) -> bytes:
+    """``record`` as one line of JSON, UTF-8, newline included.
+
+    orjson writes it (a tenth of the standard library's time); what orjson
+    refuses and the wire can still bring (an integer beyond 64 bits, a lone
+    surrogate, nesting deeper than 255) is written by the standard library,
+    a lone surrogate as its ``\\udxxx`` escape, since UTF-8 cannot hold it.
+    NaN and the infinities (an out-of-range float on the wire) come out as
+    null: JSON has no literal for them.
+    """
+    try:
+        return _orjson_dumps(record, option=_APPEND_NEWLINE)
+    except TypeError:  # orjson.JSONEncodeError
+        return _stdlib_json_line(record)
+
+
+def _stdlib_json_line(record: Mapping[str, Any]) -> bytes:
+    try:
+        text = _line_encoder.encode(record)
+    except ValueError:  # NaN or an infinity: null, as orjson writes them
+        record = _finite(record)
+        text = _line_encoder.encode(record)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate: only an escape can carry it
+        return _ascii_encoder.encode(record).encode() + b"\n"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and the infinities replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as compact JSON text (non-ASCII as is), for text output."""
+    try:
+        return _orjson_dumps(value).decode()
+    except TypeError:
+        return _stdlib_encoder.encode(value)
+
+
 def _value_text(value: Any) -> str:
-    if isinstance(value, str):
-        if value and not any(c.isspace() for c in value) and value not in ("null", "true"):
-            return value
-        return json.dumps(value, ensure_ascii=False)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """A field's value in text: a string as is unless empty, holding
+    whitespace, or reading as a JSON literal; anything else as JSON."""
+    # split() == [value]: no whitespace at all (str.isspace's), in one C call.
+    if isinstance(value, str) and value.split(None, 1) == [value] and value not in _LITERALS:
+        return value
+    return _json_text(value)
+
+
+def _write_all(stream: IO[bytes], data: bytes) -> None:
+    """``stream.write(data)``, again with the rest after a short write (an
+    unbuffered stream, ``PYTHONUNBUFFERED``, interrupted by a signal)."""
+    view = memoryview(data)
+    while view:
+        written = stream.write(view)
+        if written is None:  # a non-blocking stdout that is full: as a write error
+            raise BlockingIOError("stdout is full")
+        view = view[written:]
+
+
+#: One line of text output: its pieces, each with its rich style ("" for none).
+_Parts = list[tuple[str, str]]
 
 
 class Output:
     """Prints records: JSON lines, or columns that line up (widening as needed).
+
+    Each line is written and flushed at once when stdout is a terminal, or
+    when no ``reactor`` is given.  Otherwise lines are held (at most
+    :data:`MAX_HELD_LINES`) and written together once the reactor has handled
+    the input that was ready (its next turn, see :data:`FLUSH_DELAY`), so a
+    reader of a pipe gets every line promptly when traffic pauses, without
+    one ``write`` per line while it flows.  Output holds them itself, so
+    this does not depend on how stdout buffers (``PYTHONUNBUFFERED``);
+    :meth:`flush` writes them out at once (before exit).
 
     A write to a closed pipe (``synrepl watch | head``) calls ``on_closed``
     once and drops everything after it.
@@ -349,6 +466,7 @@ class Output:
         color: str = "auto",
         file: IO[str] | None = None,
         on_closed: Any = None,
+        reactor: Any = None,
     ) -> None:
         self.json_mode = json_mode
         self._file = file if file is not None else sys.stdout
@@ -357,19 +475,85 @@ class Output:
         self._widths = {"command": 9, "stream": 12, "writer": 16, "token": 5, "kind": 5}
         self._on_closed = on_closed
         self.closed = False
+        self._reactor = reactor
+        self._flush_each = reactor is None or self._file.isatty()
+        self._flush_call: Any = None
+        self._held_json: list[bytes] = []
+        self._held_text: list[str] = []
+        # Under a UTF-8 text stream, lines go to its binary layer: JSON is never decoded.
+        buffer = getattr(self._file, "buffer", None)
+        encoding = str(getattr(self._file, "encoding", "") or "").lower().replace("-", "")
+        self._bytes: IO[bytes] | None = buffer if encoding == "utf8" else None
+        # Text output: the console's escape codes per style (None: plain text).
+        self._styles: dict[str, tuple[str, str]] | None = (
+            None if self._console.color_system is None else {"": ("", "")}
+        )
+        self._second = -1
+        self._stamp = ""
+        if self._bytes is not None:
+            try:  # nothing written as text may come after what goes to the binary layer
+                self._file.flush()
+            except (BrokenPipeError, ValueError):
+                self._close()
 
     def emit(self, record: Mapping[str, Any]) -> None:
         if self.closed:
             return
         try:
             if self.json_mode:
-                self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                self._file.flush()
+                self._held_json.append(json_line(record))
+                held = len(self._held_json)
             else:
-                self._console.print(self._text(record))
-                self._file.flush()
+                parts = self._parts(record)
+                text = self._render(parts)
+                if text is None:  # characters rich strips or expands: rich writes it, as before
+                    self._write_held()
+                    self._console.print(Text.assemble(*parts))  # and flushes
+                    return
+                self._held_text.append(text)
+                held = len(self._held_text)
+            if self._flush_each or held >= MAX_HELD_LINES:
+                self._write_held()
+            elif self._flush_call is None:
+                self._flush_call = self._reactor.callLater(FLUSH_DELAY, self._flush_later)
         except (BrokenPipeError, ValueError):
             self._close()
+
+    def flush(self) -> None:
+        """Write out the lines held, now (before exit, or before a batch
+        counts as printed); a closed pipe is noticed here."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if self.closed:
+            return
+        try:
+            self._write_held()
+        except (BrokenPipeError, ValueError):
+            self._close()
+
+    def _flush_later(self) -> None:
+        self._flush_call = None
+        self.flush()
+
+    def _write_held(self) -> None:
+        """Write and flush the lines held (raises what the write raises)."""
+        if self._held_json:
+            data = b"".join(self._held_json)
+            self._held_json.clear()
+            if self._bytes is not None:
+                _write_all(self._bytes, data)
+            else:
+                self._file.write(data.decode())
+        if self._held_text:
+            text = "".join(self._held_text)
+            self._held_text.clear()
+            if self._bytes is not None:
+                _write_all(self._bytes, text.encode())
+            else:
+                self._file.write(text)
+        self._file.flush()
 
     def _close(self) -> None:
         self.closed = True
@@ -381,84 +565,122 @@ class Output:
         if self._on_closed is not None:
             self._on_closed()
 
-    def _cell(self, text: str, column: str, style: str = "") -> Text:
-        width = self._widths[column] = max(self._widths[column], len(text))
-        return Text(text.ljust(width) + " ", style=style)
+    # --- text ------------------------------------------------------------------------
+
+    def _render(self, parts: _Parts) -> str | None:
+        """The line as the console would print it, or None when rich must print
+        it itself: rich strips some control characters and expands tabs, and
+        only printable text is sure to come out of it as it went in."""
+        plain = "".join([text for text, _ in parts])
+        if not plain.isprintable():
+            return None
+        styles = self._styles
+        if styles is None:
+            return plain + "\n"
+        out: list[str] = []
+        for text, style in parts:
+            codes = styles.get(style)
+            if codes is None:
+                codes = styles[style] = self._style_codes(style)
+            out += (codes[0], text, codes[1])
+        out.append("\n")
+        return "".join(out)
+
+    def _style_codes(self, style: str) -> tuple[str, str]:
+        """What the console writes before and after a piece of this style."""
+        with self._console.capture() as capture:
+            self._console.print(Text("\0", style=style), end="")
+        before, _, after = capture.get().partition("\0")
+        return before, after
 
     def _text(self, record: Mapping[str, Any]) -> Text:
-        line = Text()
+        """The record's line as rich text."""
+        return Text.assemble(*self._parts(record))
+
+    def _cell(self, parts: _Parts, text: str, column: str, style: str = "") -> None:
+        width = self._widths[column]
+        if len(text) > width:
+            width = self._widths[column] = len(text)
+        parts.append((text.ljust(width) + " ", style))
+
+    def _time(self, ts: float) -> str:
+        second = int(ts)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%H:%M:%S", time.localtime(ts))
+        return f"{self._stamp}.{int(ts * 1000) % 1000:03d} "
+
+    def _parts(self, record: Mapping[str, Any]) -> _Parts:
+        parts: _Parts = []
         ts = record.get("ts")
         if isinstance(ts, float | int):
-            stamp = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
-            line.append(stamp + " ", style="dim")
+            parts.append((self._time(ts), "dim"))
         name = record.get("command")
         if name is None:
-            line.append(self._cell("BAD LINE", "command", "bold red"))
-            line.append(str(record.get("error")), style="red")
-            return line
-        line.append(self._cell(str(name), "command", _COMMAND_STYLES.get(str(name), "yellow")))
+            self._cell(parts, "BAD LINE", "command", "bold red")
+            parts.append((str(record.get("error")), "red"))
+            return parts
+        self._cell(parts, str(name), "command", _COMMAND_STYLES.get(str(name), "yellow"))
         if name == "RDATA":
             token = record.get("token")
-            line.append(self._cell(str(record["stream"]), "stream", "cyan"))
-            line.append(self._cell(str(record["writer"]), "writer", "yellow"))
-            line.append(self._cell("?" if token is None else str(token), "token", "bold"))
-            line.append(self._cell(record.get("kind") or "", "kind", "dim"))
-            self._fields(line, record["row"])
+            self._cell(parts, str(record["stream"]), "stream", "cyan")
+            self._cell(parts, str(record["writer"]), "writer", "yellow")
+            self._cell(parts, "?" if token is None else str(token), "token", "bold")
+            self._cell(parts, record.get("kind") or "", "kind", "dim")
+            self._fields(parts, record["row"])
             if record.get("fetched"):
-                line.append(" (fetched)", style="dim italic")
-            return line
+                parts.append((" (fetched)", "dim italic"))
+            return parts
         if name == "EVENT":
-            line.append(self._cell(str(record["stream"]), "stream", "cyan"))
-            line.append(self._cell(str(record["writer"]), "writer", "yellow"))
-            line.append(self._cell(str(record["token"]), "token", "bold"))
-            self._event(line, record)
+            self._cell(parts, str(record["stream"]), "stream", "cyan")
+            self._cell(parts, str(record["writer"]), "writer", "yellow")
+            self._cell(parts, str(record["token"]), "token", "bold")
+            self._event(parts, record)
             if record.get("fetched"):
-                line.append(" (fetched)", style="dim italic")
-            return line
+                parts.append((" (fetched)", "dim italic"))
+            return parts
         if name == "POSITION":
-            line.append(self._cell(str(record["stream"]), "stream", "cyan"))
-            line.append(self._cell(str(record["writer"]), "writer", "yellow"))
-            line.append(f"{record['prev_token']} -> {record['new_token']}", style="bold")
-            return line
-        self._fields(line, {k: v for k, v in record.items() if k not in ("command", "ts")})
-        return line
+            self._cell(parts, str(record["stream"]), "stream", "cyan")
+            self._cell(parts, str(record["writer"]), "writer", "yellow")
+            parts.append((f"{record['prev_token']} -> {record['new_token']}", "bold"))
+            return parts
+        self._fields(parts, {k: v for k, v in record.items() if k not in ("command", "ts")})
+        return parts
 
     @classmethod
-    def _event(cls, line: Text, record: Mapping[str, Any]) -> None:
+    def _event(cls, parts: _Parts, record: Mapping[str, Any]) -> None:
         """``ROOM SENDER: BODY`` for a message; room, sender, type and content
         fields for other events; what is known of a missing one."""
         event = record.get("event")
         if event is None:
             missing = record.get("missing") or {}
-            line.append(printable(str(missing.get("room_id") or "?")) + " ", style="cyan")
+            parts.append((printable(str(missing.get("room_id") or "?")) + " ", "cyan"))
             what = printable(str(missing.get("event_id")))
             if missing.get("type"):
                 what += f" ({printable(str(missing['type']))})"
             reason = printable(str(missing.get("reason")))
-            line.append(f"no content for {what}: {reason}", style="red")
+            parts.append((f"no content for {what}: {reason}", "red"))
             return
         content: Mapping[str, Any] = event.get("content") or {}
-        line.append(printable(str(event["room_id"])) + " ", style="cyan")
+        parts.append((printable(str(event["room_id"])) + " ", "cyan"))
         sender = printable(str(event["sender"]))
         kind = event["type"]
         if kind == "m.room.message" or kind == "m.room.encrypted":
-            line.append(sender + ":", style="bold yellow")
+            parts.append((sender + ":", "bold yellow"))
             body = content.get("body")
             msgtype = content.get("msgtype")
             if kind == "m.room.encrypted":
-                line.append(" (encrypted)", style="dim")
+                parts.append((" (encrypted)", "dim"))
             elif event.get("redacted") or not content:
-                line.append(
-                    " (redacted)" if event.get("redacted") else " (no content)", style="dim"
-                )
+                parts.append((" (redacted)" if event.get("redacted") else " (no content)", "dim"))
             else:
                 if isinstance(msgtype, str) and msgtype not in _PLAIN_MSGTYPES:
-                    line.append(f" [{printable(msgtype)}]", style="dim")
+                    parts.append((f" [{printable(msgtype)}]", "dim"))
                 text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
-                line.append(" " + printable(text))
+                parts.append((" " + printable(text), ""))
         else:
-            line.append(sender + " ", style="bold yellow")
-            line.append(printable(str(kind)), style="magenta")
+            parts.append((sender + " ", "bold yellow"))
+            parts.append((printable(str(kind)), "magenta"))
             fields: dict[str, Any] = {}
             if event.get("state_key") is not None:
                 fields["state_key"] = event["state_key"]
@@ -466,32 +688,30 @@ class Output:
                 fields["redacts"] = event["redacts"]
             fields.update(content)
             if fields:
-                line.append(" ")
-                cls._fields(line, fields, escape=True)
+                parts.append((" ", ""))
+                cls._fields(parts, fields, escape=True)
             if event.get("redacted"):
-                line.append(" (redacted)", style="dim")
+                parts.append((" (redacted)", "dim"))
         if event.get("rejected"):
             reason = event.get("rejection_reason")
-            line.append(
-                f" (rejected: {printable(str(reason))})" if reason else " (rejected)", style="red"
+            parts.append(
+                (f" (rejected: {printable(str(reason))})" if reason else " (rejected)", "red")
             )
         if event.get("outlier"):
-            line.append(" (outlier)", style="dim")
+            parts.append((" (outlier)", "dim"))
 
     @staticmethod
-    def _fields(line: Text, fields: Mapping[str, Any], *, escape: bool = False) -> None:
+    def _fields(parts: _Parts, fields: Mapping[str, Any], *, escape: bool = False) -> None:
         first = True
         for key, value in fields.items():
             if value is None or value is False:
                 continue
             if not first:
-                line.append(" ")
+                parts.append((" ", ""))
             first = False
             text = _value_text(value)
-            line.append(f"{printable(key) if escape else key}=", style="dim")
-            line.append(
-                printable(text) if escape else text, style="red" if value == REDACTED else ""
-            )
+            parts.append((f"{printable(key) if escape else key}=", "dim"))
+            parts.append((printable(text) if escape else text, "red" if value == REDACTED else ""))
 
 
 def print_summary(

@@ -209,7 +209,10 @@ def _printing_session(
     session = Session(reactor, duration=args.duration)
     stats = Stats()
     output = Output(
-        json_mode=args.json, color=args.color, on_closed=lambda: session.stop("output closed")
+        json_mode=args.json,
+        color=args.color,
+        on_closed=lambda: session.stop("output closed"),
+        reactor=reactor,  # into a pipe, lines wait for the input that was ready to be handled
     )
     watcher = LineWatcher(
         output,
@@ -228,7 +231,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
     source = event_source(args, timeout=args.connect_timeout)
     if args.resume or source is not None:
         return await _run_client(reactor, args, config, filters, source)
-    session, stats, _output, watcher = _printing_session(reactor, args, filters)
+    session, stats, output, watcher = _printing_session(reactor, args, filters)
     transport = await watch_channel(
         reactor,
         config,
@@ -249,6 +252,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
     await session.wait()
     await transport.stop()
     watcher.finish()
+    output.flush()
     print_summary(err, "synrepl watch", stats)
     return EXIT_OK
 
@@ -466,8 +470,11 @@ async def _client_session(
     # client hands out nothing more; what was not handled is not saved as
     # seen, so the next run fetches it again.  A batch that could not be
     # printed whole (stdout closed under it) fails, which a stopping client
-    # takes as "not handled".
+    # takes as "not handled"; with FILE, the batch is flushed first, so that
+    # what is saved as seen has reached stdout's reader.
     def printed(batch: RowsReceived | EventsReceived) -> defer.Deferred[None] | None:
+        if file is not None:
+            output.flush()
         if output.closed:
             return defer.fail(RuntimeFailure(f"output closed during {batch.stream}"))
         if args.count is not None and stats.shown >= args.count:
@@ -567,6 +574,7 @@ async def _client_session(
         session.stop("count")
     await session.wait()
     await client.stop(drain_timeout=_DRAIN_TIMEOUT)
+    output.flush()
     counters = client.counters
     stats.lines = counters.lines
     stats.bad_lines = counters.bad_lines
