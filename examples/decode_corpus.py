@@ -19,6 +19,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
+import attrs
+
 import synrepl
 from synrepl.streams import RawRow
 
@@ -52,7 +54,7 @@ def as_json(cmd: synrepl.Command) -> dict[str, Any]:
     if isinstance(cmd, synrepl.UserIpCommand):
         return {"command": cmd.NAME, "user_id": cmd.user_id, "access_token": "<redacted>"}
     out: dict[str, Any] = {"command": cmd.NAME}
-    out.update({k: v for k, v in vars(cmd).items()})
+    out.update(attrs.asdict(cmd, recurse=False))  # commands are slotted: no vars()
     return out
 
 

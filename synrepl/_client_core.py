@@ -989,7 +989,8 @@ class ClientCore(Generic[_Sent]):
                     if self._closing:  # left unprocessed: delivered again after a restart
                         todo.extend(self._delivery.abandoned(action))
                     else:
-                        self._run_handlers(action, self._resume_at.pop(action.stream, 0))
+                        resume = self._resume_at
+                        self._run_handlers(action, resume.pop(action.stream, 0) if resume else 0)
                 elif isinstance(action, FetchNeeded):
                     self._start_fetch(action)
                 elif isinstance(action, PositionReached):

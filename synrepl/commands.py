@@ -13,8 +13,9 @@ byte as Synapse does.
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Callable, Collection
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 import orjson
@@ -25,9 +26,10 @@ from synrepl.errors import (
     MalformedCommandError,
     UnknownCommandError,
 )
-from synrepl.streams import AnyRow, RawRow
+from synrepl.streams import AnyRow, RawRow, Row
 from synrepl.streams._registry import FAST_ROW_PARSERS as _fast_row_parsers
 from synrepl.streams._registry import ROW_PARSERS as _row_parsers
+from synrepl.streams._row import generated_function
 
 __all__ = (
     "Command",
@@ -65,7 +67,7 @@ class Dialect(enum.Enum):
     LEGACY = "legacy"
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class Command:
     """Base of all commands; ``NAME`` is the word that starts the line."""
 
@@ -76,7 +78,7 @@ class Command:
         return server_name
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class TextCommand(Command):
     """A command whose only argument is the rest of the line."""
 
@@ -85,7 +87,7 @@ class TextCommand(Command):
     data: str
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class RdataCommand(Command):
     """``RDATA <stream> <instance> <token|batch> <row JSON>``: one stream row.
 
@@ -100,7 +102,7 @@ class RdataCommand(Command):
     row: AnyRow
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class PositionCommand(Command):
     """``POSITION <stream> <instance> <prev_token> <new_token>``.
 
@@ -114,14 +116,14 @@ class PositionCommand(Command):
     new_token: int
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class ReplicateCommand(Command):
     """``REPLICATE``: ask every writer to announce its positions."""
 
     NAME: ClassVar[str] = "REPLICATE"
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class UserSyncCommand(Command):
     """``USER_SYNC <instance> <user> <device|None> <start|end> <last_sync_ms>``."""
 
@@ -133,7 +135,7 @@ class UserSyncCommand(Command):
     last_sync_ms: int
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class ClearUserSyncCommand(Command):
     """``CLEAR_USER_SYNC <instance>``: forget every sync this instance announced."""
 
@@ -141,7 +143,7 @@ class ClearUserSyncCommand(Command):
     instance_id: str
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class FederationAckCommand(Command):
     """``FEDERATION_ACK <instance> <token>``: the sender handled the federation stream up to ``token``."""
 
@@ -154,7 +156,7 @@ def _redacted(_: object) -> str:
     return "'<redacted>'"
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class UserIpCommand(Command):
     """``USER_IP <user> <JSON [access_token, ip, user_agent, device_id, last_seen]>``.
 
@@ -174,14 +176,14 @@ class UserIpCommand(Command):
         return f"{server_name}/USER_IP"
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class RemoteServerUpCommand(TextCommand):
     """``REMOTE_SERVER_UP <server>``: a remote server answers again; reset its backoff."""
 
     NAME: ClassVar[str] = "REMOTE_SERVER_UP"
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class LockReleasedCommand(Command):
     """``LOCK_RELEASED <JSON [instance, lock_name, lock_key]>``."""
 
@@ -191,21 +193,21 @@ class LockReleasedCommand(Command):
     lock_key: str
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class NewActiveTaskCommand(TextCommand):
     """``NEW_ACTIVE_TASK <task_id>``: a scheduled task is ready to run."""
 
     NAME: ClassVar[str] = "NEW_ACTIVE_TASK"
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class CancelTaskCommand(TextCommand):
     """``CANCEL_TASK <task_id>``: stop a running scheduled task."""
 
     NAME: ClassVar[str] = "CANCEL_TASK"
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class PingCommand(TextCommand):
     """``PING <anything>``: keepalive, usually a millisecond timestamp."""
 
@@ -213,7 +215,7 @@ class PingCommand(TextCommand):
     ALLOW_EMPTY: ClassVar[bool] = True
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class ErrorCommand(TextCommand):
     """``ERROR <message>``."""
 
@@ -221,34 +223,18 @@ class ErrorCommand(TextCommand):
     ALLOW_EMPTY: ClassVar[bool] = True
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class NameCommand(TextCommand):
     """``NAME <name>``: TCP-era handshake, still understood."""
 
     NAME: ClassVar[str] = "NAME"
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class ServerCommand(TextCommand):
     """``SERVER <server_name>``: TCP-era handshake, still understood."""
 
     NAME: ClassVar[str] = "SERVER"
-
-
-def _lean_init(cls: type[Command]) -> None:
-    """Give a dict-backed frozen attrs class an ``__init__`` that only fills
-    the instance dict: attrs' own also fetches a setattr helper that these
-    classes never use, a measurable cost on the parse path."""
-    names = [a.name for a in attrs.fields(cls)]
-    if not names:
-        return
-    params = ", ".join(names)
-    body = "\n".join(f"    d[{name!r}] = {name}" for name in names)
-    namespace: dict[str, Any] = {}
-    source = f"def __init__(self, {params}):\n    d = self.__dict__\n{body}"
-    exec(source, namespace)  # noqa: S102 - built from our own field names
-    namespace["__init__"].__doc__ = cls.__init__.__doc__
-    cls.__init__ = namespace["__init__"]  # type: ignore[method-assign]
 
 
 #: Every command class by its wire name.
@@ -273,8 +259,112 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     )
 }
 
+# ---------------------------------------------------------------- construction
+
+# Command classes are slotted frozen attrs classes: well under half the
+# memory of a dict-backed instance.  Their frozen ``__setattr__`` rules out
+# the interpreter's fast attribute store, so attrs' ``__init__`` writes each
+# field through ``object.__setattr__``.  Two cheaper ways in, generated per
+# class below (each under a file name of its own, for profiles):
+#
+# * ``__init__`` writes the slots through their member descriptors (what
+#   users and encoders construct with; same signature as attrs').
+# * The parsers, which have already checked every value (command classes
+#   have no validators or converters to bypass), use a private constructor
+#   that fills a *builder*: a class with the same base and the same slots
+#   but an ordinary ``__setattr__``, so each store is the interpreter's
+#   specialised slot store.  The filled instance then becomes the real
+#   class by ``__class__`` assignment, which Python allows between classes
+#   of one layout; what comes out is an ordinary instance of the command
+#   class, about twice as cheap to make as through the descriptors.
+
+_C = TypeVar("_C", bound=Command)
+
+
+def _field_names(cls: type[Command]) -> list[str]:
+    return [a.name for a in attrs.fields(cls)]
+
+
+def _install_init(cls: type[Command]) -> None:
+    """Replace attrs' ``__init__`` with one that writes the slots through
+    their descriptors (same signature and docstring)."""
+    names = _field_names(cls)
+    if not names:
+        return
+    writers = {f"set_{name}": getattr(cls, name).__set__ for name in names}
+    source = [f"def f(self, {', '.join(names)}):"]
+    source += [f"    set_{name}(self, {name})" for name in names]
+    filename = f"<synrepl.commands generated: {cls.__name__}.__init__>"
+    init = generated_function(source, writers, filename, "f")
+    init.__name__ = init.__qualname__ = "__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init  # type: ignore[method-assign]
+
+
+def _builder(cls: type[Command]) -> Callable[[], Any]:
+    """A mutable twin of ``cls``: same single base, same own slots, plain
+    ``__setattr__`` and no-op ``__init__``.  Fill its instance's fields, then
+    set its ``__class__`` to ``cls``."""
+    (base,) = cls.__bases__
+    namespace = {
+        "__slots__": cls.__dict__.get("__slots__", ()),
+        "__setattr__": object.__setattr__,
+        "__delattr__": object.__delattr__,
+        "__init__": object.__init__,
+        "__module__": cls.__module__,
+    }
+    builder = type(f"_{cls.__name__}Builder", (base,), namespace)
+    # Refuse at import, not on the first line, a layout the builder misses.
+    names = _field_names(cls)
+    probe = builder()
+    for name in names:
+        setattr(probe, name, name)
+    probe.__class__ = cls
+    if type(probe) is not cls or [getattr(probe, name) for name in names] != names:
+        raise TypeError(f"cannot build {cls.__name__} through a builder")  # pragma: no cover
+    return builder
+
+
+def _fast_constructor(cls: type[_C]) -> Callable[..., _C]:
+    """``cls(*fields)`` for values already checked, through a builder."""
+    names = _field_names(cls)
+    source = [f"def f({', '.join(names)}):", "    self = builder()"]
+    source += [f"    self.{name} = {name}" for name in names]
+    source += ["    self.__class__ = cls", "    return self"]
+    namespace = {"builder": _builder(cls), "cls": cls}
+    filename = f"<synrepl.commands generated: {cls.__name__} fast constructor>"
+    constructor: Callable[..., _C] = generated_function(source, namespace, filename, "f")
+    return constructor
+
+
 for _cls in COMMAND_TYPES.values():
-    _lean_init(_cls)
+    _install_init(_cls)
+
+# parse_line fills these three builders itself, saving a call per line:
+# RDATA is half the traffic, POSITION and USER_SYNC the shortest lines.
+_RdataBuilder = _builder(RdataCommand)
+_PositionBuilder = _builder(PositionCommand)
+_UserSyncBuilder = _builder(UserSyncCommand)
+_make_lock_released: Callable[[str, str, str], LockReleasedCommand] = _fast_constructor(
+    LockReleasedCommand
+)
+_make_user_ip: Callable[[str, str, str, str, str | None, int], UserIpCommand] = _fast_constructor(
+    UserIpCommand
+)
+_make_federation_ack: Callable[[str, int], FederationAckCommand] = _fast_constructor(
+    FederationAckCommand
+)
+_make_clear_user_sync: Callable[[str], ClearUserSyncCommand] = _fast_constructor(
+    ClearUserSyncCommand
+)
+_REPLICATE = ReplicateCommand()
+_parse_fast_events = _fast_row_parsers["events"]
+#: Stream name -> (the same name, once for all rows, and the stream's fast
+#: parser): commands share the name instead of each holding its own copy.
+_FAST_STREAMS: dict[str, tuple[str, Callable[[Any], Row | None]]] = {
+    name: (name, parse) for name, parse in _fast_row_parsers.items()
+}
+_EVENTS = _FAST_STREAMS["events"][0]
 
 # ---------------------------------------------------------------- parsing
 
@@ -314,69 +404,32 @@ def _json_arg(text: str, what: str) -> Any:
         raise _Bad(f"{what} is not valid JSON ({e})") from None
 
 
-def _parse_position(args: str) -> PositionCommand:
-    parts = args.split(" ")
-    if len(parts) == 4:
-        stream, instance, prev_text, new_text = parts
-        prev_token = _int(prev_text, "prev_token")
-        new_token = _int(new_text, "new_token")
-    elif len(parts) == 3:  # before Synapse 1.22: one token, the current one
-        stream, instance, new_text = parts
-        prev_token = new_token = _int(new_text, "token")
-    else:
-        raise _Bad("expected <stream> <instance> <prev_token> <new_token>")
-    return PositionCommand(
-        _word(stream, "stream name"), _word(instance, "instance name"), prev_token, new_token
-    )
-
-
 def _parse_replicate(args: str) -> ReplicateCommand:
     # Synapse sends "REPLICATE " and ignores arguments (the TCP era had some).
-    return ReplicateCommand()
-
-
-def _parse_user_sync(args: str) -> UserSyncCommand:
-    parts = args.split(" ")
-    if len(parts) == 5:
-        instance, user, device_text, state, last_sync = parts
-    elif len(parts) == 4:  # before Synapse 1.92: no device
-        instance, user, state, last_sync = parts
-        device_text = "None"
-    else:
-        raise _Bad("expected <instance> <user> <device> <start|end> <last_sync_ms>")
-    if not instance or not user or not device_text:  # split(" ") leaves no spaces inside
-        raise _Bad("instance_id, user_id and device_id must not be empty")
-    if state != "start" and state != "end":
-        raise _Bad(f"state must be 'start' or 'end', not {state[:40]!r}")
-    if last_sync.isdigit() and last_sync.isascii():
-        last_sync_ms = int(last_sync)
-    else:
-        last_sync_ms = _int(last_sync, "last_sync_ms")
-    return UserSyncCommand(
-        instance,
-        user,
-        None if device_text == "None" else device_text,
-        state == "start",
-        last_sync_ms,
-    )
+    # The command has no fields, so one instance serves every line.
+    return _REPLICATE
 
 
 def _parse_clear_user_sync(args: str) -> ClearUserSyncCommand:
-    return ClearUserSyncCommand(_word(args, "instance_id"))
+    return _make_clear_user_sync(_word(args, "instance_id"))
 
 
 def _parse_federation_ack(args: str) -> FederationAckCommand:
     parts = args.split(" ")
     if len(parts) != 2:
         raise _Bad("expected <instance> <token>")
-    return FederationAckCommand(_word(parts[0], "instance_name"), _int(parts[1], "token"))
+    return _make_federation_ack(_word(parts[0], "instance_name"), _int(parts[1], "token"))
 
 
-def _parse_user_ip(args: str) -> UserIpCommand:
-    user, sep, payload = args.partition(" ")
-    if not sep:
+def _parse_user_ip(line: str, parts: list[str]) -> UserIpCommand:
+    """``parts`` is the line split at its first four spaces."""
+    if len(parts) < 3:
         raise _Bad("expected <user> <JSON array>")
-    _word(user, "user_id")
+    user = parts[1]
+    if not user:  # split(" ") leaves no spaces inside
+        raise _Bad("user_id is empty")
+    # The JSON array may hold spaces (user agents do): the rest of the line.
+    payload = parts[2] if len(parts) == 3 else line[9 + len(user) :]
     try:
         return _user_ip(user, _loads_fast(payload))
     except _Bad:  # a big last_seen read as a float? the exact decode decides
@@ -395,25 +448,27 @@ def _user_ip(user: str, value: Any) -> UserIpCommand:
         raise _Bad("device_id must be a string or null")
     if type(last_seen) is not int:
         raise _Bad("last_seen must be an integer")
-    return UserIpCommand(user, access_token, ip, user_agent, device_id, last_seen)
+    return _make_user_ip(user, access_token, ip, user_agent, device_id, last_seen)
 
 
 def _text_parser(cls: type[TextCommand]) -> Callable[[str], Command]:
+    make = _fast_constructor(cls)
+    allow_empty = cls.ALLOW_EMPTY
+
     def parse(args: str) -> Command:
-        if not args and not cls.ALLOW_EMPTY:
+        if not args and not allow_empty:
             raise _Bad("argument is empty")
-        return cls(args)
+        return make(args)
 
     return parse
 
 
+#: Parsers of the arguments (the line after the name and its space) of the
+#: commands that ``parse_line`` does not parse inline.
 _PARSERS: dict[str, Callable[[str], Command]] = {
-    "POSITION": _parse_position,
     "REPLICATE": _parse_replicate,
-    "USER_SYNC": _parse_user_sync,
     "CLEAR_USER_SYNC": _parse_clear_user_sync,
     "FEDERATION_ACK": _parse_federation_ack,
-    "USER_IP": _parse_user_ip,
     "REMOTE_SERVER_UP": _text_parser(RemoteServerUpCommand),
     "NEW_ACTIVE_TASK": _text_parser(NewActiveTaskCommand),
     "CANCEL_TASK": _text_parser(CancelTaskCommand),
@@ -439,15 +494,18 @@ def parse_line(line: str) -> Command:
             :class:`~synrepl.errors.MalformedRowError` for an RDATA row that
             does not fit its stream's row type.
     """
-    name, _, args = line.partition(" ")
+    # One split serves RDATA (name, stream, instance, token, row JSON) and
+    # POSITION whole, and the name of everything else.
+    parts = line.split(" ", 4)
+    name = parts[0]
     if "\n" in line:
         raise MalformedCommandError(name, "line contains a newline", line)
     try:
         if name == "RDATA":  # most traffic: parsed inline, see _parse_rdata_row
-            parts = args.split(" ", 3)
-            if len(parts) != 4:
-                raise _Bad("expected <stream> <instance> <token> <row JSON>")
-            stream, instance, token_text, row_json = parts
+            try:  # cheaper than asking len(parts) first
+                _, stream, instance, token_text, row_json = parts
+            except ValueError:
+                raise _Bad("expected <stream> <instance> <token> <row JSON>") from None
             if not stream or not instance:
                 raise _Bad("stream and instance names must not be empty")
             if token_text == "batch":
@@ -456,38 +514,130 @@ def parse_line(line: str) -> Command:
                 token = int(token_text)
             else:
                 token = _int(token_text, "token")
-            # The fast path (see _parse_rdata_row), inlined: no calls but the parser.
-            fast = _fast_row_parsers.get(stream)
+            # The fast path (see _parse_rdata_row), inlined: no calls but the
+            # parser.  Half of all rows are the events stream's: a string
+            # comparison finds its parser sooner than hashing the name.
+            fast: Callable[[Any], Row | None] | None = None
+            if stream == "events":
+                stream, fast = _EVENTS, _parse_fast_events
+            else:
+                known = _FAST_STREAMS.get(stream)
+                if known is not None:
+                    stream, fast = known
+            row: AnyRow | None = None
             if fast is not None:
                 try:
                     row = fast(_orjson_loads(row_json))
-                except ValueError:  # bad JSON or row, or a big int read as a float
-                    row = None
-                if row is not None:
-                    return RdataCommand(stream, instance, token, row)
-            return RdataCommand(stream, instance, token, _parse_rdata_row(stream, row_json))
-        if name == "LOCK_RELEASED":  # about as frequent as RDATA: inlined too
+                except ValueError:  # JSON that orjson refuses
+                    pass
+            if row is None:  # not vouched for, or a stream synrepl does not know
+                row = _parse_rdata_row(stream, row_json)
+            cmd = _RdataBuilder()  # see "construction"
+            cmd.stream_name = stream
+            cmd.instance_name = instance
+            cmd.token = token
+            cmd.row = row
+            cmd.__class__ = RdataCommand
+            rdata: RdataCommand = cmd
+            return rdata
+        # USER_SYNC and POSITION, inlined and asked for before LOCK_RELEASED:
+        # the shortest lines, where every operation counts.
+        if name == "USER_SYNC":
+            try:
+                _, instance, user, device_text, rest = parts
+                state, last_sync = rest.split(" ")
+            except ValueError:
+                if len(parts) != 5 or " " in rest:
+                    raise _Bad(
+                        "expected <instance> <user> <device> <start|end> <last_sync_ms>"
+                    ) from None
+                # before Synapse 1.92: no device
+                state, last_sync, device_text = device_text, rest, "None"
+            if not instance or not user or not device_text:  # no spaces inside: split
+                raise _Bad("instance_id, user_id and device_id must not be empty")
+            if state == "start":
+                is_syncing = True
+            elif state == "end":
+                is_syncing = False
+            else:
+                raise _Bad(f"state must be 'start' or 'end', not {state[:40]!r}")
+            if last_sync.isdigit() and last_sync.isascii():
+                last_sync_ms = int(last_sync)
+            else:
+                last_sync_ms = _int(last_sync, "last_sync_ms")
+            cmd = _UserSyncBuilder()
+            cmd.instance_id = instance
+            cmd.user_id = user
+            cmd.device_id = None if device_text == "None" else device_text
+            cmd.is_syncing = is_syncing
+            cmd.last_sync_ms = last_sync_ms
+            cmd.__class__ = UserSyncCommand
+            user_sync: UserSyncCommand = cmd
+            return user_sync
+        if name == "POSITION":
+            try:
+                _, stream, instance, prev_text, new_text = parts
+            except ValueError:
+                if len(parts) != 4:
+                    raise _Bad("expected <stream> <instance> <prev_token> <new_token>") from None
+                # before Synapse 1.22: one token, the current one
+                _, stream, instance, new_text = parts
+                prev_token = new_token = _int(new_text, "token")
+            else:
+                if " " in new_text:
+                    raise _Bad("expected <stream> <instance> <prev_token> <new_token>")
+                # One ASCII check for both tokens: a non-ASCII line (in its
+                # names, say) takes the token-by-token checks instead.
+                if prev_text.isdigit() and new_text.isdigit() and line.isascii():
+                    prev_token = int(prev_text)
+                    new_token = int(new_text)
+                else:
+                    prev_token = _int(prev_text, "prev_token")
+                    new_token = _int(new_text, "new_token")
+            if not stream:  # no spaces inside: split
+                raise _Bad("stream name is empty")
+            if not instance:
+                raise _Bad("instance name is empty")
+            cmd = _PositionBuilder()
+            cmd.stream_name = stream
+            cmd.instance_name = instance
+            cmd.prev_token = prev_token
+            cmd.new_token = new_token
+            cmd.__class__ = PositionCommand
+            position: PositionCommand = cmd
+            return position
+        if name == "LOCK_RELEASED":  # about as frequent as RDATA, with a margin to spare
+            try:  # Synapse's JSON has no spaces: the line's second part
+                _, args = parts
+            except ValueError:  # spaces in the JSON, or nothing after the name
+                args = line[14:]
             try:
                 # Exact enough: a big integer read as a float fails the string
                 # checks below just as the exact int would.
                 value = _orjson_loads(args)
             except ValueError:
                 value = _json_arg(args, "payload")
-            if (
-                type(value) is list
-                and len(value) == 3
-                and type(value[0]) is str
-                and type(value[1]) is str
-                and type(value[2]) is str
-            ):
-                return LockReleasedCommand(value[0], value[1], value[2])
+            if type(value) is list:
+                try:
+                    instance_name, lock_name, lock_key = value
+                except ValueError:
+                    pass
+                else:
+                    if (
+                        type(instance_name) is str
+                        and type(lock_name) is str
+                        and type(lock_key) is str
+                    ):
+                        return _make_lock_released(instance_name, lock_name, lock_key)
             raise _Bad("payload must be a JSON array of 3 strings [instance, lock_name, lock_key]")
+        if name == "USER_IP":
+            return _parse_user_ip(line, parts)
         parser = _PARSERS.get(name)
         if parser is None:
             if not line.strip():
                 raise MalformedCommandError("", "blank line", line)
             raise UnknownCommandError(name, line)
-        return parser(args)
+        return parser(line[len(name) + 1 :])
     except _Bad as e:
         raise MalformedCommandError(name, str(e), line) from None
 
@@ -495,11 +645,12 @@ def parse_line(line: str) -> Command:
 def _parse_rdata_row(stream: str, row_json: str) -> AnyRow:
     """Decode and type one RDATA row exactly.
 
-    ``parse_line`` first tries a fast path for streams whose rows hold no
-    free-form JSON: orjson's answer taken as it comes (see
-    ``FAST_ROW_PARSERS``).  Whatever that path cannot vouch for comes here: a
-    type error that a big integer read as a float might explain, extra values,
-    an unknown kind, JSON that orjson refuses, and the free-form streams.
+    ``parse_line`` first tries a fast path: orjson's answer taken as it
+    comes, typed by the stream's fast parser (see ``FAST_ROW_PARSERS``).
+    Whatever that parser cannot vouch for comes here: a type error that a big
+    integer read as a float might explain, extra values, an unknown kind,
+    free-form JSON holding floats or nested values, JSON that orjson refuses,
+    and unknown streams.
     """
     try:
         raw = _loads(row_json)
@@ -507,6 +658,9 @@ def _parse_rdata_row(stream: str, row_json: str) -> AnyRow:
         raise _Bad(f"row is not valid JSON ({e})") from None
     parse_known_row = _row_parsers.get(stream)
     return RawRow(stream, raw) if parse_known_row is None else parse_known_row(raw)
+
+
+_STREAM_COMMANDS = ("RDATA", "POSITION")
 
 
 class SelectiveParser:
@@ -531,16 +685,80 @@ class SelectiveParser:
     ) -> None:
         self._streams = None if streams is None else frozenset(streams)
         self._commands = None if commands is None else frozenset(commands)
+        # The decision comes down to line prefixes, tested in one C call: a
+        # line is selected when its name (the text up to the first space) is
+        # wanted and, for RDATA/POSITION, so is its stream (the next word).
+        # As prefixes: "NAME " or "NAME STREAM ", plus the lines that end
+        # where such a prefix's space would be ("NAME", "NAME STREAM").
+        # Names and streams with a space in them can never match a line.
+        wanted: list[str] = []
+        exact: set[str] = set()
+        names = self._commands if self._commands is not None else _STREAM_COMMANDS
+        for name in sorted(names):
+            if " " in name:
+                continue
+            if self._streams is None or name not in _STREAM_COMMANDS:
+                wanted.append(f"{name} ")
+                exact.add(name)
+                continue
+            for stream in sorted(self._streams):
+                if " " in stream:
+                    continue
+                wanted.append(f"{name} {stream} ")
+                exact.add(f"{name} {stream}")
+                if not stream:  # "NAME" and "NAME " have the empty stream
+                    exact.add(name)
+        if self._streams is None and self._commands is None:
+            wanted = [""]  # everything
+        #: Every line starting with one of these is selected (RDATA's first:
+        #: the most frequent).
+        self._wanted = tuple(sorted(wanted, key=lambda prefix: not prefix.startswith("RDATA ")))
+        #: The selected lines that start with none of them.
+        self._exact = frozenset(exact)
+        #: Lines longer than this that start with no wanted prefix are skipped
+        #: (unless every other command is wanted: then _rest decides).
+        self._longest = max(map(len, exact), default=-1)
+        # A cheaper first look when only named commands are wanted: every
+        # selected line has one of a few characters at one position, and one
+        # character is quicker to test than the prefixes (most lines go no
+        # further).  The position: the first letter of an RDATA stream's
+        # name if RDATA is wanted (RDATA is most of the traffic), else of the
+        # command's name; none if a selected line could be that short.
+        self._guard: frozenset[str] | None = None
+        self._guard_at = 0
+        if self._commands is None:
+            self._longest = sys.maxsize
+        elif wanted:
+            selected = [*wanted, *exact]
+            shortest = min(map(len, selected))
+            if any(prefix.startswith("RDATA ") for prefix in wanted) and shortest > 6:
+                self._guard_at = 6  # len("RDATA ")
+            if shortest > self._guard_at:
+                self._guard = frozenset(text[self._guard_at] for text in selected)
 
     def __call__(self, line: str) -> Command | None:
-        name, _, args = line.partition(" ")
-        if self._commands is not None and name not in self._commands:
-            return None
-        if self._streams is not None and (name == "RDATA" or name == "POSITION"):
-            stream = args.partition(" ")[0]
-            if stream not in self._streams:
+        if self._guard is not None:
+            try:
+                if line[self._guard_at] not in self._guard:
+                    return None
+            except IndexError:  # shorter than any selected line
                 return None
-        return parse_line(line)
+        if line.startswith(self._wanted):
+            return parse_line(line)
+        if len(line) > self._longest:
+            return None
+        return self._rest(line)
+
+    def _rest(self, line: str) -> Command | None:
+        """The lines no prefix decides: short ones, and other commands' when
+        every command is wanted (only RDATA/POSITION then need a stream)."""
+        if (
+            self._commands is None
+            and not line.startswith(("RDATA ", "POSITION "))
+            and line not in _STREAM_COMMANDS
+        ):
+            return parse_line(line)
+        return parse_line(line) if line in self._exact else None
 
 
 # ---------------------------------------------------------------- encoding

@@ -309,6 +309,7 @@ class Delivery:
             budget=self,
         )
         self._queues: dict[str, _Queue] = {}
+        self._wire_waiting = self.wire.is_waiting
         self._processed: dict[str, dict[str, int]] = {}
         self._waiters: dict[Hashable, tuple[str, str, int]] = {}
         self._waiters_by_pair: dict[tuple[str, str], dict[Hashable, int]] = {}
@@ -620,7 +621,7 @@ class Delivery:
     def _pump(self, stream: str, queue: _Queue, out: list[Action]) -> None:
         """Rule 1: process items up to the next batch, and hand that out."""
         items = queue.items
-        while not queue.blocked and items:
+        while items and not queue.blocked:
             item = items.popleft()
             if isinstance(item, RowsReceived):
                 queue.pending -= len(item.rows)
@@ -638,7 +639,7 @@ class Delivery:
                 out.append(item)
                 if item.trusted:
                     self._processed_to(stream, item.writer, item.new_token, True, out)
-        if queue.pending <= self._refill_at and self.wire.is_waiting(stream):
+        if queue.pending <= self._refill_at and self._wire_waiting(stream):
             out.extend(self.wire.resume(stream))  # type: ignore[arg-type]
 
     def _processed_to(

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
+import pickle
+from collections.abc import Callable
+
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -270,3 +276,173 @@ def test_selective_parser_defaults_to_everything() -> None:
     """With no arguments SelectiveParser is parse_line."""
     select = synrepl.SelectiveParser()
     assert select('LOCK_RELEASED ["a","b","c"]') == LockReleasedCommand("a", "b", "c")
+
+
+# ---------------------------------------------------------------- command objects
+
+_ONE_OF_EACH = (
+    EV_LINE,
+    'RDATA typing master batch ["!r:x",["@a:x"]]',
+    'RDATA brand_new master 3 [1,{"a":[true]}]',
+    "POSITION events master 5 9",
+    "POSITION events master 12",
+    "REPLICATE ",
+    "USER_SYNC w1 @a:x DEV start 17",
+    "USER_SYNC w1 @a:x end 17",
+    "CLEAR_USER_SYNC w1",
+    "FEDERATION_ACK fed1 42",
+    'USER_IP @a:x ["tok","10.0.0.1","agent 1.0 (x)",null,5]',
+    "REMOTE_SERVER_UP other.example",
+    'LOCK_RELEASED ["master","lock","key"]',
+    "NEW_ACTIVE_TASK t1",
+    "CANCEL_TASK t1",
+    "PING 1700000000000",
+    "ERROR oops",
+    "NAME worker1",
+    "SERVER example.com",
+)
+
+
+@pytest.mark.parametrize("line", _ONE_OF_EACH)
+def test_parsed_commands_are_ordinary_frozen_slotted_instances(line: str) -> None:
+    """What the parser builds (through its private constructors) is an instance
+    of the public class like any other: same type, no instance dict, frozen,
+    equal (and hashing equal) to the one the public constructor builds, with
+    the same repr; attrs.evolve, copy and pickle work on it."""
+    cmd = parse_line(line)
+    cls = synrepl.COMMAND_TYPES[cmd.NAME]
+    assert type(cmd) is cls
+    assert not hasattr(cmd, "__dict__")
+    fields = {f.name: getattr(cmd, f.name) for f in attrs.fields(cls)}
+    twin = cls(**fields)
+    assert cmd == twin and repr(cmd) == repr(twin)
+    if not isinstance(cmd, RdataCommand) or isinstance(cmd.row, (EventRow, TypingRow)):
+        assert hash(cmd) == hash(twin)  # (a raw row holding a list is unhashable)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        setattr(cmd, "extra", 1)  # noqa: B010 - any name, not only a field
+    for name in fields:
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            setattr(cmd, name, None)
+    assert copy.deepcopy(cmd) == cmd
+    assert pickle.loads(pickle.dumps(cmd)) == cmd
+    if fields:
+        first = next(iter(fields))
+        assert attrs.evolve(cmd, **{first: fields[first]}) == cmd
+
+
+def test_command_fields_are_unchanged() -> None:
+    """Public attribute names and constructor order, as documented."""
+    assert [f.name for f in attrs.fields(RdataCommand)] == [
+        "stream_name",
+        "instance_name",
+        "token",
+        "row",
+    ]
+    assert [f.name for f in attrs.fields(UserIpCommand)] == [
+        "user_id",
+        "access_token",
+        "ip",
+        "user_agent",
+        "device_id",
+        "last_seen",
+    ]
+    assert list(inspect.signature(PositionCommand).parameters) == [
+        "stream_name",
+        "instance_name",
+        "prev_token",
+        "new_token",
+    ]
+
+
+def test_generated_command_code_has_its_own_file_names() -> None:
+    """Generated ``__init__`` methods show up in profiles under their class."""
+    for cls in synrepl.COMMAND_TYPES.values():
+        if attrs.fields(cls):
+            filename = cls.__init__.__code__.co_filename
+            assert filename == f"<synrepl.commands generated: {cls.__name__}.__init__>"
+
+
+# ---------------------------------------------------------------- SelectiveParser
+
+_SELECTIONS: list[dict[str, set[str] | None]] = [
+    {"streams": {"events"}, "commands": {"RDATA", "POSITION"}},
+    {"streams": {"events"}, "commands": None},
+    {"streams": None, "commands": {"LOCK_RELEASED", "RDATA"}},
+    {"streams": {"typing", ""}, "commands": {"RDATA", "PING"}},
+    {"streams": {""}, "commands": None},
+    {"streams": {"a b"}, "commands": {"RDATA", "X Y", ""}},
+    {"streams": set(), "commands": set()},
+    {"streams": None, "commands": None},
+    {"streams": {"e"}, "commands": {"RDATA"}},
+    {"streams": None, "commands": {"USER_IP", "PING"}},
+    {"streams": {"events"}, "commands": {"RDATA", ""}},
+]
+
+_EDGE_LINES = (
+    "RDATA",
+    "RDATA ",
+    "RDATA  ",
+    "RDATA typing",
+    "RDATA typing ",
+    "RDATA events",
+    "RDATA e",
+    "RDATA e 1",
+    "RDATAe",
+    "P",
+    "PINGx",
+    "USER_IP x",
+    "POSITION",
+    "POSITION ",
+    "POSITION events",
+    "POSITION events master 1 2",
+    "RDATA events master 5 {broken",
+    "RDATA a b c",
+    'LOCK_RELEASED ["a","b","c"]',
+    "PING",
+    "PING ",
+    "X Y z",
+    "",
+    " ",
+    "RDATA\n",
+    "RDATA events\nmaster 1 []",
+)
+
+
+def _reference(select: dict[str, set[str] | None], line: str) -> object:
+    """The selection word by word, as documented: name, then stream."""
+    name, _, args = line.partition(" ")
+    commands, streams = select["commands"], select["streams"]
+    if commands is not None and name not in commands:
+        return None
+    stream = args.partition(" ")[0]
+    if streams is not None and name in ("RDATA", "POSITION") and stream not in streams:
+        return None
+    return parse_line(line)
+
+
+def _outcome(parse: Callable[[], object]) -> object:
+    try:
+        return parse()
+    except ProtocolError as e:
+        return (type(e), str(e))
+
+
+@given(
+    st.sampled_from(_SELECTIONS),
+    st.sampled_from(_EDGE_LINES) | rs.lines() | st.text(alphabet="RDATPOSIN evts\n[]1 "),
+)
+def test_selective_parser_selects_exactly_by_name_and_stream(
+    select: dict[str, set[str] | None], line: str
+) -> None:
+    """Whatever the line and the selection, SelectiveParser returns what the
+    word-by-word selection does: None, or parse_line's result or error."""
+    parser = synrepl.SelectiveParser(streams=select["streams"], commands=select["commands"])
+    assert _outcome(lambda: parser(line)) == _outcome(lambda: _reference(select, line))
+
+
+def test_selective_parser_parses_malformed_lines_of_selected_streams() -> None:
+    """A selected stream's line without arguments is still parsed (and refused)."""
+    select = synrepl.SelectiveParser(streams={"typing"}, commands={"RDATA", "POSITION"})
+    with pytest.raises(MalformedCommandError):
+        select("RDATA typing")
+    assert select("RDATA typings") is None

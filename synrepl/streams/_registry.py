@@ -63,14 +63,15 @@ ROW_PARSERS: dict[str, Callable[[Any], AnyRow]] = {
 }
 ROW_PARSERS["events"] = _parse_events_row
 
-#: Stream name -> a parser for rows decoded by the fast JSON path, for streams
-#: whose rows hold no free-form JSON.  It returns None where the row needs the
-#: exact decode (extra values, unknown kinds); a float standing in for a big
-#: integer fails its field's type check, and the caller then decodes exactly.
+#: Stream name -> a parser for rows decoded by the fast JSON path (orjson as
+#: it comes).  It returns None wherever it cannot vouch for the row, and the
+#: caller then decodes exactly: extra values, unknown kinds, a wrong type (a
+#: float standing in for a big integer fails an integer field's check) and
+#: free-form JSON that holds anything but flat strings, integers, booleans
+#: and nulls (a float there might be a big integer).
 FAST_ROW_PARSERS: dict[str, Callable[[Any], Row | None]] = {
     name: cls.from_fast_raw  # type: ignore[attr-defined]
     for name, cls in ROW_TYPES.items()
-    if not cls.IS_OPEN  # type: ignore[attr-defined]
 }
 FAST_ROW_PARSERS["events"] = compile_kind_dispatch(EVENTS_ROW_TYPES, strict_length=True)
 

@@ -5,8 +5,18 @@ fields, in Synapse's order.  A row class declares those fields as plain
 annotations; :func:`stream_row` turns it into an immutable tuple subclass
 (the tuple *is* the wire array, normalised: field values in wire order, then
 any values a newer Synapse added, which :attr:`Row.extras` returns) and
-compiles one parser per class that checks each value's type, turns the 0/1
-that some databases send into booleans and JSON lists into tuples.
+compiles its parsers, which check each value's type, turn the 0/1 that some
+databases send into booleans and JSON lists into tuples:
+
+* ``from_raw``, exact: a quick check for the common case (the right number
+  of values, each of the right type: one unpacking, one condition), then
+  field-by-field checks that keep extra values and name what is wrong;
+* ``from_fast_raw``, the quick check alone, for orjson's answer taken as it
+  comes: None wherever it cannot vouch for the row (the caller then decodes
+  exactly and calls ``from_raw``).
+
+Each generated function has a file name of its own (``<synrepl.streams
+generated: events ev parser>``), so profiles tell them apart.
 
 Why tuples and generated code: row parsing is the library's hottest path.
 Building a tuple costs one C call whatever the number of fields, where a
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import linecache
 import operator
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NoReturn, Self, TypeVar, dataclass_transform
@@ -143,7 +154,8 @@ def _to_json(value: Any) -> Any:
 # Per annotation: the check (and conversion) of one value, as source code.
 # ``v`` is the value; ``FAIL(why)`` raises, naming the field.  Unknown
 # annotations fail loudly at import time, so a new row type cannot silently
-# skip validation.  CONVERTS says which checks may replace ``v``.
+# skip validation.  These are the checks of the exact path, which explains
+# what is wrong; ``_QUICK`` below is the fast path's yes-or-no version.
 _CHECKS: dict[str, str] = {
     "str": "if type(v) is not str: FAIL('expected a string')",
     "str | None": "if v is not None and type(v) is not str: FAIL('expected a string or null')",
@@ -179,9 +191,95 @@ _CHECKS: dict[str, str] = {
 #: be told apart after a fast (orjson) decode, see ``synrepl.commands``.
 OPEN_TYPES = frozenset({"tuple[Any, ...] | None", "dict[str, Any]"})
 
+# Per annotation, the quick check of value ``$``: a condition; for lists and
+# objects, what to iterate and the test that rejects an item (a loop sets
+# ``ok = False``); and the value to store.  A row that fails any of them is
+# not refused by the quick check: the exact checks then decide, and explain.
+# For free-form JSON after a fast decode only flat strings, integers,
+# booleans and nulls pass: a float there may be orjson's stand-in for a big
+# integer.  (After an exact decode free-form JSON is not iterated.)
+_QUICK: dict[str, tuple[str, str, str, str]] = {
+    "str": ("type($) is str", "", "", "$"),
+    "str | None": ("($ is None or type($) is str)", "", "", "$"),
+    "int": ("type($) is int", "", "", "$"),
+    "int | None": ("($ is None or type($) is int)", "", "", "$"),
+    "bool": ("(type($) is bool or (type($) is int and ($ == 0 or $ == 1)))", "", "", "$ == 1"),
+    "tuple[str, ...]": ("type($) is list", "$", "type(x) is not str", "tuple($)"),
+    "tuple[str, ...] | None": (
+        "($ is None or type($) is list)",
+        "$",
+        "type(x) is not str",
+        "None if $ is None else tuple($)",
+    ),
+    "tuple[Any, ...] | None": (
+        "($ is None or type($) is list)",
+        "$",
+        "type(x) not in scalars",
+        "None if $ is None else tuple($)",
+    ),
+    "dict[str, Any]": ("type($) is dict", "$.values()", "type(x) not in scalars", "$"),
+}
+
+#: Value types that orjson and the exact decoder always read alike.
+_SCALARS = frozenset({str, int, bool, type(None)})
+
 
 def _indent(code: str, prefix: str) -> str:
     return "\n".join(prefix + line for line in code.splitlines())
+
+
+def _quick_block(cls: type[Row], key: str, *, fast: bool) -> list[str]:
+    """Statements (indented one level) that return a ``cls`` row from ``raw``
+    when it has exactly the known fields, each of the right type: one
+    unpacking and one condition for the common case.  Otherwise the fast
+    path's statements return None, the exact path's fall through.
+
+    The fast path reads orjson's answer as it comes, so its free-form JSON
+    fields must hold only values that orjson and the exact decoder always
+    read alike; after the exact decode, whatever JSON holds is what it says.
+    """
+    n = len(cls.FIELDS)
+    for field, annotation in zip(cls.FIELDS, cls.FIELD_TYPES, strict=True):
+        if annotation not in _CHECKS:
+            raise TypeError(f"{cls.__name__}.{field}: unsupported type {annotation!r}")
+    names = [f"f{i}" for i in range(n)]
+    conditions, loops, values = [], [], []
+    for name, annotation in zip(names, cls.FIELD_TYPES, strict=True):
+        condition, items, reject, value = _QUICK[annotation]
+        conditions.append(condition.replace("$", name))
+        values.append(value.replace("$", name))
+        if not items or (not fast and annotation in OPEN_TYPES):
+            continue
+        statements = [
+            f"for x in {items.replace('$', name)}:",
+            f"    if {reject}:",
+            "        ok = False",
+            "        break",
+        ]
+        if annotation.endswith(" | None"):
+            statements = [f"if {name} is not None:", *(f"    {s}" for s in statements)]
+        loops.append("\n".join(statements))
+    unpack = "".join(f"{name}, " for name in names)
+    row = f"new(cls{key}, ({''.join(f'{value}, ' for value in values)}))"
+    if fast:  # a wrong length fails the unpacking, cheaper than a len() call
+        lines = [
+            "    if type(raw) is not list:",
+            "        return None",
+            "    try:",
+            f"        {unpack}= raw",
+            "    except ValueError:",
+            "        return None",
+        ]
+    else:
+        lines = [f"    if type(raw) is list and len(raw) == {n}:", f"        {unpack}= raw"]
+    indent = "    " if fast else "        "
+    condition = " and ".join(conditions) if conditions else "True"
+    if not loops:
+        return [*lines, f"{indent}if {condition}:", f"{indent}    return {row}"]
+    lines.append(f"{indent}ok = {condition}")
+    for loop in loops:
+        lines += [f"{indent}if ok:", _indent(loop, indent + "    ")]
+    return [*lines, f"{indent}if ok:", f"{indent}    return {row}"]
 
 
 def _parser_body(
@@ -189,10 +287,20 @@ def _parser_body(
 ) -> tuple[list[str], dict[str, Any]]:
     """The statements (indented one level) that check ``raw`` and return a
     ``cls`` row, and the names they need.  ``key`` keeps names apart when
-    several bodies share one function."""
+    several bodies share one function.
+
+    With ``strict_length`` (the fast path, after orjson) the statements
+    return None wherever the quick checks do not vouch for the row; without
+    it they are exact: quick checks first, then the field-by-field checks
+    that keep extra values and raise ``MalformedRowError`` naming the field.
+    """
+    names: dict[str, Any] = {f"cls{key}": cls, "new": tuple.__new__, "scalars": _SCALARS}
+    lines = _quick_block(cls, key, fast=strict_length)
+    if strict_length:
+        return [*lines, "    return None"], names
     where = f"{cls.STREAM}/{cls.TYPE_ID}" if cls.TYPE_ID else cls.STREAM
     n = len(cls.FIELDS)
-    lines = [
+    lines += [
         "    if type(raw) is not list:",
         f"        fail_shape{key}(raw)",
         "    n = len(raw)",
@@ -200,43 +308,56 @@ def _parser_body(
         f"        fail_count{key}(n, raw)",
     ]
     for i, (name, annotation) in enumerate(zip(cls.FIELDS, cls.FIELD_TYPES, strict=True)):
-        check = _CHECKS.get(annotation)
-        if check is None:
-            raise TypeError(f"{cls.__name__}.{name}: unsupported type {annotation!r}")
+        check = _CHECKS[annotation]
         lines.append(f"    v = raw[{i}]")
         lines.append(_indent(check.replace("FAIL(", f"fail{key}({name!r}, v, raw, "), "    "))
         lines.append(f"    f{i} = v")
     values = "".join(f"f{i}, " for i in range(n))
     lines.append(f"    if n > {n}:")
-    if strict_length:
-        lines.append("        return None")
-    else:
-        lines.append(f"        return new(cls{key}, ({values}*raw[{n}:]))")
+    lines.append(f"        return new(cls{key}, ({values}*raw[{n}:]))")
     lines.append(f"    return new(cls{key}, ({values}))")
-    names: dict[str, Any] = {
-        f"cls{key}": cls,
-        "new": tuple.__new__,
-        f"fail{key}": functools.partial(_fail, where),
-        f"fail_count{key}": functools.partial(_fail_count, where, cls.FIELDS),
-        f"fail_shape{key}": functools.partial(_fail_shape, where),
-    }
+    names.update(
+        {
+            f"fail{key}": functools.partial(_fail, where),
+            f"fail_count{key}": functools.partial(_fail_count, where, cls.FIELDS),
+            f"fail_shape{key}": functools.partial(_fail_shape, where),
+        }
+    )
     return lines, names
 
 
-def _function(source: list[str], namespace: dict[str, Any]) -> Callable[[Any], Any]:
-    exec("\n".join(source), namespace)  # noqa: S102 - generated from our own tables
-    parser: Callable[[Any], Any] = namespace["parse"]
-    return parser
+def generated_function(
+    source: list[str], namespace: dict[str, Any], filename: str, name: str
+) -> Callable[..., Any]:
+    """Compile ``source``, which defines ``name``, under its own file name.
+
+    Every generated function gets a file name of its own (``<synrepl.streams
+    generated: events ev>``) and its source in :mod:`linecache`, so profiles
+    and tracebacks tell the generated parsers apart and can show their lines.
+    """
+    text = "\n".join(source) + "\n"
+    exec(compile(text, filename, "exec"), namespace)  # noqa: S102 - from our own tables
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    function: Callable[..., Any] = namespace[name]
+    return function
+
+
+def _where(cls: type[Row]) -> str:
+    return f"{cls.STREAM} {cls.TYPE_ID}" if cls.TYPE_ID else cls.STREAM
 
 
 def _compile(cls: type[Row], *, strict_length: bool) -> Callable[[Any], Any]:
     """Generate a parser for ``cls``: type checks inline, one pass.
 
-    With ``strict_length`` the parser returns None for a row with extra
-    values instead of keeping them (the caller then re-decodes exactly).
+    With ``strict_length`` the parser returns None for a row its quick checks
+    cannot vouch for (extra values, a wrong type, free-form JSON holding
+    floats or containers) instead of deciding: the caller then decodes
+    exactly and calls the exact parser.
     """
     body, namespace = _parser_body(cls, "", strict_length=strict_length)
-    return _function(["def parse(raw):", *body], namespace)
+    what = "fast parser" if strict_length else "parser"
+    filename = f"<synrepl.streams generated: {_where(cls)} {what}>"
+    return generated_function(["def parse(raw):", *body], namespace, filename, "parse")
 
 
 def compile_kind_dispatch(
@@ -246,33 +367,38 @@ def compile_kind_dispatch(
     kinds' checks inlined in one function, so one call parses a row.
 
     Returns None for an unknown kind or shape, and with ``strict_length``
-    also for extra values (the fast path then decodes exactly); without it
-    extra values are kept.
+    also wherever the quick checks do not vouch for the row (the fast path
+    then decodes exactly); without it extra values are kept.
     """
     source = [
         "def parse(wrapped):",
-        "    if type(wrapped) is not list or len(wrapped) != 2:",
+        "    if type(wrapped) is not list:",
         "        return None",
-        "    kind, raw = wrapped",
+        "    try:",
+        "        kind, raw = wrapped",
+        "    except ValueError:",
+        "        return None",
     ]
     namespace: dict[str, Any] = {}
+    streams = set()
     for index, (kind, cls) in enumerate(kinds.items()):
         body, names = _parser_body(cls, f"_{index}", strict_length=strict_length)
         source.append(f"    {'if' if index == 0 else 'elif'} kind == {kind!r}:")
         source.extend(_indent(line, "    ") for line in body)
         namespace.update(names)
+        streams.add(cls.STREAM)
     source.append("    return None")
-    return _function(source, namespace)
+    what = "fast parser" if strict_length else "parser"
+    filename = f"<synrepl.streams generated: {'/'.join(sorted(streams))} kinds {what}>"
+    return generated_function(source, namespace, filename, "parse")
 
 
 def _compile_constructor(cls: type[Row]) -> Callable[..., Any]:
     """``__new__(cls, field, ..., *, extras=())``: the typed constructor."""
     params = "".join(f"{name}, " for name in cls.FIELDS)
-    source = f"def __new__(cls, {params}*, extras=()):\n    return new(cls, ({params}*extras))"
-    namespace: dict[str, Any] = {"new": tuple.__new__}
-    exec(source, namespace)  # noqa: S102 - generated from our own field names
-    constructor: Callable[..., Any] = namespace["__new__"]
-    return constructor
+    source = [f"def __new__(cls, {params}*, extras=()):", f"    return new(cls, ({params}*extras))"]
+    filename = f"<synrepl.streams generated: {_where(cls)} constructor>"
+    return generated_function(source, {"new": tuple.__new__}, filename, "__new__")
 
 
 def _fail(stream: str, name: str, value: Any, raw: Any, why: str) -> NoReturn:
@@ -293,10 +419,15 @@ def stream_row(stream: str, type_id: str | None = None) -> Callable[[type[_R]], 
     """Class decorator: make ``cls`` the row type of ``stream``.
 
     Gives it its wire order (from the annotations), named field access, a
-    typed constructor and its compiled parsers.
+    typed constructor and its compiled parsers.  The class must declare
+    ``__slots__ = ()``: a row is its tuple and nothing more.
     """
 
     def register(cls: type[_R]) -> type[_R]:
+        if cls.__dict__.get("__slots__") != ():
+            # Without it every row would carry an instance dict: 8 bytes more,
+            # and room for attributes the wire never sent.
+            raise TypeError(f"{cls.__name__} must declare __slots__ = ()")
         annotations = inspect.get_annotations(cls)
         cls.STREAM = stream
         cls.TYPE_ID = type_id

@@ -16,6 +16,8 @@ __all__ = ("EventRow", "CurrentStateRow", "AllStateRow", "BackfillRow")
 class EventRow(Row):
     """An event was persisted (or stopped being an outlier)."""
 
+    __slots__ = ()
+
     event_id: str
     room_id: str
     type: str
@@ -31,6 +33,8 @@ class EventRow(Row):
 class CurrentStateRow(Row):
     """One entry of a room's current state changed; ``event_id`` None = removed."""
 
+    __slots__ = ()
+
     room_id: str
     type: str
     state_key: str
@@ -41,12 +45,16 @@ class CurrentStateRow(Row):
 class AllStateRow(Row):
     """A room's whole current state changed at once (too many rows to list)."""
 
+    __slots__ = ()
+
     room_id: str
 
 
 @stream_row("backfill")
 class BackfillRow(Row):
     """An event fetched from history over federation (tokens count upwards)."""
+
+    __slots__ = ()
 
     event_id: str
     room_id: str

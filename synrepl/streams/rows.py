@@ -35,6 +35,8 @@ __all__ = (
 class PresenceRow(Row):
     """A user's presence changed."""
 
+    __slots__ = ()
+
     user_id: str
     state: str
     last_active_ts: int
@@ -48,6 +50,8 @@ class PresenceRow(Row):
 class PresenceFederationRow(Row):
     """A presence update must be sent to one remote server."""
 
+    __slots__ = ()
+
     destination: str
     user_id: str
 
@@ -56,6 +60,8 @@ class PresenceFederationRow(Row):
 class TypingRow(Row):
     """The full list of users typing in a room (it replaces the previous one)."""
 
+    __slots__ = ()
+
     room_id: str
     user_ids: tuple[str, ...]
 
@@ -63,6 +69,8 @@ class TypingRow(Row):
 @stream_row("receipts")
 class ReceiptsRow(Row):
     """A read receipt was sent; ``data`` is the receipt body (``{"ts": ...}``)."""
+
+    __slots__ = ()
 
     room_id: str
     receipt_type: str
@@ -76,12 +84,16 @@ class ReceiptsRow(Row):
 class PushRulesRow(Row):
     """A user's push rules changed."""
 
+    __slots__ = ()
+
     user_id: str
 
 
 @stream_row("pushers")
 class PushersRow(Row):
     """A pusher was added, changed or (``deleted``) removed."""
+
+    __slots__ = ()
 
     user_id: str
     app_id: str
@@ -93,6 +105,8 @@ class PushersRow(Row):
 class CachesRow(Row):
     """Invalidate a cache entry; ``keys`` None means the whole cache."""
 
+    __slots__ = ()
+
     cache_func: str
     keys: tuple[Any, ...] | None
     invalidation_ts: int
@@ -101,6 +115,8 @@ class CachesRow(Row):
 @stream_row("device_lists")
 class DeviceListsRow(Row):
     """A user's devices (or cross-signing signatures) changed."""
+
+    __slots__ = ()
 
     user_id: str
     is_signature: bool
@@ -111,12 +127,16 @@ class DeviceListsRow(Row):
 class ToDeviceRow(Row):
     """A to-device message waits for ``entity`` (a local user or a server)."""
 
+    __slots__ = ()
+
     entity: str
 
 
 @stream_row("federation")
 class FederationRow(Row):
     """Something queued for a federation sender; ``type`` says how to read ``data``."""
+
+    __slots__ = ()
 
     type: str
     data: dict[str, Any]
@@ -125,6 +145,8 @@ class FederationRow(Row):
 @stream_row("account_data")
 class AccountDataRow(Row):
     """Global (``room_id`` None) or per-room account data, or tags, changed."""
+
+    __slots__ = ()
 
     user_id: str
     room_id: str | None
@@ -135,6 +157,8 @@ class AccountDataRow(Row):
 class StickyEventsRow(Row):
     """A sticky event (MSC4354) changed in a room."""
 
+    __slots__ = ()
+
     room_id: str
     event_id: str
 
@@ -142,6 +166,8 @@ class StickyEventsRow(Row):
 @stream_row("thread_subscriptions")
 class ThreadSubscriptionsRow(Row):
     """A user's subscription to a thread (by its root event) changed."""
+
+    __slots__ = ()
 
     user_id: str
     room_id: str
@@ -152,12 +178,16 @@ class ThreadSubscriptionsRow(Row):
 class UnPartialStatedRoomRow(Row):
     """A room joined with partial state now has its full state."""
 
+    __slots__ = ()
+
     room_id: str
 
 
 @stream_row("un_partial_stated_event")
 class UnPartialStatedEventRow(Row):
     """An event's partial state was completed; its rejection may have changed."""
+
+    __slots__ = ()
 
     event_id: str
     rejection_status_changed: bool
@@ -166,6 +196,8 @@ class UnPartialStatedEventRow(Row):
 @stream_row("quarantined_media")
 class QuarantinedMediaRow(Row):
     """Media was (un)quarantined; ``origin`` is None for local media."""
+
+    __slots__ = ()
 
     origin: str | None
     media_id: str
@@ -178,6 +210,8 @@ class ProfileUpdatesRow(Row):
 
     ``affected_fields`` keeps the wire order (Synapse turns it into a set).
     """
+
+    __slots__ = ()
 
     user_id: str
     action: str
