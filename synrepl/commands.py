@@ -21,6 +21,7 @@ import attrs
 import orjson
 
 from synrepl import _json
+from synrepl._builders import builder, fast_constructor, field_names
 from synrepl.errors import (
     EncodeError,
     MalformedCommandError,
@@ -270,25 +271,16 @@ COMMAND_TYPES: dict[str, type[Command]] = {
 # * ``__init__`` writes the slots through their member descriptors (what
 #   users and encoders construct with; same signature as attrs').
 # * The parsers, which have already checked every value (command classes
-#   have no validators or converters to bypass), use a private constructor
-#   that fills a *builder*: a class with the same base and the same slots
-#   but an ordinary ``__setattr__``, so each store is the interpreter's
-#   specialised slot store.  The filled instance then becomes the real
-#   class by ``__class__`` assignment, which Python allows between classes
-#   of one layout; what comes out is an ordinary instance of the command
-#   class, about twice as cheap to make as through the descriptors.
+#   have no validators or converters to bypass), build through
+#   :mod:`synrepl._builders`: about twice as cheap as the descriptors.
 
 _C = TypeVar("_C", bound=Command)
-
-
-def _field_names(cls: type[Command]) -> list[str]:
-    return [a.name for a in attrs.fields(cls)]
 
 
 def _install_init(cls: type[Command]) -> None:
     """Replace attrs' ``__init__`` with one that writes the slots through
     their descriptors (same signature and docstring)."""
-    names = _field_names(cls)
+    names = field_names(cls)
     if not names:
         return
     writers = {f"set_{name}": getattr(cls, name).__set__ for name in names}
@@ -301,40 +293,9 @@ def _install_init(cls: type[Command]) -> None:
     cls.__init__ = init  # type: ignore[method-assign]
 
 
-def _builder(cls: type[Command]) -> Callable[[], Any]:
-    """A mutable twin of ``cls``: same single base, same own slots, plain
-    ``__setattr__`` and no-op ``__init__``.  Fill its instance's fields, then
-    set its ``__class__`` to ``cls``."""
-    (base,) = cls.__bases__
-    namespace = {
-        "__slots__": cls.__dict__.get("__slots__", ()),
-        "__setattr__": object.__setattr__,
-        "__delattr__": object.__delattr__,
-        "__init__": object.__init__,
-        "__module__": cls.__module__,
-    }
-    builder = type(f"_{cls.__name__}Builder", (base,), namespace)
-    # Refuse at import, not on the first line, a layout the builder misses.
-    names = _field_names(cls)
-    probe = builder()
-    for name in names:
-        setattr(probe, name, name)
-    probe.__class__ = cls
-    if type(probe) is not cls or [getattr(probe, name) for name in names] != names:
-        raise TypeError(f"cannot build {cls.__name__} through a builder")  # pragma: no cover
-    return builder
-
-
 def _fast_constructor(cls: type[_C]) -> Callable[..., _C]:
-    """``cls(*fields)`` for values already checked, through a builder."""
-    names = _field_names(cls)
-    source = [f"def f({', '.join(names)}):", "    self = builder()"]
-    source += [f"    self.{name} = {name}" for name in names]
-    source += ["    self.__class__ = cls", "    return self"]
-    namespace = {"builder": _builder(cls), "cls": cls}
-    filename = f"<synrepl.commands generated: {cls.__name__} fast constructor>"
-    constructor: Callable[..., _C] = generated_function(source, namespace, filename, "f")
-    return constructor
+    """``cls(*fields)`` for values already checked (see :mod:`synrepl._builders`)."""
+    return fast_constructor(cls, "synrepl.commands")
 
 
 for _cls in COMMAND_TYPES.values():
@@ -342,9 +303,9 @@ for _cls in COMMAND_TYPES.values():
 
 # parse_line fills these three builders itself, saving a call per line:
 # RDATA is half the traffic, POSITION and USER_SYNC the shortest lines.
-_RdataBuilder = _builder(RdataCommand)
-_PositionBuilder = _builder(PositionCommand)
-_UserSyncBuilder = _builder(UserSyncCommand)
+_RdataBuilder = builder(RdataCommand)
+_PositionBuilder = builder(PositionCommand)
+_UserSyncBuilder = builder(UserSyncCommand)
 _make_lock_released: Callable[[str, str, str], LockReleasedCommand] = _fast_constructor(
     LockReleasedCommand
 )

@@ -125,6 +125,7 @@ from typing import Protocol
 
 import attrs
 
+from synrepl._builders import fast_constructor
 from synrepl.commands import Command, PositionCommand, RdataCommand
 from synrepl.errors import SynreplError
 from synrepl.streams import AnyRow
@@ -182,6 +183,10 @@ class RowsReceived(Event):
     token: int
     rows: tuple[AnyRow, ...]
     fetched: bool
+
+
+#: RowsReceived(...) for checked values, a batch per token: see synrepl._builders.
+_rows_received = fast_constructor(RowsReceived, "synrepl.positions")
 
 
 @attrs.frozen
@@ -933,7 +938,7 @@ class StreamPositions:
             self._hold(pair, token)
             return
         pair.token = token
-        out.append(RowsReceived(pair.stream, pair.writer, token, rows, fetched))
+        out.append(_rows_received(pair.stream, pair.writer, token, rows, fetched))
 
     def _advance(self, pair: _Pair, token: int, out: list[Event]) -> None:
         if pair.token is None or token > pair.token:
