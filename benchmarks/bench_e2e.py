@@ -134,9 +134,13 @@ def start_positions(lines: Iterable[str]) -> dict[str, dict[str, int]]:
 @attrs.define
 class Meter:
     """Counts messages and times the consumer: from the first message read
-    (live) or from the end of the publishing (backlog) until :meth:`finish`,
-    which by default is the last message; a client finishes once its handler
-    has also been given every row (rows wait for fetches in flight)."""
+    (live) or from the end of the publishing (backlog) to the last one.
+
+    A client is not metered per line (that would add a call to each): its
+    handler counts rows, and once every row is handled the meter looks at
+    the client's own line count, again on each turn of the loop until every
+    line is in (rows may wait for fetches in flight; lines may follow the
+    last row).  Live, a client's clock starts at its first batch."""
 
     wanted: int
     live: bool
@@ -144,6 +148,9 @@ class Meter:
     count: int = 0
     rows: int = 0
     wanted_rows: int | None = None
+    #: A client's line count, and how to look again on the loop's next turn.
+    lines: Callable[[], int] | None = None
+    soon: Callable[[Callable[[], None]], object] | None = None
     wall: float = 0.0
     cpu: float = 0.0
 
@@ -158,8 +165,18 @@ class Meter:
             self._maybe_finish()
 
     def handled(self, rows: int) -> None:
+        if self.rows == 0 and self.live:
+            self.start()
         self.rows += rows
         if self.rows == self.wanted_rows:
+            self._lines_in()
+
+    def _lines_in(self) -> None:
+        assert self.lines is not None and self.soon is not None
+        self.count = self.lines()
+        if self.count < self.wanted:
+            self.soon(self._lines_in)
+        else:
             self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -453,13 +470,9 @@ def run_client_twisted(child: Child, streams: Sequence[str] | None) -> dict[str,
     async def work(reactor: Any) -> dict[str, Any]:
         done: defer.Deferred[None] = defer.Deferred()
         child.meter.done = lambda: done.callback(None)
-        tick = child.meter.tick
+        child.meter.soon = lambda call: reactor.callLater(0, call)
 
         class Metered(ReplicationClient):
-            def _line_received(self, channel: str, line: str) -> None:
-                super()._line_received(channel, line)
-                tick()
-
             def _on_subscribed(self) -> None:
                 super()._on_subscribed()
                 child.subscribed()
@@ -467,6 +480,7 @@ def run_client_twisted(child: Child, streams: Sequence[str] | None) -> dict[str,
         options = _client_options(child, streams)
         client = Metered(reactor, options.pop("config"), **options)
         client.on_rows(None, _row_counter(child, streams))
+        child.meter.lines = lambda: client.counters.lines
         await client.start()
         await _in_time(done)
         await client.stop()
@@ -483,13 +497,9 @@ def run_client_asyncio(child: Child, streams: Sequence[str] | None) -> dict[str,
     async def work() -> dict[str, Any]:
         done = asyncio.get_running_loop().create_future()
         child.meter.done = lambda: done.set_result(None)
-        tick = child.meter.tick
+        child.meter.soon = asyncio.get_running_loop().call_soon
 
         class Metered(ReplicationClient):
-            def _line_received(self, channel: str, line: str) -> None:
-                super()._line_received(channel, line)
-                tick()
-
             def _on_subscribed(self) -> None:
                 super()._on_subscribed()
                 child.subscribed()
@@ -497,6 +507,7 @@ def run_client_asyncio(child: Child, streams: Sequence[str] | None) -> dict[str,
         options = _client_options(child, streams)
         client = Metered(options.pop("config"), **options)
         client.on_rows(None, _row_counter(child, streams))
+        child.meter.lines = lambda: client.counters.lines
         await client.start()
         await _in_time(done)
         await client.stop()
