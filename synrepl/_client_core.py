@@ -57,6 +57,7 @@ from synrepl.commands import (
     UserIpCommand,
     UserSyncCommand,
     encode,
+    parse_line,
 )
 from synrepl.config import SynapseConfig
 from synrepl.deadletters import DeadLetter
@@ -368,7 +369,10 @@ class ClientCore(Generic[_Sent]):
             acknowledge=checkpoint is not None,
             failure_policy=failure_policy,
         )
-        self._parse = SelectiveParser(streams=self._streams)
+        # All streams: parse_line itself (a SelectiveParser would only pass lines on).
+        self._parse: Callable[[str], Command | None] = (
+            parse_line if self._streams is None else SelectiveParser(streams=self._streams)
+        )
         self._row_handlers: dict[str | None, list[RowHandler]] = {}
         #: Per stream, its handlers then the general ones (rebuilt on on_rows).
         self._stream_handlers: dict[str, list[RowHandler]] = {}
@@ -1026,7 +1030,7 @@ class ClientCore(Generic[_Sent]):
 
     def _run_handlers(self, batch: RowsReceived, index: int) -> None:
         """Call the handlers from ``index`` on; the batch is done after the last."""
-        handlers = self._handlers_for(batch.stream)
+        handlers = self._stream_handlers.get(batch.stream) or self._handlers_for(batch.stream)
         while index < len(handlers):
             handler = handlers[index]
             try:

@@ -83,7 +83,7 @@ from typing import Literal
 
 import attrs
 
-from synrepl.commands import Command
+from synrepl.commands import Command, RdataCommand
 from synrepl.positions import (
     Event,
     FetchNeeded,
@@ -237,10 +237,6 @@ class _Queue:
     #: StopDelivery was emitted: nothing more goes out.
     stopped: bool = False
 
-    @property
-    def blocked(self) -> bool:
-        return self.running is not None or self.unsaved or self.stopped
-
 
 class Delivery:
     """Queues toward the handlers, the memory bound, processed positions,
@@ -309,7 +305,7 @@ class Delivery:
             budget=self,
         )
         self._queues: dict[str, _Queue] = {}
-        self._wire_waiting = self.wire.is_waiting
+        self._wire_waiting = self.wire.waiting_streams
         self._processed: dict[str, dict[str, int]] = {}
         self._waiters: dict[Hashable, tuple[str, str, int]] = {}
         self._waiters_by_pair: dict[tuple[str, str], dict[Hashable, int]] = {}
@@ -394,7 +390,7 @@ class Delivery:
 
     def reserve(self, stream: str, rows: int, refusable: bool) -> bool:
         """Room for ``rows`` rows in ``stream``'s queue; see :class:`~synrepl.positions.Budget`."""
-        queue = self._queue(stream)
+        queue = self._queues.get(stream) or self._queue(stream)
         if refusable and queue.pending and queue.pending + rows > self.max_pending_rows:
             return False
         queue.pending += rows
@@ -452,6 +448,8 @@ class Delivery:
 
     def receive(self, cmd: Command) -> list[Action]:
         """One command from the wire (only RDATA and POSITION matter)."""
+        if type(cmd) is RdataCommand:
+            return self._route(self.wire.receive_rdata(cmd))
         return self._route(self.wire.receive(cmd))
 
     def fetched(
@@ -488,7 +486,10 @@ class Delivery:
         Raises:
             StateError: ``batch`` is not the batch out for its stream.
         """
-        return self._processed_batch(self._running_queue(batch, "handled"), batch)
+        queue = self._queues.get(batch.stream)
+        if queue is None or queue.running is not batch:
+            queue = self._running_queue(batch, "handled")  # raises
+        return self._processed_batch(queue, batch)
 
     def handler_failed(self, batch: RowsReceived, error: str) -> list[Action]:
         """The handlers failed on ``batch`` (rule 6): a RetryBatch, a
@@ -585,7 +586,8 @@ class Delivery:
         if self._acknowledge:
             queue.unsaved = True
         self._pump(batch.stream, queue, out)
-        self._maybe_save(out)
+        if self._acknowledge:
+            self._maybe_save(out)
         return out
 
     def _route(self, events: list[Event]) -> list[Action]:
@@ -595,10 +597,11 @@ class Delivery:
         if len(events) == 1 and type(events[0]) is RowsReceived:
             # The common case (one live batch) without the bookkeeping below.
             batch = events[0]
-            batch_queue = self._queue(batch.stream)
+            batch_queue = self._queues.get(batch.stream) or self._queue(batch.stream)
             batch_queue.items.append(batch)
             self._pump(batch.stream, batch_queue, out)
-            self._maybe_save(out)
+            if self._acknowledge:
+                self._maybe_save(out)
             return out
         touched: dict[str, _Queue] = {}
         for event in events:
@@ -621,7 +624,8 @@ class Delivery:
     def _pump(self, stream: str, queue: _Queue, out: list[Action]) -> None:
         """Rule 1: process items up to the next batch, and hand that out."""
         items = queue.items
-        while items and not queue.blocked:
+        # Blocked while a batch is out, unsaved (rule 5) or delivery stopped.
+        while items and queue.running is None and not queue.unsaved and not queue.stopped:
             item = items.popleft()
             if isinstance(item, RowsReceived):
                 queue.pending -= len(item.rows)
@@ -639,7 +643,7 @@ class Delivery:
                 out.append(item)
                 if item.trusted:
                     self._processed_to(stream, item.writer, item.new_token, True, out)
-        if queue.pending <= self._refill_at and self._wire_waiting(stream):
+        if queue.pending <= self._refill_at and stream in self._wire_waiting:
             out.extend(self.wire.resume(stream))  # type: ignore[arg-type]
 
     def _processed_to(

@@ -516,6 +516,12 @@ class StreamPositions:
         """Whether a fetch for ``stream`` waits for the budget (see :meth:`resume`)."""
         return stream in self._waiting
 
+    @property
+    def waiting_streams(self) -> Mapping[str, object]:
+        """The streams with a fetch waiting for the budget, as a live view
+        (``stream in view`` is :meth:`is_waiting` without the call)."""
+        return self._waiting
+
     def persisted_upto(self, stream: str) -> int | None:
         """The lowest token over the stream's writers: everything up to it is here.
 
@@ -541,7 +547,7 @@ class StreamPositions:
     def receive(self, cmd: Command) -> list[Event]:
         """Take one command from the wire; anything but RDATA and POSITION gives []."""
         if isinstance(cmd, RdataCommand):
-            return self._receive_rdata(cmd)
+            return self.receive_rdata(cmd)
         if isinstance(cmd, PositionCommand):
             return self._receive_position(cmd)
         return []
@@ -670,7 +676,10 @@ class StreamPositions:
         if cmd.instance_name == self.local_instance:
             self.counters.own_echoes += 1
             return None
-        pair = self._pair(cmd.stream_name, cmd.instance_name)
+        pairs = self._pairs.get(cmd.stream_name)
+        pair = None if pairs is None else pairs.get(cmd.instance_name)
+        if pair is None:
+            pair = self._pair(cmd.stream_name, cmd.instance_name)
         if pair is None:
             self.counters.ignored_streams += 1
             return None
@@ -681,7 +690,8 @@ class StreamPositions:
         pair.heard = True
         return pair
 
-    def _receive_rdata(self, cmd: RdataCommand) -> list[Event]:
+    def receive_rdata(self, cmd: RdataCommand) -> list[Event]:
+        """:meth:`receive` for an RDATA, without the dispatch (the hot path)."""
         out: list[Event] = []
         pair = self._pair_of(cmd, out)
         if pair is None:
