@@ -662,11 +662,12 @@ def test_refused_rows_wait_for_room_then_are_fetched() -> None:
     for n in (12, 13):
         assert sp.receive(rdata("events", "master", n, n)) == []
     assert sp.receive(pos("events", "master", 13, 15)) == []
-    assert sp.is_waiting("events")
+    waiting = sp.waiting_streams  # a live view: it follows without being asked again
+    assert sp.is_waiting("events") and "events" in waiting
     assert sp.resume("events") == []  # still no room for a page
     room.full = room.busy = False
     assert sp.resume("events") == [FetchNeeded("events", "master", 10, 15)]
-    assert not sp.is_waiting("events")
+    assert not sp.is_waiting("events") and "events" not in waiting
     rows = [(n, row("events", n)) for n in (11, 12, 13)]
     events = sp.fetched("events", "master", rows, 15, False)
     assert rows_of(events) == [(n, (row("events", n),)) for n in (11, 12, 13)]
