@@ -928,7 +928,9 @@ class ClientCore(Generic[_Sent]):
         if cmd is None:
             return
         if isinstance(cmd, (RdataCommand, PositionCommand)):
-            self._perform(self._delivery.receive(cmd))
+            actions = self._delivery.receive(cmd)
+            if actions:
+                self._perform(actions)
             return
         if _sent_by(cmd) == self.instance_name:
             return  # our own echo
