@@ -390,7 +390,7 @@ class Delivery:
 
     def reserve(self, stream: str, rows: int, refusable: bool) -> bool:
         """Room for ``rows`` rows in ``stream``'s queue; see :class:`~synrepl.positions.Budget`."""
-        queue = self._queues.get(stream) or self._queue(stream)
+        queue = self._queue(stream)
         if refusable and queue.pending and queue.pending + rows > self.max_pending_rows:
             return False
         queue.pending += rows
@@ -486,10 +486,7 @@ class Delivery:
         Raises:
             StateError: ``batch`` is not the batch out for its stream.
         """
-        queue = self._queues.get(batch.stream)
-        if queue is None or queue.running is not batch:
-            queue = self._running_queue(batch, "handled")  # raises
-        return self._processed_batch(queue, batch)
+        return self._processed_batch(self._running_queue(batch, "handled"), batch)
 
     def handler_failed(self, batch: RowsReceived, error: str) -> list[Action]:
         """The handlers failed on ``batch`` (rule 6): a RetryBatch, a
@@ -597,7 +594,7 @@ class Delivery:
         if len(events) == 1 and type(events[0]) is RowsReceived:
             # The common case (one live batch) without the bookkeeping below.
             batch = events[0]
-            batch_queue = self._queues.get(batch.stream) or self._queue(batch.stream)
+            batch_queue = self._queue(batch.stream)
             batch_queue.items.append(batch)
             self._pump(batch.stream, batch_queue, out)
             if self._acknowledge:

@@ -676,10 +676,7 @@ class StreamPositions:
         if cmd.instance_name == self.local_instance:
             self.counters.own_echoes += 1
             return None
-        pairs = self._pairs.get(cmd.stream_name)
-        pair = None if pairs is None else pairs.get(cmd.instance_name)
-        if pair is None:
-            pair = self._pair(cmd.stream_name, cmd.instance_name)
+        pair = self._pair(cmd.stream_name, cmd.instance_name)
         if pair is None:
             self.counters.ignored_streams += 1
             return None
