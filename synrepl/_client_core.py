@@ -646,18 +646,7 @@ class ClientCore(Generic[_Sent]):
 
     def _send(self, cmd: Command) -> _Sent:
         """Publish ``cmd`` as this instance; the waiter says when Redis took it."""
-        waiter = self._new_waiter()
-
-        async def publish() -> None:
-            try:
-                await self._publish(cmd)
-            except Exception as e:  # noqa: BLE001 - handed to the caller's waiter
-                self._settle(waiter, e)
-            else:
-                self._settle(waiter, None)
-
-        self._spawn(publish())
-        return waiter
+        return self._as_waiter(self._publish(cmd))
 
     async def _publish(self, cmd: Command) -> None:
         await self.transport.publish(cmd.channel(self._config.server_name), encode(cmd))
@@ -1032,7 +1021,7 @@ class ClientCore(Generic[_Sent]):
 
     def _run_handlers(self, batch: RowsReceived, index: int) -> None:
         """Call the handlers from ``index`` on; the batch is done after the last."""
-        handlers = self._stream_handlers.get(batch.stream) or self._handlers_for(batch.stream)
+        handlers = self._handlers_for(batch.stream)
         while index < len(handlers):
             handler = handlers[index]
             try:
