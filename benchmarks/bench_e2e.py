@@ -4,7 +4,7 @@
                                    [--only NAME ...]
 
 The repository's corpus (tokens renumbered so that they keep increasing,
-see bench_transports.py; the main channel only, what a client subscribes
+see _replay.py; the main channel only, what a client subscribes
 to) is replayed into a private redis-server, and each consumer below
 takes all of it, in a process of its own (a Twisted reactor runs once per
 process), the consumers interleaved round after round:
@@ -13,6 +13,8 @@ process), the consumers interleaved round after round:
   the ceiling;
 * ``txredisapi`` -- a txredisapi subscriber with hiredis (what Synapse
   itself runs on), counting: **the baseline of the ratios**;
+* ``redis-py`` -- redis-py's ``redis.asyncio`` pub/sub with hiredis, read
+  with ``listen()``: what a transport built on it could do at best;
 * ``transport-twisted`` / ``transport-asyncio`` -- synrepl's RedisTransport
   of each adapter, lines handed to a counting callback;
 * ``client-twisted-all`` / ``client-asyncio-all`` -- a read-only
@@ -59,12 +61,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from bench_transports import Entries, PrivateRedis, corpus_segments, renumbered
+from _replay import Entries, PrivateRedis, corpus_segments, publish, renumbered
 
 #: Consumers in the order they run within a round (the baseline first).
 CONSUMERS = (
     "txredisapi",
     "bare",
+    "redis-py",
     "transport-twisted",
     "transport-asyncio",
     "client-twisted-all",
@@ -205,7 +208,7 @@ class Child:
         if self.live:
             print("ready", flush=True)
             return
-        _publish(self._redis, self.entries)  # nothing is read meanwhile
+        publish(self._redis, self.entries)  # nothing is read meanwhile
         self.meter.start()
 
     def result(self, **extra: Any) -> dict[str, Any]:
@@ -215,18 +218,6 @@ class Child:
             "cpu": self.meter.cpu,
             **extra,
         }
-
-
-def _publish(client: Any, entries: Entries) -> None:
-    """PUBLISH every entry, pipelined; each must reach exactly one subscriber."""
-    received = 0
-    for start in range(0, len(entries), 5000):
-        pipe = client.pipeline(transaction=False)
-        for channel, line in entries[start : start + 5000]:
-            pipe.publish(channel, line)
-        received += sum(pipe.execute())
-    if received != len(entries):
-        raise RuntimeError(f"{received} of {len(entries)} messages reached a subscriber")
 
 
 def run_bare(child: Child) -> dict[str, Any]:
@@ -317,6 +308,34 @@ def run_txredisapi(child: Child) -> dict[str, Any]:
         return child.result(hiredis=txredisapi.hiredis is not None)
 
     return dict(_run_reactor(work))
+
+
+def run_redis_py(child: Child) -> dict[str, Any]:
+    import asyncio
+
+    import redis.asyncio
+
+    async def work() -> dict[str, Any]:
+        client = redis.asyncio.Redis(host="127.0.0.1", port=child.port)
+        pubsub = client.pubsub()
+        await pubsub.subscribe(child.channel)
+        while (message := await pubsub.get_message(timeout=5.0)) is None or message[
+            "type"
+        ] != "subscribe":
+            pass
+        child.subscribed()
+        meter = child.meter
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                message["data"].decode("utf-8")
+                meter.tick()
+                if meter.count == meter.wanted:
+                    break
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await client.aclose()
+        return child.result()
+
+    return asyncio.run(work())
 
 
 def _transport_callbacks(child: Child, subscribed: Callable[[], None]) -> dict[str, Any]:
@@ -521,6 +540,8 @@ def run_consumer(name: str, child: Child) -> dict[str, Any]:
         return run_bare(child)
     if name == "txredisapi":
         return run_txredisapi(child)
+    if name == "redis-py":
+        return run_redis_py(child)
     if name == "transport-twisted":
         return run_transport_twisted(child)
     if name == "transport-asyncio":

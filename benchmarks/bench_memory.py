@@ -28,8 +28,8 @@ import sys
 import tracemalloc
 from typing import Any
 
+from _replay import PrivateRedis, corpus_segments
 from bench_e2e import _NoHistory
-from bench_transports import PrivateRedis, corpus_segments
 
 from synrepl.config import config_from_dict
 from synrepl.connection import TransportOptions

@@ -24,19 +24,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
-import json
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import synrepl
+from _replay import corpus_segments
 
-CORPUS_FILES = ("replication-corpus.jsonl", "replication-corpus-pg.jsonl")
+import synrepl
 
 #: Lines timed per round for one command type / stream (small groups repeat).
 GROUP_PASS_LINES = 12_000
@@ -50,17 +46,8 @@ Parse = Callable[[str], Any]
 
 
 def corpus_lines() -> list[str]:
-    """Every line of the repository's corpus (``SYNREPL_CORPUS_DIR`` overrides it)."""
-    folder = Path(
-        os.environ.get("SYNREPL_CORPUS_DIR") or Path(__file__).resolve().parents[1] / "corpus"
-    )
-    lines: list[str] = []
-    for name in CORPUS_FILES:
-        path = folder / name
-        opener: Any = open if path.is_file() else gzip.open
-        with opener(path if path.is_file() else folder / f"{name}.gz", "rt", encoding="utf-8") as f:
-            lines.extend(json.loads(entry)["line"] for entry in f)
-    return lines
+    """Every line of the repository's corpus, in file order (see :mod:`_replay`)."""
+    return [line for segment in corpus_segments() for _, line in segment]
 
 
 def synapse_parser() -> Parse:

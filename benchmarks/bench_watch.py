@@ -3,7 +3,7 @@
     python benchmarks/bench_watch.py [--rounds 5] [--repeat 2] [--baseline DIR]
 
 The repository's corpus (both files, tokens renumbered, see
-bench_transports.py; its main channel and its ``/USER_IP`` channel) is
+_replay.py; its main channel and its ``/USER_IP`` channel) is
 published into a private redis-server, pipelined with redis-py, one
 consumer subscribed at a time, in two ways (``--method``):
 
@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 import attrs
-from bench_transports import Entries, PrivateRedis, corpus_segments, renumbered
+from _replay import Entries, PrivateRedis, corpus_segments, renumbered
 
 from synrepl.cli._render import Filters, Output, Stats
 from synrepl.cli._watcher import LineWatcher

@@ -14,7 +14,7 @@ It uses asyncio's own transports (``loop.create_connection``, with an
 hiredis's reply parser where installed (the pure-Python one of
 :mod:`synrepl._resp` otherwise); not redis-py, whose pub/sub re-subscribes
 by itself after a reconnect, and which the benchmark
-``benchmarks/bench_transports.py`` measures as several times slower.
+``benchmarks/bench_e2e.py`` measures as several times slower.
 
 Every rule it follows (options, set-up sequence, backoff, keepalive,
 counters, the callback contract, what is logged when, what a message
