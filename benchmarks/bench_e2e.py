@@ -17,6 +17,11 @@ process), the consumers interleaved round after round:
   with ``listen()``: what a transport built on it could do at best;
 * ``transport-twisted`` / ``transport-asyncio`` -- synrepl's RedisTransport
   of each adapter, lines handed to a counting callback;
+* ``floor-all`` / ``floor-events`` -- the Twisted transport with a callback
+  that does what a client does with each line before delivering it (skip
+  the commands nobody handles, parse the rest, with ``parse_line`` or the
+  events ``SelectiveParser``): the most a client could reach with today's
+  transport and parser, delivery costing nothing;
 * ``client-twisted-all`` / ``client-asyncio-all`` -- a read-only
   ReplicationClient, all streams, one no-op handler: every line parsed,
   positions kept, every batch delivered;
@@ -70,6 +75,8 @@ CONSUMERS = (
     "redis-py",
     "transport-twisted",
     "transport-asyncio",
+    "floor-all",
+    "floor-events",
     "client-twisted-all",
     "client-asyncio-all",
     "client-twisted-events",
@@ -338,11 +345,19 @@ def run_redis_py(child: Child) -> dict[str, Any]:
     return asyncio.run(work())
 
 
-def _transport_callbacks(child: Child, subscribed: Callable[[], None]) -> dict[str, Any]:
+def _transport_callbacks(
+    child: Child, subscribed: Callable[[], None], work: Callable[[str], object] | None = None
+) -> dict[str, Any]:
     tick = child.meter.tick
 
     def on_line(channel: str, line: str) -> None:
         tick()
+
+    if work is not None:
+
+        def on_line(channel: str, line: str) -> None:
+            work(line)
+            tick()
 
     return {
         "on_line": on_line,
@@ -352,7 +367,26 @@ def _transport_callbacks(child: Child, subscribed: Callable[[], None]) -> dict[s
     }
 
 
-def run_transport_twisted(child: Child) -> dict[str, Any]:
+def _floor_work(streams: Sequence[str] | None) -> Callable[[str], object]:
+    """What a client does with a line before delivery: the same skip of
+    commands nobody handles, the same parser (the client's floor)."""
+    from synrepl._client_core import _MOVES_POSITIONS
+    from synrepl.commands import COMMAND_TYPES, SelectiveParser, parse_line
+
+    unhandled = frozenset(COMMAND_TYPES) - {"RDATA", "POSITION"}
+    parse = parse_line if streams is None else SelectiveParser(streams=streams)
+
+    def work(line: str) -> object:
+        if not line.startswith(_MOVES_POSITIONS) and line.partition(" ")[0] in unhandled:
+            return None
+        return parse(line)
+
+    return work
+
+
+def run_transport_twisted(
+    child: Child, work_per_line: Callable[[str], object] | None = None
+) -> dict[str, Any]:
     from twisted.internet import defer
 
     from synrepl.config import RedisConfig
@@ -369,7 +403,9 @@ def run_transport_twisted(child: Child) -> dict[str, Any]:
             [child.channel],
             options=TransportOptions(keepalive_interval=300.0),
             **_transport_callbacks(
-                child, lambda: None if subscribed.called else subscribed.callback(None)
+                child,
+                lambda: None if subscribed.called else subscribed.callback(None),
+                work_per_line,
             ),
         )
         transport.start()
@@ -546,6 +582,8 @@ def run_consumer(name: str, child: Child) -> dict[str, Any]:
         return run_transport_twisted(child)
     if name == "transport-asyncio":
         return run_transport_asyncio(child)
+    if name.startswith("floor-"):
+        return run_transport_twisted(child, _floor_work(_streams_of(name)))
     if name.startswith("client-twisted-"):
         return run_client_twisted(child, _streams_of(name))
     if name.startswith("client-asyncio-"):
