@@ -86,6 +86,14 @@ from synrepl.events import (
     FullEvent,
     MissingEvent,
 )
+from synrepl.metrics import (
+    ClientMetrics,
+    Histogram,
+    LatencyRecorder,
+    StreamMetrics,
+    WriterMetrics,
+    merged_keys,
+)
 
 if TYPE_CHECKING:
     from synrepl.checkpoints import CheckpointStore
@@ -251,18 +259,25 @@ class _Totals:
     lines: int = 0
     bad_lines: int = 0
     unknown_commands: int = 0
-    rows_delivered: int = 0
-    batches_delivered: int = 0
-    rows_fetched: int = 0
-    fetch_pages: int = 0
-    fetch_failures: int = 0
-    gaps: int = 0
     handler_errors: int = 0
     handler_retries: int = 0
     dead_letters: int = 0
     checkpoint_saves: int = 0
     checkpoint_failures: int = 0
     reconnects: int = 0
+
+
+@attrs.define
+class _StreamTotals:
+    """One stream's running totals (the client's are their sums)."""
+
+    rows_delivered: int = 0
+    batches_delivered: int = 0
+    rows_fetched: int = 0
+    fetch_pages: int = 0
+    fetch_failures: int = 0
+    gaps: int = 0
+    dead_letters: int = 0
 
 
 def named_instances(config: SynapseConfig) -> frozenset[str]:
@@ -297,7 +312,7 @@ class ClientCore(Generic[_Sent]):
 
     Args:
         config: the cluster's configuration.
-        clock: tells the time, for rate-limited warnings.
+        clock: tells the time, for rate-limited warnings and metrics.
         instance_name: this process's name on the wire (default: the
             config's ``worker_name``, else ``synrepl-<random>``).
         streams: the streams to follow (None: all).
@@ -384,6 +399,16 @@ class ClientCore(Generic[_Sent]):
         self._command_handlers: dict[type[Command], list[Callable[[Any], object]]] = {}
         self._syncing_users: set[tuple[str, str | None]] = set()
         self._totals = _Totals()
+        self._stream_totals: dict[str, _StreamTotals] = {}
+        #: When each (stream, writer)'s last row arrived (by ``_now``).
+        self._row_seen_at: dict[tuple[str, str], float] = {}
+        self._fetch_latency = LatencyRecorder()
+        #: Per stream, when its batch out went to the handlers; None: not measured.
+        self._handler_started: dict[str, float] | None = None
+        self._handler_latency = LatencyRecorder()
+        self._connected = False
+        #: The clock of the metrics: the adapter's loop's.
+        self._now: Callable[[], float] = clock.seconds
         self._subscriptions = 0
         self._todo: deque[Action] = deque()
         self._performing = False
@@ -507,24 +532,25 @@ class ClientCore(Generic[_Sent]):
     def counters(self) -> ClientCounters:
         """A typed snapshot of the running totals."""
         t = self._totals
+        per_stream = self._stream_totals.values()
         wire = attrs.evolve(self._delivery.wire.counters)
         return ClientCounters(
             lines=t.lines,
             bad_lines=t.bad_lines,
             unknown_commands=t.unknown_commands,
-            rows_delivered=t.rows_delivered,
-            batches_delivered=t.batches_delivered,
-            rows_fetched=t.rows_fetched,
-            fetch_pages=t.fetch_pages,
-            fetch_failures=t.fetch_failures,
+            rows_delivered=sum(s.rows_delivered for s in per_stream),
+            batches_delivered=sum(s.batches_delivered for s in per_stream),
+            rows_fetched=sum(s.rows_fetched for s in per_stream),
+            fetch_pages=sum(s.fetch_pages for s in per_stream),
+            fetch_failures=sum(s.fetch_failures for s in per_stream),
             overflows=wire.overflows,
-            gaps=t.gaps,
+            gaps=sum(s.gaps for s in per_stream),
             resets=wire.resets,
             writers_behind=wire.writers_behind,
             unnamed_writer_commands=wire.unnamed_writer_commands,
             handler_errors=t.handler_errors,
             handler_retries=t.handler_retries,
-            dead_letters=t.dead_letters,
+            dead_letters=sum(s.dead_letters for s in per_stream),
             checkpoint_saves=t.checkpoint_saves,
             checkpoint_failures=t.checkpoint_failures,
             reconnects=t.reconnects,
@@ -533,6 +559,74 @@ class ClientCore(Generic[_Sent]):
             event_source_failures=self._event_stats.source_failures,
             wire=wire,
         )
+
+    def measure_latency(self) -> None:
+        """Start timing the handlers (two clock reads a batch), for
+        :meth:`metrics`' ``handler_latency``; fetches are always timed."""
+        if self._handler_started is None:
+            self._handler_started = {}
+
+    def metrics(self) -> ClientMetrics:
+        """A typed snapshot of what this client measures (see
+        :mod:`synrepl.metrics`); :mod:`synrepl.prometheus` exports it."""
+        now = self._now()
+        processed = self._delivery.positions()
+        wire = self._delivery.wire.wire_positions()
+        seen = self._row_seen_at
+        writers = tuple(
+            WriterMetrics(
+                stream=stream,
+                writer=writer,
+                processed=processed.get(stream, {}).get(writer),
+                wire=wire.get(stream, {}).get(writer),
+                seconds_since_row=(
+                    now - seen[stream, writer] if (stream, writer) in seen else None
+                ),
+            )
+            for stream in merged_keys(processed, wire)
+            for writer in merged_keys(processed.get(stream, {}), wire.get(stream, {}))
+        )
+        fetch_latency = self._fetch_latency.snapshot()
+        handler_latency = self._handler_latency.snapshot()
+        measured = self._handler_started is not None
+        streams = []
+        for stream in merged_keys(self._stream_totals, processed, wire):
+            t = self._stream_totals.get(stream, _StreamTotals())
+            streams.append(
+                StreamMetrics(
+                    stream=stream,
+                    rows_delivered=t.rows_delivered,
+                    batches_delivered=t.batches_delivered,
+                    rows_fetched=t.rows_fetched,
+                    fetch_pages=t.fetch_pages,
+                    fetch_failures=t.fetch_failures,
+                    gaps_unfillable=t.gaps,
+                    dead_lettered_batches=t.dead_letters,
+                    queued_rows=self._delivery.pending_rows(stream),
+                    fetch_latency=fetch_latency.get(stream),
+                    handler_latency=(
+                        handler_latency.get(stream, Histogram.empty()) if measured else None
+                    ),
+                )
+            )
+        return ClientMetrics(
+            instance_name=self.instance_name,
+            server_name=self._config.server_name,
+            connected=self._connected,
+            reconnects=self._totals.reconnects,
+            lines=self._totals.lines,
+            bad_lines=self._totals.bad_lines,
+            unknown_commands=self._totals.unknown_commands,
+            handler_errors=self._totals.handler_errors,
+            writers=writers,
+            streams=tuple(streams),
+        )
+
+    def _totals_of(self, stream: str) -> _StreamTotals:
+        totals = self._stream_totals.get(stream)
+        if totals is None:
+            totals = self._stream_totals[stream] = _StreamTotals()
+        return totals
 
     def _check_followed(self, stream: str) -> None:
         if self._streams is not None and stream not in self._streams:
@@ -668,13 +762,16 @@ class ClientCore(Generic[_Sent]):
         self._spawn(self._fetch(need))
 
     async def _fetch(self, need: FetchNeeded) -> None:
+        started = self._now()
         try:
             page: StreamUpdatesLike = await self._fetcher.get_repl_stream_updates(
                 need.writer, need.stream, need.from_token, need.upto_token
             )
         except Exception as e:  # noqa: BLE001 - any failure to fetch is a gap to report
+            self._fetch_latency.observe(need.stream, self._now() - started)
             self._fetch_failed(need, e)
             return
+        self._fetch_latency.observe(need.stream, self._now() - started)
         self._fetch_done(need, page)
 
     def _waiter_reached(self, key: object) -> None:
@@ -917,6 +1014,8 @@ class ClientCore(Generic[_Sent]):
         if cmd is None:
             return
         if isinstance(cmd, (RdataCommand, PositionCommand)):
+            if type(cmd) is RdataCommand:
+                self._row_seen_at[cmd.stream_name, cmd.instance_name] = self._now()
             actions = self._delivery.receive(cmd)
             if actions:
                 self._perform(actions)
@@ -928,26 +1027,29 @@ class ClientCore(Generic[_Sent]):
     def _subscribed(self) -> bool:
         """The subscription is (re)confirmed; True if REPLICATE should be sent now."""
         self._subscriptions += 1
+        self._connected = True
         if self._subscriptions > 1:
             self._totals.reconnects += 1
         return not (self._read_only or self._passive)
 
     def _connection_lost(self) -> None:
+        self._connected = False
         self._perform(self._delivery.connection_lost())
 
     # ------------------------------------------------------------ fetch results
 
     def _fetch_done(self, need: FetchNeeded, page: StreamUpdatesLike) -> None:
         updates = self._typed(need.stream, page.updates)
-        self._totals.fetch_pages += 1
-        self._totals.rows_fetched += len(updates)
+        totals = self._totals_of(need.stream)
+        totals.fetch_pages += 1
+        totals.rows_fetched += len(updates)
         self._perform(
             self._delivery.fetched(need.stream, need.writer, updates, page.upto_token, page.limited)
         )
 
     def _fetch_failed(self, need: FetchNeeded, error: BaseException) -> None:
         reason = _describe(error)
-        self._totals.fetch_failures += 1
+        self._totals_of(need.stream).fetch_failures += 1
         logger.warning(
             "cannot fetch %s rows from %s (%d, %d]: %s",
             need.stream,
@@ -1022,6 +1124,9 @@ class ClientCore(Generic[_Sent]):
     def _run_handlers(self, batch: RowsReceived, index: int) -> None:
         """Call the handlers from ``index`` on; the batch is done after the last."""
         handlers = self._handlers_for(batch.stream)
+        started = self._handler_started
+        if started is not None and batch.stream not in started:
+            started[batch.stream] = self._now()
         while index < len(handlers):
             handler = handlers[index]
             try:
@@ -1034,8 +1139,12 @@ class ClientCore(Generic[_Sent]):
                 self._await_then(result, partial(self._handler_returned, batch, index))
                 return
         if handlers:
-            self._totals.rows_delivered += len(batch.rows)
-            self._totals.batches_delivered += 1
+            totals = self._stream_totals.get(batch.stream) or self._totals_of(batch.stream)
+            totals.rows_delivered += len(batch.rows)
+            totals.batches_delivered += 1
+        started = self._handler_started
+        if started is not None and batch.stream in started:
+            self._handler_latency.observe(batch.stream, self._now() - started.pop(batch.stream))
         actions = self._delivery.handled(batch)
         if actions:
             self._perform(actions)
@@ -1055,6 +1164,8 @@ class ClientCore(Generic[_Sent]):
             self._perform(self._delivery.abandoned(batch))
             return
         self._handler_failed(error)
+        if self._handler_started is not None:  # a failed try is no latency
+            self._handler_started.pop(batch.stream, None)
         self._resume_at[batch.stream] = index
         self._perform(self._delivery.handler_failed(batch, _describe(error)))
 
@@ -1106,7 +1217,7 @@ class ClientCore(Generic[_Sent]):
                 )
                 self._call_later(5.0, lambda: self._dead_letter(action))
                 return
-            self._totals.dead_letters += 1
+            self._totals_of(batch.stream).dead_letters += 1
             logger.error(
                 "gave up on %s from %s at %d after %d failures (%s): dead-lettered",
                 batch.stream,
@@ -1206,7 +1317,7 @@ class ClientCore(Generic[_Sent]):
             await result
 
     def _report_gap(self, gap: GapUnfillable) -> None:
-        self._totals.gaps += 1
+        self._totals_of(gap.stream).gaps += 1
         logger.error(
             "rows lost: %s from %s in (%d, %d]: %s",
             gap.stream,

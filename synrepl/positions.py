@@ -542,6 +542,21 @@ class StreamPositions:
                 out[stream] = tokens
         return out
 
+    def wire_positions(self) -> dict[str, dict[str, int]]:
+        """The newest token known of each writer, ``{stream: {writer: token}}``:
+        its position, or the target of a fetch under way (what the writer
+        announced, whether or not the rows are in yet)."""
+        out: dict[str, dict[str, int]] = {}
+        for stream, pairs in self._pairs.items():
+            tokens: dict[str, int] = {}
+            for name, p in pairs.items():
+                known = [t for t in (p.token, p.fetch.target if p.fetch else None) if t is not None]
+                if known:
+                    tokens[name] = max(known)
+            if tokens:
+                out[stream] = tokens
+        return out
+
     # ------------------------------------------------------------ inputs
 
     def receive(self, cmd: Command) -> list[Event]:
