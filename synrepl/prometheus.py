@@ -33,7 +33,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from synrepl.metrics import ClientMetrics, Histogram
 
-
 __all__ = ("ClientCollector", "register_client", "histogram_buckets")
 
 

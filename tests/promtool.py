@@ -1,0 +1,20 @@
+"""``promtool check metrics`` on an exposition (Debian's prometheus package)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+
+def check_metrics(exposition: bytes) -> None:
+    """Fail the test with promtool's complaints; skip where it is not installed
+    (``.ci/run`` installs it)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, check=False
+    )
+    assert checked.returncode == 0, (checked.stdout + checked.stderr).decode()
