@@ -133,7 +133,7 @@ async def test_prometheus_exposition(adapter: Adapter) -> None:
     assert got["synrepl_redis_connected", (("client", name),)] == 1
     assert got["synrepl_bad_lines_total", (("client", name),)] == 1
     assert got["synrepl_gaps_unfillable_total", per_stream] == 0
-    check_metrics(generate_latest(registry))
-
+    exposition = generate_latest(registry)
     await client.stop()
     await hs.stop()
+    check_metrics(exposition)
