@@ -40,7 +40,7 @@ from synrepl.testing.homeserver import FakeHomeserver
 
 __all__ = ("kill_leftover_clis",)  # the fixture, used by every test here
 
-SUBCOMMANDS = ("demo", "watch", "positions", "doctor", "catchup", "top")
+SUBCOMMANDS = ("demo", "watch", "positions", "doctor", "catchup", "top", "exporter")
 
 
 def ev(n: int, room: str = "!room:test") -> EventRow:

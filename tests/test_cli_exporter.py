@@ -1,0 +1,143 @@
+"""``synrepl exporter`` as users run it (a subprocess), against the
+FakeHomeserver on real Redis, scraped over real HTTP."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from client_helpers import sleep, unique_server_name
+from prometheus_client.parser import text_string_to_metric_families
+from promtool import check_metrics
+from redis_server import free_port
+from test_cli_support import kill_leftover_clis, run_cli, start_cli, write_config
+from twisted.internet import reactor, threads
+
+from synrepl.cli._errors import UsageError
+from synrepl.cli.exporter import parse_listen
+from synrepl.streams import EventRow
+from synrepl.testing.homeserver import FakeHomeserver
+
+__all__ = ("kill_leftover_clis",)
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def ev(n: int) -> EventRow:
+    return EventRow(f"$e{n}", "!room:test", "m.room.message", None, None, None, None, False, False)
+
+
+async def homeserver(**kwargs: Any) -> FakeHomeserver:
+    hs = FakeHomeserver(reactor, server_name=unique_server_name(), **kwargs)
+    await hs.start()
+    return hs
+
+
+def scrape(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return bytes(answer.read())
+
+
+def samples(exposition: bytes) -> Samples:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(exposition.decode())
+        for s in family.samples
+    }
+
+
+def pair(stream: str, writer: str) -> tuple[tuple[str, str], ...]:
+    return (("stream", stream), ("writer", writer))
+
+
+def test_listen_address_is_checked() -> None:
+    assert parse_listen("127.0.0.1:9469") == ("127.0.0.1", 9469)
+    assert parse_listen("[::1]:80") == ("::1", 80)
+    for bad in ("9469", "host:", ":80", "host:port", "h:70000"):
+        with pytest.raises(UsageError, match="HOST:PORT"):
+            parse_listen(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_exporter_serves_positions_lag_silence_and_its_health(tmp_path: Path) -> None:
+    hs = await homeserver(writers=("master", "persister1", "persister2"))
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    port = free_port()
+    cli = start_cli("exporter", "-c", config, "--listen", f"127.0.0.1:{port}")
+    try:
+        await cli.wait_for_stderr("metrics on http://127.0.0.1:")
+        for n in range(5):
+            hs.write("events", [ev(n)], writer="persister1")
+        hs.write("caches", [["get_user_by_id", ["@u:test"], 1]], writer="master")
+        await hs.publish_raw("RDATA events persister1 7 not json")
+
+        async def scraped() -> Samples:
+            return samples(await threads.deferToThread(scrape, port))
+
+        first: Samples = {}
+
+        async def counted() -> bool:
+            first.update(await scraped())
+            return first.get(("synrepl_exporter_bad_lines_total", ()), 0) == 1
+
+        await wait_until_async(counted, what="every line seen")
+        newest = hs.token("events")
+        assert first["synrepl_stream_position", pair("events", "persister1")] == newest
+        assert first["synrepl_stream_rows_total", pair("events", "persister1")] == 5
+        assert first["synrepl_stream_writer_silent", pair("events", "persister1")] == 0
+        assert first["synrepl_stream_writer_silent", pair("events", "persister2")] == 1
+        assert ("synrepl_stream_minimum_position", (("stream", "events"),)) not in first
+        rdata = (("command", "RDATA"), ("sender", "persister1"))
+        assert first["synrepl_commands_total", rdata] == 5  # the bad line did not parse
+        assert first["synrepl_exporter_redis_connected", ()] == 1
+        assert first["synrepl_exporter_lines_total", ()] == 7
+
+        hs.write("events", [ev(9)], writer="persister2")
+        hs.position("events", writer="persister1")  # persister1 moves on without rows
+
+        later: Samples = {}
+
+        async def persister2_heard() -> bool:
+            later.update(await scraped())
+            return later.get(("synrepl_stream_writer_silent", pair("events", "persister2"))) == 0
+
+        await wait_until_async(persister2_heard, what="persister2's row")
+        top = hs.token("events")
+        assert later["synrepl_stream_position", pair("events", "persister2")] == top
+        assert later["synrepl_stream_position", pair("events", "persister1")] == top
+        assert later["synrepl_stream_minimum_position", (("stream", "events"),)] == top
+        assert later["synrepl_stream_writer_lag_tokens", pair("events", "persister1")] == 0
+        assert later["synrepl_stream_writer_last_row_age_seconds", pair("events", "persister1")] > 0
+        exposition = await threads.deferToThread(scrape, port)
+    finally:
+        cli.signal("INT")
+        status = await cli.wait()
+        await hs.stop()
+    assert status == 0, cli.stderr
+    check_metrics(exposition)
+
+
+async def wait_until_async(condition: Any, what: str, timeout: float = 15.0) -> None:
+    """``wait_until`` for a condition that must itself await (a scrape)."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await sleep(0.1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_exporter_that_cannot_listen_says_so(tmp_path: Path) -> None:
+    hs = await homeserver()
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    try:
+        cli = await run_cli("exporter", "-c", config, "--listen", "192.0.2.1:80")
+    finally:
+        await hs.stop()
+    assert cli.code == 1
+    assert "cannot listen on 192.0.2.1:80" in cli.stderr
+    assert "Traceback" not in cli.stderr
