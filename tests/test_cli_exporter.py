@@ -3,6 +3,8 @@ FakeHomeserver on real Redis, scraped over real HTTP."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import pytest_twisted
 from client_helpers import sleep, unique_server_name
 from prometheus_client.parser import text_string_to_metric_families
-from promtool import check_metrics
+from promtool import check_metrics, check_rules
 from redis_server import free_port
 from test_cli_support import kill_leftover_clis, run_cli, start_cli, write_config
 from twisted.internet import reactor, threads
@@ -141,3 +143,36 @@ async def test_exporter_that_cannot_listen_says_so(tmp_path: Path) -> None:
     assert cli.code == 1
     assert "cannot listen on 192.0.2.1:80" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_grafana_dashboard_queries_parse_and_name_documented_metrics(tmp_path: Path) -> None:
+    """Every query of docs/grafana-dashboard.json is valid PromQL (promtool
+    checks it as a recording rule) and uses only metrics docs/metrics.md lists."""
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    documented = set(
+        re.findall(
+            r"^\| `(synrepl_[a-z_]+)`", (REPO / "docs" / "metrics.md").read_text(), re.MULTILINE
+        )
+    )
+    for expr in exprs:
+        for name in re.findall(r"synrepl_[a-z_]+", expr):
+            assert re.sub(r"_bucket$", "", name) in documented, (name, expr)
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"synrepl:dashboard_{n}", "expr": e.replace("$stream", ".*")}
+                    for n, e in enumerate(exprs)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yml"
+    path.write_text(json.dumps(rules))
+    check_rules(path)
