@@ -176,3 +176,33 @@ def test_the_grafana_dashboard_queries_parse_and_name_documented_metrics(tmp_pat
     path = tmp_path / "rules.yml"
     path.write_text(json.dumps(rules))
     check_rules(path)
+
+
+def test_cluster_view_keeps_the_newest_token_lag_and_minimum() -> None:
+    """The view on its own clock: a writer at token 0 counts, a restarted
+    writer's lower token is its newest, a silent configured writer hides
+    the minimum."""
+    from synrepl.cli._cluster import ClusterView
+    from synrepl.commands import parse_line
+    from synrepl.config import config_from_dict
+
+    config = config_from_dict(
+        {
+            "server_name": "test",
+            "instance_map": {
+                "main": {"host": "127.0.0.1", "port": 1},
+                "p1": {"host": "127.0.0.1", "port": 2},
+                "p2": {"host": "127.0.0.1", "port": 3},
+            },
+            "stream_writers": {"events": ["p1", "p2"]},
+        }
+    )
+    view = ClusterView(config, now=100.0)
+    view.saw(parse_line("POSITION events p1 0 0"), now=101.0)
+    assert view.minimum("events") is None and view.silent("events", "p2")
+    view.saw(parse_line("POSITION events p2 0 7"), now=102.0)
+    assert view.lag("events", "p1") == 7 and view.lag("events", "p2") == 0
+    assert view.minimum("events") == 0
+    view.saw(parse_line("POSITION typing master 40 2"), now=103.0)  # restarted lower
+    assert view.token("typing", "master") == 2
+    assert view.commands["p2", "POSITION"] == 1

@@ -94,7 +94,9 @@ class ClusterView:
     def lag(self, stream: str, writer: str) -> int | None:
         """How far the writer's newest token is behind the stream's newest."""
         token = self.token(stream, writer)
-        tokens = [t for (s, _), p in self.writers.items() if s == stream if (t := p.token)]
+        tokens = [
+            p.token for (s, _), p in self.writers.items() if s == stream and p.token is not None
+        ]
         if token is None or not tokens:
             return None
         return max(tokens) - token
