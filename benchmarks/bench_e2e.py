@@ -349,11 +349,13 @@ def _transport_callbacks(
     child: Child, subscribed: Callable[[], None], work: Callable[[str], object] | None = None
 ) -> dict[str, Any]:
     tick = child.meter.tick
+    on_line: Callable[[str, str], None]
+    if work is None:
 
-    def on_line(channel: str, line: str) -> None:
-        tick()
+        def on_line(channel: str, line: str) -> None:
+            tick()
 
-    if work is not None:
+    else:
 
         def on_line(channel: str, line: str) -> None:
             work(line)

@@ -1139,7 +1139,7 @@ class ClientCore(Generic[_Sent]):
                 self._await_then(result, partial(self._handler_returned, batch, index))
                 return
         if handlers:
-            totals = self._stream_totals.get(batch.stream) or self._totals_of(batch.stream)
+            totals = self._totals_of(batch.stream)
             totals.rows_delivered += len(batch.rows)
             totals.batches_delivered += 1
         started = self._handler_started
