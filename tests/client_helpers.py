@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from twisted.internet import defer, reactor, task
 
@@ -16,6 +17,8 @@ from synrepl.streams import EventRow
 from synrepl.testing.homeserver import FakeHomeserver
 from synrepl.twisted.client import ReplicationClient
 from synrepl.twisted.http_client import ReplicationHttpClient
+
+_T = TypeVar("_T")
 
 _counter = itertools.count()
 
@@ -52,6 +55,25 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         await task.deferLater(reactor, 0.02, lambda: None)
         waited += 0.02
+
+
+async def poll_until(
+    fetch: Callable[[], Awaitable[_T]],
+    wanted: Callable[[_T], bool],
+    what: str,
+    timeout: float = 15.0,
+    interval: float = 0.1,
+) -> _T:
+    """``wait_until`` for a value that must be awaited (a scrape, a query):
+    fetch it until ``wanted`` holds and return it, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if wanted(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}: last {value!r}")
+        await sleep(interval)
 
 
 async def sleep(seconds: float) -> None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from client_helpers import sleep, unique_server_name
-from prometheus_client.parser import text_string_to_metric_families
-from promtool import check_metrics, check_rules
+from client_helpers import poll_until, unique_server_name
+from prometheus_helpers import Samples, check_metrics, check_rules, samples
 from redis_server import free_port
 from test_cli_support import kill_leftover_clis, run_cli, start_cli, write_config
 from twisted.internet import reactor, threads
@@ -25,8 +23,6 @@ from synrepl.streams import EventRow
 from synrepl.testing.homeserver import FakeHomeserver
 
 __all__ = ("kill_leftover_clis",)
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def ev(n: int) -> EventRow:
@@ -43,14 +39,6 @@ def scrape(port: int) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return bytes(answer.read())
-
-
-def samples(exposition: bytes) -> Samples:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(exposition.decode())
-        for s in family.samples
-    }
 
 
 def pair(stream: str, writer: str) -> tuple[tuple[str, str], ...]:
@@ -81,13 +69,11 @@ async def test_exporter_serves_positions_lag_silence_and_its_health(tmp_path: Pa
         async def scraped() -> Samples:
             return samples(await threads.deferToThread(scrape, port))
 
-        first: Samples = {}
-
-        async def counted() -> bool:
-            first.update(await scraped())
-            return first.get(("synrepl_exporter_bad_lines_total", ()), 0) == 1
-
-        await wait_until_async(counted, what="every line seen")
+        first = await poll_until(
+            scraped,
+            lambda got: got.get(("synrepl_exporter_bad_lines_total", ()), 0) == 1,
+            what="every line seen",
+        )
         newest = hs.token("events")
         assert first["synrepl_stream_position", pair("events", "persister1")] == newest
         assert first["synrepl_stream_rows_total", pair("events", "persister1")] == 5
@@ -102,13 +88,13 @@ async def test_exporter_serves_positions_lag_silence_and_its_health(tmp_path: Pa
         hs.write("events", [ev(9)], writer="persister2")
         hs.position("events", writer="persister1")  # persister1 moves on without rows
 
-        later: Samples = {}
-
-        async def persister2_heard() -> bool:
-            later.update(await scraped())
-            return later.get(("synrepl_stream_writer_silent", pair("events", "persister2"))) == 0
-
-        await wait_until_async(persister2_heard, what="persister2's row")
+        later = await poll_until(
+            scraped,
+            lambda got: (
+                got.get(("synrepl_stream_writer_silent", pair("events", "persister2"))) == 0
+            ),
+            what="persister2's row",
+        )
         top = hs.token("events")
         assert later["synrepl_stream_position", pair("events", "persister2")] == top
         assert later["synrepl_stream_position", pair("events", "persister1")] == top
@@ -122,14 +108,6 @@ async def test_exporter_serves_positions_lag_silence_and_its_health(tmp_path: Pa
         await hs.stop()
     assert status == 0, cli.stderr
     check_metrics(exposition)
-
-
-async def wait_until_async(condition: Any, what: str, timeout: float = 15.0) -> None:
-    """``wait_until`` for a condition that must itself await (a scrape)."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await sleep(0.1)
 
 
 @pytest_twisted.ensureDeferred

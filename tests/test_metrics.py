@@ -9,8 +9,7 @@ import pytest
 import pytest_twisted
 from client_helpers import Adapter, Collector, event, homeserver, sleep, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from promtool import check_metrics
+from prometheus_helpers import check_metrics, samples
 
 from synrepl.metrics import LATENCY_BOUNDS, Histogram, LatencyRecorder
 from synrepl.positions import RowsReceived
@@ -31,15 +30,6 @@ def test_latency_buckets_are_prometheus_shaped() -> None:
     assert cumulative[float("inf")] == 4
     assert Histogram.empty().cumulative()[-1] == (float("inf"), 0)
     assert len(histogram.counts) == len(LATENCY_BOUNDS) + 1
-
-
-def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(registry).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 @pytest_twisted.ensureDeferred
@@ -120,7 +110,7 @@ async def test_prometheus_exposition(adapter: Adapter) -> None:
     await hs.publish_raw("RDATA events master 99 not json")
     await wait_until(lambda: client.counters.bad_lines == 1, what="the bad line counted")
 
-    got = samples(registry)
+    got = samples(generate_latest(registry))
     name = client.instance_name
     pair = (("client", name), ("stream", "events"), ("writer", "master"))
     per_stream = (("client", name), ("stream", "events"))

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from client_helpers import sleep
+from client_helpers import poll_until
 from harness import Deployment, free_port
 from matrix_api import Api, cluster_route
 from redis_server import RedisServer
@@ -118,15 +117,11 @@ def announced(tap: WireTap, stream: str) -> dict[str, int]:
 
 
 async def query_until(
-    prometheus: Prometheus, promql: str, wanted: Any, what: str, timeout: float = 30
+    prometheus: Prometheus, promql: str, wanted: Any, what: str
 ) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await threads.deferToThread(prometheus.query, promql)
-        if wanted(got):
-            return got
-        assert time.monotonic() < deadline, f"{what}: Prometheus says {got}"
-        await sleep(0.5)
+    return await poll_until(
+        lambda: threads.deferToThread(prometheus.query, promql), wanted, what, 30, 0.5
+    )
 
 
 @pytest_twisted.ensureDeferred
