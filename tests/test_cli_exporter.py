@@ -175,7 +175,7 @@ def test_cluster_view_keeps_the_newest_token_lag_and_minimum() -> None:
             "stream_writers": {"events": ["p1", "p2"]},
         }
     )
-    view = ClusterView(config, now=100.0)
+    view = ClusterView(config)
     view.saw(parse_line("POSITION events p1 0 0"), now=101.0)
     assert view.minimum("events") is None and view.silent("events", "p2")
     view.saw(parse_line("POSITION events p2 0 7"), now=102.0)

@@ -29,12 +29,13 @@ __all__ = ("ClusterCollector", "ClusterView", "WriterSeen")
 class WriterSeen:
     """One writer of one stream, as heard on the channel."""
 
+    #: When it was last heard from (any RDATA or POSITION of the stream).
+    heard_at: float
     #: The newest token it announced (RDATA or POSITION), None while it has
     #: sent only rows of an unfinished batch.
     token: int | None = None
     rows: int = 0
-    #: When it was last heard from (any RDATA or POSITION), and its last row.
-    heard_at: float | None = None
+    #: When its last row came (None: it sent only POSITIONs).
     row_at: float | None = None
 
 
@@ -43,11 +44,9 @@ class ClusterView:
 
     Args:
         config: names the writers each stream should have (those it fixes).
-        now: the time at the start, in the clock later calls use.
     """
 
-    def __init__(self, config: SynapseConfig, now: float) -> None:
-        self.started_at = now
+    def __init__(self, config: SynapseConfig) -> None:
         self.writers: dict[tuple[str, str], WriterSeen] = {}
         self.commands: Counter[tuple[str, str]] = Counter()
         self.expected: dict[str, tuple[str, ...]] = {
@@ -60,14 +59,13 @@ class ClusterView:
         """One command from the channel."""
         self.commands[sender_of(cmd) or "", cmd.NAME] += 1
         if isinstance(cmd, RdataCommand):
-            seen = self._writer(cmd.stream_name, cmd.instance_name)
+            seen = self._heard(cmd.stream_name, cmd.instance_name, now)
             seen.rows += 1
-            seen.row_at = seen.heard_at = now
+            seen.row_at = now
             if cmd.token is not None:
                 seen.token = cmd.token  # the newest, also when a writer restarted lower
         elif isinstance(cmd, PositionCommand):
-            seen = self._writer(cmd.stream_name, cmd.instance_name)
-            seen.heard_at = now
+            seen = self._heard(cmd.stream_name, cmd.instance_name, now)
             seen.token = cmd.new_token
 
     def streams(self) -> list[str]:
@@ -102,14 +100,15 @@ class ClusterView:
         return max(tokens) - token
 
     def silent(self, stream: str, writer: str) -> bool:
-        """An expected writer not heard from since the start."""
-        seen = self.writers.get((stream, writer))
-        return seen is None or seen.heard_at is None
+        """A writer not heard from since the start."""
+        return (stream, writer) not in self.writers
 
-    def _writer(self, stream: str, writer: str) -> WriterSeen:
+    def _heard(self, stream: str, writer: str, now: float) -> WriterSeen:
         seen = self.writers.get((stream, writer))
         if seen is None:
-            seen = self.writers[stream, writer] = WriterSeen()
+            seen = self.writers[stream, writer] = WriterSeen(heard_at=now)
+        else:
+            seen.heard_at = now
         return seen
 
 
@@ -181,8 +180,7 @@ class ClusterCollector(Collector):
                     position.add_metric(labels, seen.token)
                 if (behind := view.lag(stream, writer)) is not None:
                     lag.add_metric(labels, behind)
-                if seen.heard_at is not None:
-                    heard.add_metric(labels, now - seen.heard_at)
+                heard.add_metric(labels, now - seen.heard_at)
                 if seen.row_at is not None:
                     row_age.add_metric(labels, now - seen.row_at)
             if (lowest := view.minimum(stream)) is not None:

@@ -108,7 +108,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     session = Session(reactor, duration=args.duration)
     stats = Stats()
-    view = ClusterView(config, reactor.seconds())
+    view = ClusterView(config)
     holder: list[Any] = []
 
     def on_line(channel: str, line: str) -> None:
