@@ -113,16 +113,21 @@ class ClientCollector(Collector):
         connected = GaugeMetricFamily(
             "synrepl_redis_connected", "1 while the Redis subscription is confirmed.", labels=one
         )
-        totals = {
-            name: CounterMetricFamily(f"synrepl_{name}", doc, labels=one)
-            for name, doc in (
-                ("redis_reconnects", "Redis subscriptions after the first."),
-                ("lines", "Lines received from Redis."),
-                ("bad_lines", "Lines and fetched rows that did not parse."),
-                ("unknown_commands", "Lines naming a command synrepl does not know."),
-                ("handler_errors", "Handler calls that raised or failed."),
+        #: (family, the ClientMetrics field it counts)
+        totals = [
+            (CounterMetricFamily(f"synrepl_{name}", doc, labels=one), field)
+            for name, field, doc in (
+                ("redis_reconnects", "reconnects", "Redis subscriptions after the first."),
+                ("lines", "lines", "Lines received from Redis."),
+                ("bad_lines", "bad_lines", "Lines and fetched rows that did not parse."),
+                (
+                    "unknown_commands",
+                    "unknown_commands",
+                    "Lines naming a command synrepl does not know.",
+                ),
+                ("handler_errors", "handler_errors", "Handler calls that raised or failed."),
             )
-        }
+        ]
         for m in snapshots:
             client = m.instance_name
             for w in m.writers:
@@ -140,22 +145,20 @@ class ClientCollector(Collector):
                 for name, family in counters.items():
                     family.add_metric(labels, getattr(s, name))
                 queued.add_metric(labels, s.queued_rows)
-                if s.fetch_latency is not None:
-                    fetch_latency.add_metric(
-                        labels, histogram_buckets(s.fetch_latency), s.fetch_latency.total
-                    )
-                if s.handler_latency is not None:
-                    handler_latency.add_metric(
-                        labels, histogram_buckets(s.handler_latency), s.handler_latency.total
-                    )
+                for histogram_family, histogram in (
+                    (fetch_latency, s.fetch_latency),
+                    (handler_latency, s.handler_latency),
+                ):
+                    if histogram is not None:
+                        histogram_family.add_metric(
+                            labels, histogram_buckets(histogram), histogram.total
+                        )
             connected.add_metric([client], 1.0 if m.connected else 0.0)
-            totals["redis_reconnects"].add_metric([client], m.reconnects)
-            totals["lines"].add_metric([client], m.lines)
-            totals["bad_lines"].add_metric([client], m.bad_lines)
-            totals["unknown_commands"].add_metric([client], m.unknown_commands)
-            totals["handler_errors"].add_metric([client], m.handler_errors)
+            for total_family, field in totals:
+                total_family.add_metric([client], getattr(m, field))
         yield from (processed, wire, lag, age, *counters.values(), queued)
-        yield from (fetch_latency, handler_latency, connected, *totals.values())
+        yield from (fetch_latency, handler_latency, connected)
+        yield from (family for family, _ in totals)
 
 
 def register_client(
