@@ -58,6 +58,7 @@ from synrepl.commands import (
     UserSyncCommand,
     encode,
     parse_line,
+    sender_of,
 )
 from synrepl.config import SynapseConfig
 from synrepl.deadletters import DeadLetter
@@ -296,15 +297,6 @@ def _describe(error: BaseException) -> str:
 
 #: The lines that always matter (checked first: they are most of the traffic).
 _MOVES_POSITIONS = ("RDATA ", "POSITION ")
-
-
-def _sent_by(cmd: Command) -> str | None:
-    """The instance a command names as its sender, where it names one."""
-    if isinstance(cmd, (UserSyncCommand, ClearUserSyncCommand)):
-        return cmd.instance_id
-    if isinstance(cmd, (FederationAckCommand, LockReleasedCommand)):
-        return cmd.instance_name
-    return None
 
 
 class ClientCore(Generic[_Sent]):
@@ -1020,7 +1012,7 @@ class ClientCore(Generic[_Sent]):
             if actions:
                 self._perform(actions)
             return
-        if _sent_by(cmd) == self.instance_name:
+        if sender_of(cmd) == self.instance_name:
             return  # our own echo
         self._call_all(self._command_handlers.get(type(cmd), ()), cmd)
 

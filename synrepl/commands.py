@@ -56,6 +56,7 @@ __all__ = (
     "SelectiveParser",
     "encode",
     "channel_for",
+    "sender_of",
 )
 
 
@@ -801,6 +802,16 @@ def encode(cmd: Command, dialect: Dialect = Dialect.CURRENT) -> str:
 def channel_for(cmd: Command, server_name: str) -> str:
     """The Redis channel ``cmd`` is published on for ``server_name``."""
     return cmd.channel(server_name)
+
+
+def sender_of(cmd: Command) -> str | None:
+    """The instance a command names as its sender (the writer of RDATA and
+    POSITION), where it names one: a client knows its own echoes by it."""
+    if isinstance(cmd, (RdataCommand, PositionCommand, FederationAckCommand, LockReleasedCommand)):
+        return cmd.instance_name
+    if isinstance(cmd, (UserSyncCommand, ClearUserSyncCommand)):
+        return cmd.instance_id
+    return None
 
 
 #: Anything :func:`parse_line` can return.

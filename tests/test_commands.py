@@ -446,3 +446,15 @@ def test_selective_parser_parses_malformed_lines_of_selected_streams() -> None:
     with pytest.raises(MalformedCommandError):
         select("RDATA typing")
     assert select("RDATA typings") is None
+
+
+@given(rs.commands(extras=True))
+def test_sender_of_is_the_field_naming_the_sending_instance(cmd: synrepl.commands.Command) -> None:
+    """sender_of answers from the command's instance_name or instance_id
+    field, for every command that has one, and None for the rest."""
+    names = [
+        getattr(cmd, f.name)
+        for f in attrs.fields(type(cmd))
+        if f.name in ("instance_name", "instance_id")
+    ]
+    assert synrepl.commands.sender_of(cmd) == (names[0] if names else None)

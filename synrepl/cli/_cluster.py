@@ -17,8 +17,8 @@ import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from synrepl.cli._render import Stats, sender_of
-from synrepl.commands import Command, PositionCommand, RdataCommand
+from synrepl.cli._render import Stats
+from synrepl.commands import Command, PositionCommand, RdataCommand, sender_of
 from synrepl.config import SynapseConfig
 from synrepl.streams import STREAM_NAMES
 

@@ -53,6 +53,7 @@ from synrepl.commands import (
     ReplicateCommand,
     TextCommand,
     UserIpCommand,
+    sender_of,
 )
 from synrepl.errors import MalformedCommandError, MalformedRowError, ProtocolError
 from synrepl.errors import UnknownCommandError as _Unknown
@@ -73,7 +74,6 @@ __all__ = (
     "event_record",
     "error_record",
     "json_line",
-    "sender_of",
     "printable",
 )
 
@@ -130,17 +130,6 @@ def make_console(color: str, *, stderr: bool = False, file: IO[str] | None = Non
         markup=False,
         width=None if interactive else 10_000,
     )
-
-
-def sender_of(cmd: Command) -> str | None:
-    """The instance a command comes from, where it names one."""
-    if isinstance(cmd, RdataCommand | PositionCommand):
-        return cmd.instance_name
-    for name in _SENDER_FIELDS:
-        value = getattr(cmd, name, None)
-        if isinstance(value, str):
-            return value
-    return None
 
 
 @attrs.frozen

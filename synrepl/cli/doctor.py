@@ -16,10 +16,17 @@ from rich.text import Text
 from synrepl.cli._errors import EXIT_FAILURE, EXIT_OK, UsageError
 from synrepl.cli._http import ProbeClient, describe_location, explain_http_failure, synapse_version
 from synrepl.cli._options import add_cluster_options, parse_redis_url, positive_float
-from synrepl.cli._render import make_console, sender_of
+from synrepl.cli._render import make_console
 from synrepl.cli._runtime import RedisUnreachable, connect_redis, sleep
 from synrepl.cli.watch import redis_address
-from synrepl.commands import PositionCommand, RdataCommand, ReplicateCommand, encode, parse_line
+from synrepl.commands import (
+    PositionCommand,
+    RdataCommand,
+    ReplicateCommand,
+    encode,
+    parse_line,
+    sender_of,
+)
 from synrepl.config import SynapseConfig, load_config, read_config_files
 from synrepl.errors import ConfigError, ProtocolError
 from synrepl.http import SYNAPSE_VERSION
