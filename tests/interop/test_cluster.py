@@ -20,6 +20,7 @@ with.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
@@ -211,10 +212,18 @@ async def test_every_writer_answers_replicate(cluster: Deployment, obs: Observat
     """After REPLICATE, each stream gets a POSITION from exactly the
     instances that write it (caches: every process), synrepl's config agrees
     on who that is, and synrepl holds a position for each of them."""
-    answered: dict[str, set[str]] = {}
-    for stream, writer, _, _ in obs.tap.positions():
-        answered.setdefault(stream, set()).add(writer)
-    assert answered == WRITERS
+
+    def answered() -> dict[str, set[str]]:
+        writers: dict[str, set[str]] = {}
+        for stream, writer, _, _ in obs.tap.positions():
+            writers.setdefault(stream, set()).add(writer)
+        return writers
+
+    # The tap reads in a thread of its own and may be behind the client,
+    # which has already heard every writer: give it time, then compare.
+    with contextlib.suppress(AssertionError):
+        await wait_until(lambda: answered() == WRITERS, timeout=10, what="the tap's POSITIONs")
+    assert answered() == WRITERS
     config = obs.config
     for stream, writers in WRITERS.items():
         if stream != "caches":
