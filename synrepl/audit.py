@@ -11,7 +11,8 @@ A range opens at the pair's first command after a subscription: a POSITION
 opens it at its new token, an RDATA at its token (whose rows are left out:
 the subscription may have started inside that token's batch).  It grows with
 each later token, and closes when the subscription is lost (the next one
-opens a new range) or when the record is frozen.  After :meth:`freeze` rows
+opens a new range, so what was published meanwhile is never judged) or
+when the record is frozen.  After :meth:`freeze` rows
 still count for the ranges as they stand, so that rows published just
 before a writer's last POSITION, and still on their way, are not taken for
 lost.  Tokens at or below a range's start are never judged.
@@ -19,10 +20,9 @@ lost.  Tokens at or below a range's start are never judged.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Collection, Iterable
-
-import json
 
 import attrs
 
@@ -140,25 +140,17 @@ class ChannelRecord:
         self._open: dict[tuple[str, str], _Open] = {}
         self._closed: list[WatchedRange] = []
         self._frozen = False
-        self._subscribed = False
 
     def subscribed(self) -> None:
-        """A (re)subscription: what came before it is a range of its own."""
+        """A (re)subscription: what came before it is a range of its own, and
+        nothing between the two is judged."""
         self._close_all()
-        self._subscribed = True
-
-    def unsubscribed(self) -> None:
-        """The subscription is lost: nothing is watched until the next one."""
-        self._close_all()
-        self._subscribed = False
 
     def freeze(self) -> None:
         """The window is over: ranges stop growing, their rows still count."""
         self._frozen = True
 
     def command(self, cmd: Command) -> None:
-        if not self._subscribed:
-            return
         if isinstance(cmd, RdataCommand):
             self._rdata(cmd)
         elif isinstance(cmd, PositionCommand):

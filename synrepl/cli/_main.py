@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 from twisted.internet import defer, task
 
 from synrepl import __version__
-from synrepl.cli import catchup, demo, doctor, exporter, positions, top, watch
+from synrepl.cli import audit, catchup, demo, doctor, exporter, positions, top, watch
 from synrepl.cli._errors import EXIT_FAILURE, EXIT_USAGE, CliError
 from synrepl.cli._runtime import setup_logging
 from synrepl.errors import ConfigError, excerpt
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         title="commands", metavar="COMMAND", parser_class=_Parser, dest="command"
     )
-    for module in (demo, watch, positions, doctor, catchup, top, exporter):
+    for module in (demo, watch, positions, doctor, catchup, top, exporter, audit):
         module.add_parser(subparsers)
     return parser
 
