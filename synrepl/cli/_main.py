@@ -32,12 +32,14 @@ examples:
   synrepl doctor -c homeserver.yaml -c worker.yaml   # is my worker config right?
   synrepl catchup events --writer event_persister1 --from 1200 --to 1300 -c homeserver.yaml
   synrepl top -c homeserver.yaml
+  synrepl audit -c homeserver.yaml --window 60   # rows Synapse wrote and never published?
 
 `synrepl COMMAND --help` shows each command's options and examples.
 
 exit status: 0 success; 1 a runtime failure (Redis unreachable, secret
 refused, ...) or, for doctor, a failed check; 2 bad usage or a config that
-cannot be read or is invalid; 3 positions flagged a lagging or silent writer.
+cannot be read or is invalid; 3 positions flagged a lagging or silent writer,
+or audit found rows lost.
 """
 
 

@@ -452,7 +452,7 @@ def _print_report(audit: Audit, color: str) -> None:
         console.print(
             Text(
                 f"✗ silent: {rng.stream} from {rng.writer}: the history holds "
-                f"{c.rows_in_history:,} rows in ({rng.after:,}, {rng.upto:,}] and none came "
+                f"{c.rows_in_history:,} row(s) in ({rng.after:,}, {rng.upto:,}] and none came "
                 "on the channel",
                 style="bold red",
             )

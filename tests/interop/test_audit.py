@@ -95,12 +95,18 @@ async def test_audit_of_the_healthy_cluster_finds_nothing_lost(
     cluster: Deployment, cluster_redis: RedisServer, tmp_path: Path, audits: list[Audit]
 ) -> None:
     before = subscribers(cluster_redis.port, cluster.server_name)
-    audit = Audit(tmp_path / "audit.json", "-c", str(cluster.shared_config), "--json")
-    audits.append(audit)
-    await until_subscribed(cluster_redis.port, cluster.server_name, before + 1)
+    config = ("-c", str(cluster.shared_config))
+    audit = Audit(tmp_path / "audit.json", *config, "--json")
+    as_text = Audit(tmp_path / "audit.txt", *config, "--color", "never")
+    audits.extend((audit, as_text))
+    await until_subscribed(cluster_redis.port, cluster.server_name, before + 2)
     await sleep(1)  # the writers' answers to its REPLICATE: the start tokens
     await traffic(cluster, "healthy")
     assert await audit.result() == 0, audit.out.with_suffix(".err").read_text()
+    assert await as_text.result() == 0, as_text.out.with_suffix(".err").read_text()
+    text = as_text.out.read_text()
+    print(text)
+    assert "✓ nothing lost: all " in text and "✗" not in text
     report = audit.report()
     assert report["ok"] and report["lost"] == [] and report["silent"] == []
     checked = {(r["stream"], r["writer"]) for r in report["ranges"]}
@@ -131,6 +137,7 @@ async def test_audit_through_a_filtering_relay_names_exactly_the_dropped_rows(
             and f'"{doomed[0]}","m.room.message"' in line
         )
 
+    (tmp_path / "private-redis").mkdir()
     private = RedisServer(tmp_path / "private-redis")
     private.start()
     relay = FilteringRelay(cluster_redis.port, private.port, channel, drop).start()
