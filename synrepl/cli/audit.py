@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -277,7 +276,6 @@ async def check(
     *,
     timeout: float,
     retries: int,
-    on_range: Callable[[WatchedRange], None] = lambda rng: None,
 ) -> Audit:
     """Fetch each watched range from its writer's history and compare."""
     probe = ProbeClient(reactor, config, timeout=timeout, retries=retries)
@@ -286,7 +284,6 @@ async def check(
             if rng.upto <= rng.after:
                 audit.quiet.append(rng)
                 continue
-            on_range(rng)
             try:
                 history = await _history(probe, config, rng)
             except _Unfetchable as e:
