@@ -11,6 +11,7 @@ secret and to any unexpected failure alike.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -25,7 +26,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from synrepl.config import SynapseConfig
-from synrepl.errors import excerpt
+from synrepl.errors import ConfigError, excerpt
 from synrepl.http import (
     HttpReplicationError,
     ReplicationRequestError,
@@ -33,6 +34,7 @@ from synrepl.http import (
     ReplicationTransportError,
     ReplicationUnreachableError,
     RetryPolicy,
+    StreamUpdates,
     UnknownInstanceError,
 )
 from synrepl.http.errors import quoted_text
@@ -46,6 +48,8 @@ __all__ = (
     "describe_answer",
     "describe_location",
     "synapse_version",
+    "HistoryUnavailable",
+    "history_pages",
 )
 
 
@@ -225,3 +229,46 @@ def _explain_answer(
             "see that instance's log",
         )
     return Explained(answered, "see that instance's log")
+
+
+class HistoryUnavailable(Exception):
+    """A writer's history could not be read; ``problem`` says why, with the fix."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+async def history_pages(
+    probe: ProbeClient, config: SynapseConfig, writer: str, stream: str, after: int, upto: int
+) -> AsyncIterator[StreamUpdates]:
+    """The pages of ``(after, upto]`` of ``writer``'s ``stream``, in order.
+
+    Raises:
+        HistoryUnavailable: the writer is not in instance_map, cannot be
+            reached, refuses, or pages without moving on.
+    """
+    try:
+        location = describe_location(config.location_of(writer))
+    except ConfigError:
+        raise HistoryUnavailable(
+            f"{writer!r} is not in instance_map (pass --instance {writer}=http://host:port)"
+        ) from None
+    from_token = after
+    while True:
+        try:
+            page = await probe.http.get_repl_stream_updates(writer, stream, from_token, upto)
+        except Exception as e:  # noqa: BLE001 - explained in one line
+            explained = explain_http_failure(
+                e, writer, location, has_secret=config.worker_replication_secret is not None
+            )
+            raise HistoryUnavailable(f"{explained.problem} ({explained.fix})") from None
+        yield page
+        if not page.limited:
+            return
+        if page.upto_token <= from_token:
+            raise HistoryUnavailable(
+                f"{writer} returned a limited page that does not move past token {from_token}; "
+                "cannot go on"
+            )
+        from_token = page.upto_token

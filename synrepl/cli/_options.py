@@ -181,6 +181,25 @@ def add_event_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_request_options(parser: argparse.ArgumentParser) -> None:
+    """``--timeout`` and ``--retries`` of the HTTP replication requests."""
+    group = parser.add_argument_group("HTTP requests")
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=positive_float,
+        default=30.0,
+        help="per-request timeout (default: 30)",
+    )
+    group.add_argument(
+        "--retries",
+        metavar="N",
+        type=non_negative_int,
+        default=2,
+        help="retries after a timeout or a connection error (default: 2)",
+    )
+
+
 def add_output_options(parser: argparse.ArgumentParser, *, tokens: bool = True) -> None:
     """``--json``, ``--color`` and, as asked, ``--show-access-tokens``."""
     group = parser.add_argument_group("output")

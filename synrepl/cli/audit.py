@@ -13,11 +13,11 @@ from rich.text import Text
 
 from synrepl.audit import ChannelRecord, LostRow, RangeCheck, WatchedRange, check_range
 from synrepl.cli._errors import EXIT_FAILURE, EXIT_FLAGGED, EXIT_OK, RuntimeFailure
-from synrepl.cli._http import ProbeClient, describe_location, explain_http_failure
+from synrepl.cli._http import HistoryUnavailable, ProbeClient, history_pages
 from synrepl.cli._options import (
     add_cluster_options,
+    add_request_options,
     cluster_config,
-    non_negative_int,
     positive_float,
     split_words,
 )
@@ -26,7 +26,7 @@ from synrepl.cli._runtime import Session, connect_redis, sleep
 from synrepl.cli.positions import expected_writers
 from synrepl.commands import ReplicateCommand, encode, parse_line
 from synrepl.config import SynapseConfig
-from synrepl.errors import ConfigError, MalformedRowError, ProtocolError
+from synrepl.errors import MalformedRowError, ProtocolError
 from synrepl.streams import STREAM_NAMES, AnyRow, RawRow, parse_row
 
 __all__ = ("add_parser", "run", "Audit", "watch", "check")
@@ -93,20 +93,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "-s", "--stream", metavar="STREAM", action="append", default=[], help="only these streams"
     )
-    parser.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        type=positive_float,
-        default=30.0,
-        help="per-request timeout of the history fetches (default: 30)",
-    )
-    parser.add_argument(
-        "--retries",
-        metavar="N",
-        type=non_negative_int,
-        default=2,
-        help="retries after a timeout or a connection error (default: 2)",
-    )
+    add_request_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--color", choices=("auto", "always", "never"), default="auto", help="colour the report"
@@ -286,7 +273,7 @@ async def check(
                 continue
             try:
                 history = await _history(probe, config, rng)
-            except _Unfetchable as e:
+            except HistoryUnavailable as e:
                 audit.unchecked.append(Unchecked(rng, e.problem))
                 continue
             audit.checks.append(check_range(rng, history))
@@ -303,47 +290,20 @@ def _range_order(rng: WatchedRange) -> tuple[int, str, str, int]:
     return (_STREAM_ORDER.get(rng.stream, len(_STREAM_ORDER)), rng.stream, rng.writer, rng.after)
 
 
-class _Unfetchable(Exception):
-    def __init__(self, problem: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
-
-
 async def _history(
     probe: ProbeClient, config: SynapseConfig, rng: WatchedRange
 ) -> list[tuple[int, AnyRow]]:
-    """Every row of ``rng`` in the writer's history, page by page."""
-    try:
-        location = describe_location(config.location_of(rng.writer))
-    except ConfigError:
-        raise _Unfetchable(
-            f"{rng.writer!r} is not in instance_map (pass --instance {rng.writer}=http://host:port)"
-        ) from None
+    """Every row of ``rng`` in the writer's history (a row that does not
+    parse is kept raw: it is compared all the same)."""
     rows: list[tuple[int, AnyRow]] = []
-    from_token = rng.after
-    while True:
-        try:
-            page = await probe.http.get_repl_stream_updates(
-                rng.writer, rng.stream, from_token, rng.upto
-            )
-        except Exception as e:  # noqa: BLE001 - explained in one line
-            explained = explain_http_failure(
-                e, rng.writer, location, has_secret=config.worker_replication_secret is not None
-            )
-            raise _Unfetchable(f"{explained.problem} ({explained.fix})") from None
+    async for page in history_pages(probe, config, rng.writer, rng.stream, rng.after, rng.upto):
         for token, raw in page.updates:
             try:
                 row = parse_row(rng.stream, raw)
             except MalformedRowError:
                 row = RawRow(rng.stream, raw)
             rows.append((int(token), row))
-        if not page.limited:
-            return rows
-        if page.upto_token <= from_token:
-            raise _Unfetchable(
-                f"{rng.writer} returned a limited page that does not move past token {from_token}"
-            )
-        from_token = page.upto_token
+    return rows
 
 
 async def run(reactor: Any, args: argparse.Namespace) -> int:

@@ -9,17 +9,18 @@ from typing import Any
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from synrepl.cli._errors import EXIT_OK, RuntimeFailure, UsageError
-from synrepl.cli._http import ProbeClient, describe_location, explain_http_failure
+from synrepl.cli._http import HistoryUnavailable, ProbeClient, describe_location, history_pages
 from synrepl.cli._options import (
     add_cluster_options,
     add_output_options,
+    add_request_options,
     non_negative_int,
-    positive_float,
 )
 from synrepl.cli._options import cluster_config as _cluster_config
 from synrepl.cli._render import Output, Stats, error_record, make_console, print_summary, row_record
 from synrepl.cli._runtime import Session
 from synrepl.errors import ConfigError, MalformedRowError
+from synrepl.http import StreamUpdates
 from synrepl.sharding import canonical_instance_name
 from synrepl.streams import parse_row
 
@@ -78,20 +79,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_cluster_options(parser, redis=False, http=True)
     add_output_options(parser, tokens=False)
-    parser.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        type=positive_float,
-        default=30.0,
-        help="per-request timeout (default: 30)",
-    )
-    parser.add_argument(
-        "--retries",
-        metavar="N",
-        type=non_negative_int,
-        default=2,
-        help="retries after a timeout or a connection error (default: 2)",
-    )
+    add_request_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     parser.set_defaults(run=run)
     return parser
@@ -132,42 +120,35 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         auto_refresh=False,
         disable=not show_bar,
     )
+
+    def show_page(page: StreamUpdates) -> None:
+        for token, raw in page.updates:
+            stats.lines += 1
+            try:
+                row = parse_row(args.stream, raw)
+            except MalformedRowError as e:
+                stats.bad_lines += 1
+                output.emit(error_record(e, args.stream))
+                continue
+            stats.saw_rows(args.stream, writer, 1)
+            stats.shown += 1
+            output.emit(row_record(args.stream, writer, int(token), row, fetched=True))
+
     pages = 0
-    from_token = args.from_token
     with progress:
         bar = progress.add_task("catchup", total=total, rows=0)
-        while not session.stopping:
-            try:
-                page = await probe.http.get_repl_stream_updates(
-                    writer, args.stream, from_token, args.to_token
-                )
-            except Exception as e:  # noqa: BLE001 - explained in one line
-                explained = explain_http_failure(
-                    e, writer, location, has_secret=config.worker_replication_secret is not None
-                )
-                raise RuntimeFailure(f"{explained.problem} ({explained.fix})") from None
-            pages += 1
-            for token, raw in page.updates:
-                stats.lines += 1
-                try:
-                    row = parse_row(args.stream, raw)
-                except MalformedRowError as e:
-                    stats.bad_lines += 1
-                    output.emit(error_record(e, args.stream))
-                    continue
-                stats.saw_rows(args.stream, writer, 1)
-                stats.shown += 1
-                output.emit(row_record(args.stream, writer, int(token), row, fetched=True))
-            progress.update(bar, completed=page.upto_token - args.from_token, rows=stats.shown)
-            progress.refresh()
-            if not page.limited:
-                break
-            if page.upto_token <= from_token:
-                raise RuntimeFailure(
-                    f"{writer} returned a limited page that does not move past token "
-                    f"{from_token}; cannot go on"
-                )
-            from_token = page.upto_token
+        try:
+            async for page in history_pages(
+                probe, config, writer, args.stream, args.from_token, args.to_token
+            ):
+                pages += 1
+                show_page(page)
+                progress.update(bar, completed=page.upto_token - args.from_token, rows=stats.shown)
+                progress.refresh()
+                if session.stopping:
+                    break
+        except HistoryUnavailable as e:
+            raise RuntimeFailure(e.problem) from None
     await probe.http.close()
     print_summary(
         err,
