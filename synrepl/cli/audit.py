@@ -24,7 +24,7 @@ from synrepl.cli._options import (
 from synrepl.cli._render import make_console
 from synrepl.cli._runtime import Session, connect_redis, sleep
 from synrepl.cli.positions import expected_writers
-from synrepl.commands import ReplicateCommand, encode, parse_line
+from synrepl.commands import Command, RdataCommand, ReplicateCommand, encode, parse_line
 from synrepl.config import SynapseConfig
 from synrepl.errors import MalformedRowError, ProtocolError
 from synrepl.streams import STREAM_NAMES, AnyRow, RawRow, parse_row
@@ -122,7 +122,9 @@ class Audit:
     quiet: list[WatchedRange] = attrs.Factory(list)
     #: (stream, writer) pairs the config names that sent nothing at all.
     unheard: list[tuple[str, str]] = attrs.Factory(list)
-    #: RDATA and POSITION lines that did not parse (each may hide a lost row).
+    #: RDATA and POSITION lines that did not parse.  An RDATA whose row does
+    #: not type is still compared (raw); one that does not parse at all may
+    #: show as a lost row.
     bad_lines: int = 0
     #: Subscriptions after the first one (each splits the window).
     resubscriptions: int = 0
@@ -224,7 +226,10 @@ async def watch(
 
     def on_line(channel: str, line: str) -> None:
         try:
-            cmd = parse_line(line)
+            cmd: Command = parse_line(line)
+        except MalformedRowError:  # the row is kept raw, as its history's is
+            audit.bad_lines += 1
+            cmd = _raw_rdata(line)
         except ProtocolError:
             if line.startswith(("RDATA ", "POSITION ")):
                 audit.bad_lines += 1
@@ -253,6 +258,14 @@ async def watch(
     await sleep(reactor, grace)
     await transport.stop()
     return record, audit
+
+
+def _raw_rdata(line: str) -> RdataCommand:
+    """An RDATA whose row does not type, with the row as it came (its JSON
+    parsed, or parse_line would have said the command was malformed)."""
+    _, stream, instance, token, row_json = line.split(" ", 4)
+    row = RawRow(stream, json.loads(row_json))
+    return RdataCommand(stream, instance, None if token == "batch" else int(token), row)
 
 
 async def check(
