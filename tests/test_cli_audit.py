@@ -125,7 +125,7 @@ async def test_audit_of_a_healthy_cluster_is_green_and_says_what_it_checked(
     finally:
         await hs.stop()
     assert "✓ nothing lost: all 11 rows in the writers' histories came as RDATA" in cli.stdout
-    assert "! 1 channel line(s) did not parse" in cli.stdout
+    assert "! 1 RDATA/POSITION line(s) did not parse" in cli.stdout
     [line] = [line for line in cli.stdout.splitlines() if line.lstrip().startswith("events")]
     assert line.split()[1:] == ["persister1", "(1,", f"{hs.token('events')}]", "10", "10", "0"]
     [line] = [line for line in cli.stdout.splitlines() if line.lstrip().startswith("typing")]

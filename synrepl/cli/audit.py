@@ -441,7 +441,13 @@ def _print_report(audit: Audit, color: str) -> None:
             )
         )
     if audit.bad_lines:
-        console.print(Text(f"! {audit.bad_lines:,} channel line(s) did not parse", style="yellow"))
+        console.print(
+            Text(
+                f"! {audit.bad_lines:,} RDATA/POSITION line(s) did not parse "
+                "(rows that did not type were compared as they came)",
+                style="yellow",
+            )
+        )
     if audit.resubscriptions:
         console.print(
             Text(
