@@ -61,6 +61,7 @@ from synrepl.commands import (
     sender_of,
 )
 from synrepl.config import SynapseConfig
+from synrepl.connection import AttemptFailure, TransportOptions
 from synrepl.deadletters import DeadLetter
 from synrepl.delivery import (
     Action,
@@ -122,6 +123,7 @@ __all__ = (
     "StreamUpdatesLike",
     "StreamFetcher",
     "Transport",
+    "TransportFactory",
     "named_instances",
 )
 
@@ -186,6 +188,24 @@ class Transport(Protocol):
     def stop(self) -> Awaitable[None]: ...
 
     def publish(self, channel: str, message: str) -> Awaitable[int]: ...
+
+
+class TransportFactory(Protocol):
+    """Builds a client's transport for its channels and callbacks: by default
+    the adapter's Redis transport; ``synrepl.testing.memory.MemoryRedis.connect``
+    for tests without Redis."""
+
+    def __call__(
+        self,
+        channels: Sequence[str],
+        *,
+        on_line: Callable[[str, str], None],
+        on_subscribed: Callable[[], None],
+        on_connection_lost: Callable[[], None],
+        on_attempt_failed: Callable[[AttemptFailure], None] | None,
+        publish_enabled: bool,
+        options: TransportOptions,
+    ) -> Transport: ...
 
 
 class PositionSource(Protocol):

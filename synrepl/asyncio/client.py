@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from synrepl._client_core import (
@@ -25,6 +26,8 @@ from synrepl._client_core import (
     PositionSource,
     ReadOnlyError,
     StreamFetcher,
+    Transport,
+    TransportFactory,
     logger,
 )
 from synrepl._ratelimit import MonotonicClock
@@ -69,6 +72,7 @@ class ReplicationClient(ClientCore["asyncio.Future[None]"]):
         max_pending_rows: int = 10_000,
         trust_writer: bool = True,
         transport_options: TransportOptions | None = None,
+        transport_factory: TransportFactory | None = None,
         on_connection_failure: Callable[[AttemptFailure], None] | None = None,
         checkpoint: CheckpointStore | None = None,
         dead_letters: DeadLetterStore | None = None,
@@ -101,9 +105,9 @@ class ReplicationClient(ClientCore["asyncio.Future[None]"]):
         #: What a stop cuts short (see ClientCore._cut_at_stop).
         self._cuttable: set[asyncio.Future[Any]] = set()
         channels = [config.server_name, *(f"{config.server_name}/{c}" for c in extra_channels)]
-        #: The Redis connection pair underneath.
-        self.transport = RedisTransport(
-            config.redis,
+        factory = transport_factory or partial(RedisTransport, config.redis)
+        #: The Redis connection pair underneath (or what ``transport_factory`` built).
+        self.transport: Transport = factory(
             channels,
             on_line=self._line_received,
             on_subscribed=self._on_subscribed,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import secrets
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -537,7 +537,9 @@ async def _client_session(
         await started
     except defer.CancelledError:
         await client.stop()
-        raise transport_failure(client.transport, args.connect_timeout) from None
+        raise transport_failure(
+            cast(RedisTransport, client.transport), args.connect_timeout
+        ) from None
     finally:
         if timer.active():
             timer.cancel()

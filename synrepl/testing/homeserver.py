@@ -9,7 +9,8 @@ writer instance:
   tokens of a stream are one sequence shared by all its writers (like
   Synapse's multi-writer id generators), increasing per writer;
 - answers ``REPLICATE`` with ``POSITION <stream> <writer> <last> <last>`` for
-  every stream it has written;
+  every stream it has written, and the events writers for ``events`` from
+  the start, as Synapse does (a fresh one with ``0 0``);
 - keeps its history and serves ``get_repl_stream_updates`` over HTTP on its
   own port, in pages of ``page_limit`` rows, checking the replication secret
   the way Synapse does (a wrong or missing secret gets a 500);
@@ -30,22 +31,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, cast
 from urllib.parse import unquote
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.web import resource, server
 
 from synrepl import _json
+from synrepl._client_core import TransportFactory
 from synrepl.commands import PositionCommand, ReplicateCommand, encode, parse_line
 from synrepl.config import RedisConfig, SynapseConfig, config_from_dict
 from synrepl.connection import TransportOptions
 from synrepl.errors import ProtocolError
+from synrepl.http import StreamUpdates
+from synrepl.sharding import canonical_instance_name
 from synrepl.streams import Row
 from synrepl.twisted.redis_transport import RedisTransport
 
-__all__ = ("FakeHomeserver", "Faults")
+__all__ = ("FakeHomeserver", "Faults", "HistoryFetcher")
 
 _UPDATES_PATH = b"/_synapse/replication/get_repl_stream_updates/"
 
@@ -66,6 +71,8 @@ class Faults:
 @attrs.define
 class _Writer:
     name: str
+    #: Streams it answers REPLICATE for even before writing them.
+    writes: list[str] = attrs.Factory(list)
     history: dict[str, list[tuple[int, Any]]] = attrs.Factory(dict)
     last_sent: dict[str, int] = attrs.Factory(dict)
     faults: Faults = attrs.Factory(Faults)
@@ -85,6 +92,12 @@ class FakeHomeserver:
         secret: the replication secret the HTTP endpoint demands (None: none).
         page_limit: rows per ``get_repl_stream_updates`` page.
         transport_options: the ``RedisTransport``'s options (keepalive, backoff, ...).
+        transport_factory: builds the transport instead of a ``RedisTransport``
+            on ``redis_host:redis_port``; ``MemoryRedis(clock).connect`` (from
+            ``synrepl.testing.memory``) puts the homeserver in memory.
+        http: serve each writer's history over HTTP on a loopback port;
+            False serves it only through :meth:`fetcher`, in process (for a
+            ``task.Clock`` test, which cannot listen).
     """
 
     def __init__(
@@ -98,6 +111,8 @@ class FakeHomeserver:
         secret: str | None = "synrepl-test-secret",
         page_limit: int = 100,
         transport_options: TransportOptions | None = None,
+        transport_factory: TransportFactory | None = None,
+        http: bool = True,
     ) -> None:
         if not writers:
             raise ValueError("a homeserver needs at least one writer")
@@ -107,15 +122,22 @@ class FakeHomeserver:
         self.page_limit = page_limit
         self._redis = RedisConfig(enabled=True, host=redis_host, port=redis_port)
         self._writers = {name: _Writer(name) for name in writers}
+        # Like Synapse, a writer answers REPLICATE for the streams it writes
+        # before it has written any: here the events writers (as config_dict
+        # names them) for events.
+        for name in [n for n in writers if n != "master"] or ["master"]:
+            self._writers[name].writes.append("events")
         self._sequences: dict[str, int] = {}
         self.http_requests: list[tuple[str, str, Mapping[str, str]]] = []
-        self._transport = RedisTransport(
-            reactor,
-            self._redis,
+        self._http = http
+        factory = transport_factory or partial(RedisTransport, reactor, self._redis)
+        self._transport = factory(
             [server_name],
             on_line=self._on_line,
             on_subscribed=self._announce_all,
             on_connection_lost=lambda: None,
+            on_attempt_failed=None,
+            publish_enabled=True,
             options=transport_options or TransportOptions(),
         )
         #: Messages that could not be published (Redis down): lost on the wire,
@@ -133,8 +155,9 @@ class FakeHomeserver:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Listen for HTTP on free loopback ports and connect to Redis."""
-        for writer in self._writers.values():
+        """Listen for HTTP on free loopback ports (unless ``http=False``) and
+        connect to Redis; returns once subscribed."""
+        for writer in self._writers.values() if self._http else ():
             site = server.Site(_UpdatesResource(self, writer))  # type: ignore[no-untyped-call]
             writer.port = self._reactor.listenTCP(0, site, interface="127.0.0.1")
         self._transport.start()
@@ -145,14 +168,21 @@ class FakeHomeserver:
             if writer.port is not None:
                 await writer.port.stopListening()
                 writer.port = None
-        result = self._transport.stop()
-        if result is not None:
-            await result
+        await self._transport.stop()
 
     def http_port(self, writer: str) -> int:
-        """The loopback port on which ``writer`` serves its history."""
-        port: int = self._writers[writer].port.getHost().port
+        """The loopback port on which ``writer`` serves its history (with
+        ``http=False``: a placeholder nothing listens on)."""
+        listening = self._writers[writer].port
+        if listening is None:
+            return 1 + list(self._writers).index(writer)
+        port: int = listening.getHost().port
         return port
+
+    def fetcher(self) -> HistoryFetcher:
+        """The writers' histories in process: a ``fetcher`` for a client that
+        reads them without HTTP (``http_delay`` still holds each answer back)."""
+        return HistoryFetcher(self)
 
     def config(self, **overrides: Any) -> SynapseConfig:
         """A config for a worker of this homeserver (every writer in instance_map)."""
@@ -245,9 +275,13 @@ class FakeHomeserver:
 
     def publish_raw(self, line: str) -> defer.Deferred[int]:
         """Publish any line as it is (garbage included) on the main channel."""
-        return self._transport.publish(self.server_name, line)
+        return self._published(line)
 
     # ------------------------------------------------------------ internals
+
+    def _published(self, line: str) -> defer.Deferred[int]:
+        # A Twisted transport (Redis or in memory) answers with a Deferred.
+        return cast(defer.Deferred[int], self._transport.publish(self.server_name, line))
 
     def _writer(self, name: str | None) -> _Writer:
         if name is None:
@@ -274,7 +308,7 @@ class FakeHomeserver:
 
     def _publish(self, line: str) -> None:
         try:
-            d = self._transport.publish(self.server_name, line)
+            d = self._published(line)
         except Exception:  # noqa: BLE001 - Redis down: the message is lost, as on a real wire
             self.publish_failures += 1
             return
@@ -296,7 +330,7 @@ class FakeHomeserver:
         if not self._ready.called:
             self._ready.callback(None)
         for w in self._writers.values():
-            for stream in w.history:
+            for stream in dict.fromkeys([*w.writes, *w.history]):
                 last = w.last_sent.get(stream, 0)
                 self._publish(encode(PositionCommand(stream, w.name, last, last)))
 
@@ -315,6 +349,29 @@ class FakeHomeserver:
             return True
         header = request.getHeader("authorization") or ""
         return header == f"Bearer {self.secret}"
+
+
+class HistoryFetcher:
+    """``get_repl_stream_updates`` answered from the homeserver's memory."""
+
+    def __init__(self, hs: FakeHomeserver) -> None:
+        self._hs = hs
+
+    async def get_repl_stream_updates(
+        self, instance: str, stream: str, from_token: int, upto_token: int
+    ) -> StreamUpdates:
+        hs = self._hs
+        writer = hs._writer(canonical_instance_name(instance))
+        query = {"from_token": str(from_token), "upto_token": str(upto_token)}
+        path = f"{_UPDATES_PATH.decode()}{stream}/in-process"
+        hs.http_requests.append((writer.name, path, query))
+        if hs.on_updates_request is not None:
+            hs.on_updates_request(writer.name, stream, from_token, upto_token)
+        if hs.http_delay > 0:
+            await task.deferLater(hs._reactor, hs.http_delay, lambda: None)
+        body = hs._updates(writer, stream, from_token, upto_token)
+        updates = [(int(t), r) for t, r in body["updates"]]
+        return StreamUpdates(updates, body["upto_token"], body["limited"])
 
 
 class _UpdatesResource(resource.Resource):

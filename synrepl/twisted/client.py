@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer, task
@@ -40,6 +41,8 @@ from synrepl._client_core import (
     RowHandler,
     StreamFetcher,
     StreamUpdatesLike,
+    Transport,
+    TransportFactory,
     logger,
 )
 from synrepl.config import SynapseConfig
@@ -98,6 +101,10 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
             the truth) or keep ours.  Either way it is logged and reported to
             ``on_reset``.
         transport_options: Redis keepalive, backoff, timeouts, client name.
+        transport_factory: builds the transport instead of a
+            ``RedisTransport`` on ``config.redis``: pass
+            ``synrepl.testing.memory.MemoryRedis(clock).connect`` to run on
+            an in-memory Redis, with ``task.Clock`` as the reactor.
         on_connection_failure: called with each failed Redis connection attempt
             (why it failed, for a caller that reports it).
         checkpoint: a checkpoint store (``synrepl.checkpoints``): the client
@@ -128,6 +135,7 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         max_pending_rows: int = 10_000,
         trust_writer: bool = True,
         transport_options: TransportOptions | None = None,
+        transport_factory: TransportFactory | None = None,
         on_connection_failure: Callable[[AttemptFailure], None] | None = None,
         checkpoint: CheckpointStore | None = None,
         dead_letters: DeadLetterStore | None = None,
@@ -166,10 +174,9 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         #: What a stop cuts short (see ClientCore._cut_at_stop).
         self._cuttable: set[defer.Deferred[Any]] = set()
         channels = [config.server_name, *(f"{config.server_name}/{c}" for c in extra_channels)]
-        #: The Redis connection pair underneath.
-        self.transport: RedisTransport = RedisTransport(
-            reactor,
-            config.redis,
+        factory = transport_factory or partial(RedisTransport, reactor, config.redis)
+        #: The Redis connection pair underneath (or what ``transport_factory`` built).
+        self.transport: Transport = factory(
             channels,
             on_line=self._line_received,
             on_subscribed=self._on_subscribed,
