@@ -4,17 +4,20 @@ collector and waiting."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar, cast
 
 from twisted.internet import defer, reactor, task
+from twisted.python.failure import Failure
 
 from synrepl.positions import RowsReceived
 from synrepl.streams import EventRow
 from synrepl.testing.homeserver import FakeHomeserver
+from synrepl.testing.memory import MemoryRedis
 from synrepl.twisted.client import ReplicationClient
 from synrepl.twisted.http_client import ReplicationHttpClient
 
@@ -47,13 +50,107 @@ class Collector:
         ]
 
 
+class VirtualTime:
+    """A ``task.Clock`` run as an event loop, with Redis in memory: whenever
+    nothing else can happen, time jumps to the next timer.  A scenario run
+    on it never sleeps, and runs the same way every time."""
+
+    def __init__(self) -> None:
+        self.clock = task.Clock()
+        self.redis = MemoryRedis(self.clock)
+
+    def run(self, work: Coroutine[Any, Any, _T], limit: float = 3600.0) -> _T:
+        """Run ``work`` to its end; fail if it waits for what nothing will do."""
+        global _virtual
+        _virtual, outer = self, _virtual
+        try:
+            d = defer.ensureDeferred(work)
+            while not d.called:
+                pending = [c.getTime() for c in self.clock.getDelayedCalls()]
+                if not pending:
+                    d.cancel()
+                    raise AssertionError(
+                        "the scenario waits for something that nothing on the clock will do "
+                        "(real I/O or a real timer in a virtual-time test?)"
+                    )
+                if min(pending) > limit:
+                    raise AssertionError(f"still waiting after {limit} virtual seconds")
+                self.clock.advance(max(0.0, min(pending) - self.clock.seconds()))
+            results: list[Any] = []
+            d.addBoth(results.append)
+            if isinstance(results[0], Failure):
+                results[0].raiseException()
+            return cast(_T, results[0])
+        finally:
+            _virtual = outer
+
+
+#: The virtual time a scenario runs on (None: the real reactor and Redis).
+_virtual: VirtualTime | None = None
+
+
+def clock() -> Any:
+    """The virtual clock while a scenario runs on one, else the reactor."""
+    return _virtual.clock if _virtual is not None else reactor
+
+
+def scenario(body: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Any]:
+    """A test run with the ``adapter`` fixture: the Twisted client on virtual
+    time (Redis in memory, history in process), the asyncio one on the
+    reactor with real Redis and HTTP."""
+
+    @functools.wraps(body)
+    def test(*args: Any, **kwargs: Any) -> Any:
+        adapter = kwargs.get("adapter")
+        if adapter is not None and adapter.name == "twisted":
+            VirtualTime().run(body(*args, **kwargs))
+            return None
+        return defer.ensureDeferred(body(*args, **kwargs))
+
+    return test
+
+
+class ChannelTap:
+    """What an outside subscriber sees on ``channel`` and its sub-channels:
+    the in-memory Redis's record on virtual time, else a redis-py subscriber."""
+
+    def __init__(self, channel: str) -> None:
+        self._channel = channel
+        self._sub: Any = None
+        if _virtual is not None:
+            self._memory = _virtual.redis
+            self._start = len(self._memory.published)
+            return
+        import redis as redis_py
+
+        self._sub = redis_py.Redis(host="127.0.0.1", port=6379).pubsub()
+        self._sub.psubscribe(channel + "*")
+        self._sub.get_message(timeout=1)  # the subscription confirmation
+
+    def lines(self, quiet: float = 0.5) -> list[tuple[str, str]]:
+        """(channel, line) in order; from Redis, until it is quiet for ``quiet`` s."""
+        if self._sub is None:
+            mine = self._channel, self._channel + "/"
+            return [
+                (c, line)
+                for c, line in self._memory.published[self._start :]
+                if c == mine[0] or c.startswith(mine[1])
+            ]
+        got: list[tuple[str, str]] = []
+        while (message := self._sub.get_message(timeout=quiet)) is not None:
+            if message["type"] == "pmessage":
+                got.append((message["channel"].decode(), message["data"].decode()))
+        self._sub.close()
+        return got
+
+
 async def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``condition`` on the reactor until it holds, or fail after ``timeout``."""
+    """Poll ``condition`` on the clock until it holds, or fail after ``timeout``."""
     waited = 0.0
     while not condition():
         if waited >= timeout:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        await task.deferLater(reactor, 0.02, lambda: None)
+        await task.deferLater(clock(), 0.02, lambda: None)
         waited += 0.02
 
 
@@ -77,7 +174,7 @@ async def poll_until(
 
 
 async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
+    await task.deferLater(clock(), seconds, lambda: None)
 
 
 def event(n: int, room: str = "!room:test") -> EventRow:
@@ -86,18 +183,27 @@ def event(n: int, room: str = "!room:test") -> EventRow:
 
 
 async def homeserver(**kwargs: Any) -> FakeHomeserver:
-    """A started FakeHomeserver on the shared Redis, on a channel of its own."""
-    hs = FakeHomeserver(reactor, server_name=unique_server_name(), **kwargs)
+    """A started FakeHomeserver on a channel of its own: on the shared Redis,
+    or in memory while a scenario runs on virtual time."""
+    if _virtual is not None:
+        kwargs.setdefault("transport_factory", _virtual.redis.connect)
+        kwargs.setdefault("http", False)
+    hs = FakeHomeserver(clock(), server_name=unique_server_name(), **kwargs)
     await hs.start()
     return hs
 
 
 def client_for(hs: FakeHomeserver, **kwargs: Any) -> ReplicationClient:
-    """A ReplicationClient of ``hs``'s cluster (not started)."""
-    config = hs.config()
-    return ReplicationClient(
-        reactor, config, fetcher=ReplicationHttpClient(reactor, config), **kwargs
-    )
+    """A ReplicationClient of ``hs``'s cluster (not started): on virtual time
+    it reads the homeserver's history in process."""
+    config = kwargs.pop("config", None) or hs.config()
+    if _virtual is not None:
+        kwargs.setdefault("fetcher", hs.fetcher())
+        return ReplicationClient(
+            _virtual.clock, config, transport_factory=_virtual.redis.connect, **kwargs
+        )
+    kwargs.setdefault("fetcher", ReplicationHttpClient(reactor, config))
+    return ReplicationClient(reactor, config, **kwargs)
 
 
 # ---------------------------------------------------------------- both adapters
@@ -219,11 +325,19 @@ class Adapter:
 
     def client(self, hs: FakeHomeserver, **kwargs: Any) -> Any:
         """A ReplicationClient of ``hs``'s cluster (not started)."""
+        if self.name == "twisted" and _virtual is not None:
+            return client_for(hs, **kwargs)
         config = kwargs.pop("config", None) or hs.config()
         return make_client(self.name, config, **kwargs)
 
     def gate(self) -> Gate:
         return Gate(self.name)
+
+    def sleep(self, seconds: float) -> Any:
+        """What a slow handler awaits, of the adapter's kind (virtual for Twisted)."""
+        if self.name == "asyncio":
+            return asyncio.sleep(seconds)
+        return task.deferLater(clock(), seconds, lambda: None)
 
     def done(self) -> Any:
         """What a handler returns when it completes at once, of the adapter's kind."""

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-import redis as redis_py
 from client_helpers import (
     Adapter,
+    ChannelTap,
     Collector,
     client_for,
     event,
     homeserver,
+    scenario,
     sleep,
     wait_until,
 )
@@ -52,7 +53,7 @@ def expected(hs: FakeHomeserver, stream: str, writer: str, after: int) -> list[t
     return [(t, r) for t, r in hs.history(stream, writer=writer) if t > after]
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_steady_stream_across_streams_and_writers(adapter: Adapter) -> None:
     """Thousands of rows on three streams from two writers (batches included)
     arrive exactly once, in order, with the right writer names."""
@@ -96,7 +97,7 @@ async def test_steady_stream_across_streams_and_writers(adapter: Adapter) -> Non
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_dropped_rdata_is_fetched_when_a_position_reveals_it(adapter: Adapter) -> None:
     """RDATA lost on the wire is noticed at the writer's next POSITION and
     fetched over HTTP from that writer, in order, before later rows."""
@@ -124,7 +125,7 @@ async def test_dropped_rdata_is_fetched_when_a_position_reveals_it(adapter: Adap
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_restart_from_saved_positions_catches_up_over_http(adapter: Adapter) -> None:
     """A client restarted from its position map gets exactly the rows written
     while it was away (over HTTP, in pages), then live rows, no duplicates."""
@@ -157,7 +158,7 @@ async def test_restart_from_saved_positions_catches_up_over_http(adapter: Adapte
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_garbage_and_unknown_commands_are_skipped(adapter: Adapter) -> None:
     """Garbage lines and unknown commands on the channel are counted and
     skipped; rows around them still arrive exactly once."""
@@ -182,7 +183,7 @@ async def test_garbage_and_unknown_commands_are_skipped(adapter: Adapter) -> Non
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_commands_nobody_handles_are_not_parsed(adapter: Adapter) -> None:
     """Half of real traffic is USER_SYNC, USER_IP and LOCK_RELEASED: without
     a handler for a command it is skipped unparsed (a malformed one is not
@@ -206,7 +207,7 @@ async def test_commands_nobody_handles_are_not_parsed(adapter: Adapter) -> None:
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_slow_handler_memory_stays_bounded_and_nothing_is_lost(adapter: Adapter) -> None:
     """A handler far slower than its stream: the queue never holds more than
     max_pending_rows rows (plus a page); skipped rows are fetched back later,
@@ -221,7 +222,7 @@ async def test_slow_handler_memory_stays_bounded_and_nothing_is_lost(adapter: Ad
         nonlocal peak
         peak = max(peak, client.pending_rows("to_device"))
         seen(batch)
-        await asyncio.sleep(0.001)
+        await adapter.sleep(0.001)
 
     client.on_rows("to_device", slow)
     await connected(client, hs, ["to_device"])
@@ -267,7 +268,7 @@ async def test_unreachable_writer_gap_is_reported_with_its_range() -> None:
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_read_only_client_publishes_nothing(adapter: Adapter) -> None:
     """A read-only client sends not even REPLICATE, refuses to send anything,
     and still receives rows once a writer's own POSITION connects the stream."""
@@ -276,9 +277,7 @@ async def test_read_only_client_publishes_nothing(adapter: Adapter) -> None:
     client = adapter.client(hs, read_only=True)
     seen = Collector()
     client.on_rows("typing", seen)
-    sub = redis_py.Redis(host="127.0.0.1", port=6379).pubsub()
-    sub.subscribe(hs.server_name)
-    sub.get_message(timeout=1)  # the subscription confirmation
+    tap = ChannelTap(hs.server_name)
     await client.start()
     with pytest.raises(ReadOnlyError):
         client.send_remote_server_up("other.example")
@@ -286,37 +285,26 @@ async def test_read_only_client_publishes_nothing(adapter: Adapter) -> None:
     hs.write("typing", [TypingRow("!r2", ("@a",))])
     await wait_until(lambda: len(seen.batches) == 1)
     await client.stop()
-    lines = []
-    while (message := sub.get_message(timeout=0.05)) is not None:
-        lines.append(message["data"].decode())
-    sub.close()
+    lines = [line for _, line in tap.lines(quiet=0.05)]
     assert not any(line.startswith("REPLICATE") for line in lines), lines
     assert lines  # the POSITION and RDATA above were seen here too
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_sent_commands_reach_the_channel_and_stop_clears_user_syncs(adapter: Adapter) -> None:
     """Typed send methods publish Synapse's lines on the right channels, and
     stopping after a USER_SYNC start sends CLEAR_USER_SYNC."""
     hs = await homeserver()
     hs.write("typing", [TypingRow("!r", ())])
     client = adapter.client(hs, instance_name="worker7", extra_channels=["USER_IP"])
-    sub = redis_py.Redis(host="127.0.0.1", port=6379).pubsub()
-    sub.psubscribe(hs.server_name + "*")
+    tap = ChannelTap(hs.server_name)
     await connected(client, hs, ["typing"])
     await client.send_user_sync("@a:test", "DEV", True, 1234)
     await client.send_user_ip("@a:test", "syt_secret", "10.0.0.1", "ua", "DEV", 99)
     await client.send_federation_ack(17)
     await client.stop()
-    got: list[tuple[str, str]] = []
-    for _ in range(200):  # until the channel has been quiet for 0.5 s
-        message = sub.get_message(timeout=0.5)
-        if message is None and got:
-            break
-        if message and message["type"] == "pmessage":
-            got.append((message["channel"].decode(), message["data"].decode()))
-    sub.close()
+    got = tap.lines()
     lines = {line for _, line in got}
     assert "USER_SYNC worker7 @a:test DEV start 1234" in lines
     assert "FEDERATION_ACK worker7 17" in lines
@@ -328,7 +316,7 @@ async def test_sent_commands_reach_the_channel_and_stop_clears_user_syncs(adapte
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_wait_for_stream_position(adapter: Adapter) -> None:
     """wait_for_stream_position fires once the handlers processed that token."""
     hs = await homeserver()
@@ -337,7 +325,7 @@ async def test_wait_for_stream_position(adapter: Adapter) -> None:
     processed: list[int] = []
 
     async def handler(batch: RowsReceived) -> None:
-        await asyncio.sleep(0.05)
+        await adapter.sleep(0.05)
         processed.append(batch.token)
 
     client.on_rows("account_data", handler)
@@ -380,7 +368,6 @@ async def test_a_handler_coroutine_may_await_deferreds_and_asyncio_futures() -> 
     """Whatever the reactor, a coroutine handler that awaits a Deferred runs to
     its end before its rows count; under Twisted's asyncio reactor (the unit
     suite's) it may await asyncio futures too; one that fails is retried."""
-    import asyncio
 
     from synrepl.delivery import HandlerFailurePolicy
 
