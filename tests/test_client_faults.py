@@ -9,15 +9,14 @@ start exactly once, in order, or the loss is reported with its range.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import pytest_twisted
 from client_helpers import (
     Adapter,
     Collector,
     event,
     homeserver,
+    scenario,
     sleep,
     wait_until,
 )
@@ -49,7 +48,7 @@ async def caught_up(client: ReplicationClient, stream: str, writer: str, token: 
     )
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_slow_http_during_refill_loses_nothing(adapter: Adapter) -> None:
     """A slow handler overflows its bound while the writer's HTTP answers are
     slow and live rows keep coming: every row still arrives exactly once, in
@@ -64,7 +63,7 @@ async def test_slow_http_during_refill_loses_nothing(adapter: Adapter) -> None:
         nonlocal batches
         seen(batch)
         batches += 1
-        await asyncio.sleep(0.002 * len(batch.rows) + (0.5 if batches % 40 == 0 else 0))
+        await adapter.sleep(0.002 * len(batch.rows) + (0.5 if batches % 40 == 0 else 0))
 
     client.on_rows("events", slow)
     await client.start()
@@ -86,7 +85,7 @@ async def test_slow_http_during_refill_loses_nothing(adapter: Adapter) -> None:
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_overflow_while_the_handler_holds_a_writers_only_batch(adapter: Adapter) -> None:
     """On ``caches`` (idle writers send no POSITION), the queue overflows while
     the handler is busy with the one batch of a second writer: that batch is
@@ -128,7 +127,7 @@ async def test_overflow_while_the_handler_holds_a_writers_only_batch(adapter: Ad
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_thousands_of_batches_behind_one_slow_call_then_synchronous(adapter: Adapter) -> None:
     """Batches queued behind one slow handler call, then handled synchronously
     (an already fired Deferred or done future), are all delivered: no recursion stops the stream."""
@@ -157,7 +156,7 @@ async def test_thousands_of_batches_behind_one_slow_call_then_synchronous(adapte
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_start_map_ahead_of_the_writer_is_loud_and_hides_nothing(adapter: Adapter) -> None:
     """A position file 500 tokens ahead of the writer (kept across a database
     restore): the client says so, trusts the writer, and delivers the rows
@@ -183,7 +182,7 @@ async def test_start_map_ahead_of_the_writer_is_loud_and_hides_nothing(adapter: 
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_refill_starts_at_half_the_bound(adapter: Adapter) -> None:
     """After an overflow the next page is asked for while the handler still has
     rows to work on (at half the bound), not once it has run dry."""
@@ -194,7 +193,7 @@ async def test_refill_starts_at_half_the_bound(adapter: Adapter) -> None:
     hs.on_updates_request = lambda *_: depth_at_request.append(queued_rows(client, "events"))
 
     async def slow(batch: RowsReceived) -> None:
-        await asyncio.sleep(0.003)
+        await adapter.sleep(0.003)
 
     client.on_rows("events", slow)
     await client.start()
@@ -209,7 +208,7 @@ async def test_refill_starts_at_half_the_bound(adapter: Adapter) -> None:
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_position_from_a_writer_the_config_does_not_name_is_no_loss(adapter: Adapter) -> None:
     """POSITIONs from an instance nobody configured (a stray process, a forgery)
     are counted and skipped for gap filling: no fetch, no false "rows lost"."""

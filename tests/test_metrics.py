@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import pytest_twisted
-from client_helpers import Adapter, Collector, event, homeserver, sleep, wait_until
+from client_helpers import Adapter, Collector, event, homeserver, scenario, sleep, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_helpers import check_metrics, samples
 
@@ -32,7 +31,7 @@ def test_latency_buckets_are_prometheus_shaped() -> None:
     assert len(histogram.counts) == len(LATENCY_BOUNDS) + 1
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_positions_lag_and_totals_per_writer(adapter: Adapter) -> None:
     """A held handler: the wire runs ahead of what is processed (lag in
     tokens, rows queued); a row written silently is fetched (fetch totals and
@@ -91,7 +90,7 @@ async def test_positions_lag_and_totals_per_writer(adapter: Adapter) -> None:
     await hs.stop()
 
 
-@pytest_twisted.ensureDeferred
+@scenario
 async def test_prometheus_exposition(adapter: Adapter) -> None:
     """The collector exports the snapshot under the documented names, and
     promtool accepts the text."""
