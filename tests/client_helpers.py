@@ -9,15 +9,14 @@ import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from twisted.internet import defer, reactor, task
-from twisted.python.failure import Failure
 
 from synrepl.positions import RowsReceived
 from synrepl.streams import EventRow
+from synrepl.testing.clock import VirtualTime
 from synrepl.testing.homeserver import FakeHomeserver
-from synrepl.testing.memory import MemoryRedis
 from synrepl.twisted.client import ReplicationClient
 from synrepl.twisted.http_client import ReplicationHttpClient
 
@@ -50,48 +49,10 @@ class Collector:
         ]
 
 
-class VirtualTime:
-    """A ``task.Clock`` run as an event loop, with Redis in memory: whenever
-    nothing else can happen, time jumps to the next timer.  A scenario run
-    on it never sleeps, and runs the same way every time."""
-
-    def __init__(self) -> None:
-        self.clock = task.Clock()
-        self.redis = MemoryRedis(self.clock)
-
-    def run(self, work: Coroutine[Any, Any, _T], limit: float = 3600.0) -> _T:
-        """Run ``work`` to its end; fail if it waits for what nothing will do."""
-        global _virtual
-        _virtual, outer = self, _virtual
-        try:
-            d = defer.ensureDeferred(work)
-            while not d.called:
-                pending = [c.getTime() for c in self.clock.getDelayedCalls()]
-                if not pending:
-                    d.cancel()
-                    raise AssertionError(
-                        "the scenario waits for something that nothing on the clock will do "
-                        "(real I/O or a real timer in a virtual-time test?)"
-                    )
-                if min(pending) > limit:
-                    raise AssertionError(f"still waiting after {limit} virtual seconds")
-                self.clock.advance(max(0.0, min(pending) - self.clock.seconds()))
-            results: list[Any] = []
-            d.addBoth(results.append)
-            if isinstance(results[0], Failure):
-                results[0].raiseException()
-            return cast(_T, results[0])
-        finally:
-            _virtual = outer
-
-
-#: The virtual time a scenario runs on (None: the real reactor and Redis).
-_virtual: VirtualTime | None = None
-
-
 def clock() -> Any:
     """The virtual clock while a scenario runs on one, else the reactor."""
-    return _virtual.clock if _virtual is not None else reactor
+    virtual = VirtualTime.running()
+    return virtual.clock if virtual is not None else reactor
 
 
 def scenario(body: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Any]:
@@ -117,8 +78,9 @@ class ChannelTap:
     def __init__(self, channel: str) -> None:
         self._channel = channel
         self._sub: Any = None
-        if _virtual is not None:
-            self._memory = _virtual.redis
+        virtual = VirtualTime.running()
+        if virtual is not None:
+            self._memory = virtual.redis
             self._start = len(self._memory.published)
             return
         import redis as redis_py
@@ -185,10 +147,10 @@ def event(n: int, room: str = "!room:test") -> EventRow:
 async def homeserver(**kwargs: Any) -> FakeHomeserver:
     """A started FakeHomeserver on a channel of its own: on the shared Redis,
     or in memory while a scenario runs on virtual time."""
-    if _virtual is not None:
-        kwargs.setdefault("transport_factory", _virtual.redis.connect)
-        kwargs.setdefault("http", False)
-    hs = FakeHomeserver(clock(), server_name=unique_server_name(), **kwargs)
+    virtual = VirtualTime.running()
+    if virtual is not None:
+        return await virtual.homeserver(server_name=unique_server_name(), **kwargs)
+    hs = FakeHomeserver(reactor, server_name=unique_server_name(), **kwargs)
     await hs.start()
     return hs
 
@@ -196,12 +158,10 @@ async def homeserver(**kwargs: Any) -> FakeHomeserver:
 def client_for(hs: FakeHomeserver, **kwargs: Any) -> ReplicationClient:
     """A ReplicationClient of ``hs``'s cluster (not started): on virtual time
     it reads the homeserver's history in process."""
+    virtual = VirtualTime.running()
+    if virtual is not None:
+        return virtual.client(hs, **kwargs)
     config = kwargs.pop("config", None) or hs.config()
-    if _virtual is not None:
-        kwargs.setdefault("fetcher", hs.fetcher())
-        return ReplicationClient(
-            _virtual.clock, config, transport_factory=_virtual.redis.connect, **kwargs
-        )
     kwargs.setdefault("fetcher", ReplicationHttpClient(reactor, config))
     return ReplicationClient(reactor, config, **kwargs)
 
@@ -325,7 +285,7 @@ class Adapter:
 
     def client(self, hs: FakeHomeserver, **kwargs: Any) -> Any:
         """A ReplicationClient of ``hs``'s cluster (not started)."""
-        if self.name == "twisted" and _virtual is not None:
+        if self.name == "twisted" and VirtualTime.running() is not None:
             return client_for(hs, **kwargs)
         config = kwargs.pop("config", None) or hs.config()
         return make_client(self.name, config, **kwargs)

@@ -16,7 +16,6 @@ import pytest_twisted
 from client_helpers import (
     Adapter,
     Collector,
-    VirtualTime,
     client_for,
     event,
     homeserver,
@@ -29,6 +28,7 @@ from twisted.internet import reactor
 
 from synrepl.connection import TransportOptions
 from synrepl.streams import TypingRow
+from synrepl.testing.clock import VirtualTime
 from synrepl.testing.homeserver import FakeHomeserver
 
 pytestmark = pytest.mark.skipif(not redis_server_available(), reason="no redis-server binary")

@@ -90,8 +90,9 @@ class MemoryRedis:
             :meth:`for_asyncio`, the asyncio loop.
     """
 
-    def __init__(self, clock: _Clock) -> None:
-        self._clock = clock
+    def __init__(self, clock: Any) -> None:
+        # IReactorTime, typed loosely: zope interfaces do not type-check.
+        self._clock: _Clock = clock
         self._asyncio = isinstance(clock, _LoopClock)
         self._subscriptions: dict[str, list[_Link]] = {}
         self._links: set[_Link] = set()
