@@ -72,7 +72,7 @@ class VirtualTime:
         try:
             d = defer.ensureDeferred(work)
             while not d.called:
-                calls: list[Any] = self.clock.getDelayedCalls()
+                calls: Any = self.clock.getDelayedCalls()
                 pending = [call.getTime() for call in calls]
                 if not pending:
                     d.cancel()
