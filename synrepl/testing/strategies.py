@@ -22,7 +22,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from synrepl import commands as c
-from synrepl.streams import EVENTS_ROW_TYPES, ROW_TYPES, STREAM_NAMES, RawRow, Row
+from synrepl.streams import EVENTS_ROW_TYPES, ROW_TYPES, STREAM_NAMES, EventRow, RawRow, Row
 
 __all__ = (
     "words",
@@ -36,6 +36,14 @@ __all__ = (
     "position_commands",
     "lines",
     "tokens",
+    "server_names",
+    "user_ids",
+    "room_ids",
+    "event_ids",
+    "event_types",
+    "event_rows",
+    "MESSAGE_TYPES",
+    "STATE_TYPES",
 )
 
 _WORD_ALPHABET = st.characters(codec="utf-8", exclude_characters=" \n")
@@ -200,3 +208,109 @@ def commands(*, extras: bool = False) -> st.SearchStrategy[c.Command]:
 def lines(*, extras: bool = False) -> st.SearchStrategy[str]:
     """Valid wire lines, as :func:`synrepl.encode` writes them."""
     return commands(extras=extras).map(c.encode)
+
+
+# --- realistic Matrix values ---------------------------------------------------------
+#
+# ``rows()`` draws any value a field's type allows: right for a parser, which
+# must take whatever comes.  A handler's test wants what Synapse writes: the
+# strategies below draw identifiers in the Matrix grammar and event rows
+# whose fields agree with each other.
+
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_LOCALPART = st.from_regex(r"[a-z0-9._=/+-]{1,16}", fullmatch=True)
+_OPAQUE = st.from_regex(r"[A-Za-z]{18}", fullmatch=True)
+_EVENT_ID_BODY = st.from_regex(r"[A-Za-z0-9_-]{43}", fullmatch=True)
+
+#: Message-like (non-state) event types Synapse sees most.
+MESSAGE_TYPES = (
+    "m.room.message",
+    "m.room.encrypted",
+    "m.reaction",
+    "m.room.redaction",
+    "m.sticker",
+    "m.call.invite",
+)
+#: State event types, each with the state key it usually has ("" or a user).
+STATE_TYPES = (
+    "m.room.create",
+    "m.room.member",
+    "m.room.power_levels",
+    "m.room.join_rules",
+    "m.room.history_visibility",
+    "m.room.name",
+    "m.room.topic",
+    "m.room.avatar",
+    "m.room.encryption",
+)
+_MEMBERSHIPS = ("join", "leave", "invite", "ban", "knock")
+
+
+def server_names() -> st.SearchStrategy[str]:
+    """Server names: DNS names (sometimes with a port) or IPv4 literals."""
+    dns = st.lists(_LABEL, min_size=2, max_size=4).map(".".join)
+    ipv4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
+    host = dns | ipv4
+    port = st.none() | st.integers(1, 65535)
+    return st.builds(lambda h, p: h if p is None else f"{h}:{p}", host, port)
+
+
+def user_ids(server_name: str | None = None) -> st.SearchStrategy[str]:
+    """``@localpart:server`` with the spec's localpart characters."""
+    servers = st.just(server_name) if server_name is not None else server_names()
+    return st.builds(lambda local, server: f"@{local}:{server}", _LOCALPART, servers)
+
+
+def room_ids(server_name: str | None = None) -> st.SearchStrategy[str]:
+    """``!opaque:server``, as Synapse makes them."""
+    servers = st.just(server_name) if server_name is not None else server_names()
+    return st.builds(lambda opaque, server: f"!{opaque}:{server}", _OPAQUE, servers)
+
+
+def event_ids() -> st.SearchStrategy[str]:
+    """``$`` and 43 URL-safe base64 characters (room versions 4 and later)."""
+    return _EVENT_ID_BODY.map(lambda body: f"${body}")
+
+
+def event_types() -> st.SearchStrategy[str]:
+    """Event types as real rooms carry them, message and state alike."""
+    return st.sampled_from(MESSAGE_TYPES + STATE_TYPES)
+
+
+@st.composite
+def event_rows(
+    draw: st.DrawFn,
+    types: st.SearchStrategy[str] | None = None,
+    *,
+    room_id: str | None = None,
+    server_name: str = "example.com",
+) -> EventRow:
+    """An ``events`` stream ``ev`` row whose fields agree with its type:
+    state events have a state key (a user's ID for ``m.room.member``, with a
+    membership), a redaction names what it redacts, a reaction what it
+    relates to.  ``types`` chooses the types (default :func:`event_types`);
+    ``st.just("m.room.message")`` gives messages only."""
+    type_ = draw(types if types is not None else event_types())
+    room = room_id if room_id is not None else draw(room_ids(server_name))
+    state_key = None
+    membership = None
+    if type_ == "m.room.member":
+        state_key = draw(user_ids(server_name))
+        membership = draw(st.sampled_from(_MEMBERSHIPS))
+    elif type_ in STATE_TYPES:
+        state_key = ""
+    redacts = draw(event_ids()) if type_ == "m.room.redaction" else None
+    relates_to = draw(event_ids()) if type_ == "m.reaction" else None
+    if type_ == "m.room.message" and draw(st.integers(0, 4)) == 0:
+        relates_to = draw(event_ids())  # a reply or an edit
+    return EventRow(
+        draw(event_ids()),
+        room,
+        type_,
+        state_key,
+        redacts,
+        relates_to,
+        membership,
+        False,
+        False,
+    )
