@@ -95,6 +95,9 @@ class FakeHomeserver:
         transport_factory: builds the transport instead of a ``RedisTransport``
             on ``redis_host:redis_port``; ``MemoryRedis(clock).connect`` (from
             ``synrepl.testing.memory``) puts the homeserver in memory.
+        writes: writer -> the streams it writes, which it answers REPLICATE
+            for before writing any row, as Synapse's writers do (the events
+            writers always answer for ``events``).
         http: serve each writer's history over HTTP on a loopback port;
             False serves it only through :meth:`fetcher`, in process (for a
             ``task.Clock`` test, which cannot listen).
@@ -112,6 +115,7 @@ class FakeHomeserver:
         page_limit: int = 100,
         transport_options: TransportOptions | None = None,
         transport_factory: TransportFactory | None = None,
+        writes: Mapping[str, Sequence[str]] | None = None,
         http: bool = True,
     ) -> None:
         if not writers:
@@ -127,6 +131,10 @@ class FakeHomeserver:
         # names them) for events.
         for name in [n for n in writers if n != "master"] or ["master"]:
             self._writers[name].writes.append("events")
+        for name, streams in (writes or {}).items():
+            self._writer(name).writes.extend(
+                s for s in streams if s not in self._writer(name).writes
+            )
         self._sequences: dict[str, int] = {}
         self.http_requests: list[tuple[str, str, Mapping[str, str]]] = []
         self._http = http
@@ -224,13 +232,25 @@ class FakeHomeserver:
         self._sequences[stream] = token
         raws = [row.to_raw() if isinstance(row, Row) else row for row in rows]
         w.history.setdefault(stream, []).extend((token, raw) for raw in raws)
+        self._send_rows(w, stream, token, raws)
+        w.last_sent[stream] = token
+        return token
+
+    def resend(self, stream: str, token: int, *, writer: str | None = None) -> None:
+        """Publish the rows of ``token`` again, the whole batch: what a consumer
+        sees when live rows overlap rows it already fetched."""
+        w = self._writer(writer)
+        raws = [raw for t, raw in w.history.get(stream, []) if t == token]
+        if not raws:
+            raise ValueError(f"{w.name} wrote nothing to {stream} at {token}")
+        self._send_rows(w, stream, token, raws)
+
+    def _send_rows(self, w: _Writer, stream: str, token: int, raws: Sequence[Any]) -> None:
         for index, raw in enumerate(raws):
             last = index == len(raws) - 1
             self._send(
                 w, f"RDATA {stream} {w.name} {token if last else 'batch'} {_json.dumps(raw)}"
             )
-        w.last_sent[stream] = token
-        return token
 
     def write_silently(
         self, stream: str, rows: Sequence[Row | Any], *, writer: str | None = None

@@ -17,12 +17,14 @@ normalised form (booleans as ``bool``, lists as tuples).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from hypothesis import strategies as st
 
 from synrepl import commands as c
 from synrepl.streams import EVENTS_ROW_TYPES, ROW_TYPES, STREAM_NAMES, EventRow, RawRow, Row
+from synrepl.testing.traffic import Announce, DropConnections, Pause, Step, Traffic, Write
 
 __all__ = (
     "words",
@@ -44,6 +46,7 @@ __all__ = (
     "event_rows",
     "MESSAGE_TYPES",
     "STATE_TYPES",
+    "traffic",
 )
 
 _WORD_ALPHABET = st.characters(codec="utf-8", exclude_characters=" \n")
@@ -314,3 +317,53 @@ def event_rows(
         False,
         False,
     )
+
+
+# --- whole traffic scripts ---------------------------------------------------------------
+
+
+def _rows_of(stream: str) -> st.SearchStrategy[Row]:
+    return event_rows() if stream == "events" else rows_for(stream)
+
+
+@st.composite
+def traffic(
+    draw: st.DrawFn,
+    *,
+    persisters: Sequence[str] = ("persister1", "persister2"),
+    streams: Sequence[str] = ("events", "typing", "receipts", "to_device"),
+    max_steps: int = 40,
+    faults: bool = True,
+) -> Traffic:
+    """A script for a homeserver whose main process ``master`` writes every
+    stream but ``events``, which ``persisters`` share (see
+    :mod:`synrepl.testing.traffic`).  Writes come in batches of one to three
+    rows, interleaved across writers; with ``faults``, some are never
+    published or published twice, writers announce POSITIONs, Redis drops
+    every connection, and time passes.  ``Traffic.play`` returns what a
+    worker must get: every row once, in order."""
+    writers = ("master", *persisters)
+    step_kinds = ["write"] * 6 + (
+        ["silent", "duplicate", "announce", "drop", "pause"] if faults else []
+    )
+    steps: list[Step] = []
+    for _ in range(draw(st.integers(1, max_steps))):
+        stream = draw(st.sampled_from(streams))
+        writer = (
+            draw(st.sampled_from(persisters)) if stream == "events" and persisters else "master"
+        )
+        kind = draw(st.sampled_from(step_kinds))
+        if kind in ("write", "silent", "duplicate"):
+            rows = tuple(draw(st.lists(_rows_of(stream), min_size=1, max_size=3)))
+            steps.append(
+                Write(
+                    stream, writer, rows, published=kind != "silent", duplicated=kind == "duplicate"
+                )
+            )
+        elif kind == "announce":
+            steps.append(Announce(stream, writer))
+        elif kind == "drop":
+            steps.append(DropConnections())
+        else:
+            steps.append(Pause(draw(st.sampled_from((0.01, 0.5, 3.0, 30.0)))))
+    return Traffic(writers, tuple(steps))

@@ -1,0 +1,62 @@
+"""The whole client against drawn traffic, on virtual time: whatever the
+writers do (interleaved batches, rows never published or published twice,
+POSITIONs, lost Redis connections, time passing), every row reaches the
+handler exactly once, in order per writer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+
+from synrepl.positions import RowsReceived
+from synrepl.testing import strategies as rs
+from synrepl.testing.clock import VirtualTime
+from synrepl.testing.traffic import Traffic
+
+
+def delivered(batches: list[RowsReceived]) -> dict[tuple[str, str], list[tuple[int, Any]]]:
+    out: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+    for batch in batches:
+        out.setdefault((batch.stream, batch.writer), []).extend(
+            (batch.token, row.to_raw()) for row in batch.rows
+        )
+    return out
+
+
+def play(script: Traffic, **client_options: Any) -> None:
+    time = VirtualTime()
+
+    async def scenario() -> None:
+        hs = await time.homeserver(writers=script.writers, writes=script.writes(), page_limit=5)
+        client = time.client(hs, streams=script.streams(), **client_options)
+        batches: list[RowsReceived] = []
+        client.on_rows(None, batches.append)
+        await client.start()
+        await client.wait_ready(timeout=10)
+        expected = await script.play(hs, time)
+        last = {pair: rows[-1][0] for pair, rows in expected.items() if rows}
+        for _ in range(600):  # a minute of virtual time at most
+            positions = client.positions()
+            if all(positions.get(s, {}).get(w) == t for (s, w), t in last.items()):
+                break
+            await time.sleep(0.1)
+        got = delivered(batches)
+        assert {pair: got.get(pair, []) for pair in expected} == expected
+        assert set(got) <= set(expected)
+        await client.stop()
+        await hs.stop()
+
+    time.run(scenario())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rs.traffic())
+def test_every_row_once_in_order_whatever_the_traffic(script: Traffic) -> None:
+    play(script)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rs.traffic(max_steps=60))
+def test_and_with_a_memory_bound_far_below_the_traffic(script: Traffic) -> None:
+    play(script, max_pending_rows=4)
