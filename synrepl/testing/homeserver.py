@@ -9,8 +9,8 @@ writer instance:
   tokens of a stream are one sequence shared by all its writers (like
   Synapse's multi-writer id generators), increasing per writer;
 - answers ``REPLICATE`` with ``POSITION <stream> <writer> <last> <last>`` for
-  every stream it has written, and the events writers for ``events`` from
-  the start, as Synapse does (a fresh one with ``0 0``);
+  every stream it writes (those its configuration gives it, and
+  ``caches``), written or not, as Synapse does (a fresh one with ``0 0``);
 - keeps its history and serves ``get_repl_stream_updates`` over HTTP on its
   own port, in pages of ``page_limit`` rows, checking the replication secret
   the way Synapse does (a wrong or missing secret gets a 500);
@@ -47,7 +47,7 @@ from synrepl.connection import TransportOptions
 from synrepl.errors import ProtocolError
 from synrepl.http import StreamUpdates
 from synrepl.sharding import canonical_instance_name
-from synrepl.streams import Row
+from synrepl.streams import STREAM_NAMES, Row
 from synrepl.twisted.redis_transport import RedisTransport
 
 __all__ = ("FakeHomeserver", "Faults", "HistoryFetcher")
@@ -126,11 +126,15 @@ class FakeHomeserver:
         self.page_limit = page_limit
         self._redis = RedisConfig(enabled=True, host=redis_host, port=redis_port)
         self._writers = {name: _Writer(name) for name in writers}
-        # Like Synapse, a writer answers REPLICATE for the streams it writes
-        # before it has written any: here the events writers (as config_dict
-        # names them) for events.
-        for name in [n for n in writers if n != "master"] or ["master"]:
-            self._writers[name].writes.append("events")
+        # Like Synapse, a writer answers REPLICATE for every stream it writes,
+        # written or not: those config_dict gives it, and caches (everyone).
+        sharding = config_from_dict(self._config_data(lambda name: 1)).stream_writers
+        for stream in STREAM_NAMES:
+            for name in sharding.writers_for_stream(stream):
+                if name in self._writers:
+                    self._writers[name].writes.append(stream)
+        for w in self._writers.values():
+            w.writes.append("caches")
         for name, streams in (writes or {}).items():
             self._writer(name).writes.extend(
                 s for s in streams if s not in self._writer(name).writes
@@ -198,12 +202,14 @@ class FakeHomeserver:
 
     def config_dict(self, **overrides: Any) -> dict[str, Any]:
         """The same as a homeserver.yaml-shaped dict, to extend or write out."""
+        data = self._config_data(self.http_port)
+        data.update(overrides)
+        return data
+
+    def _config_data(self, port_of: Callable[[str], int]) -> dict[str, Any]:
         names = list(self._writers)
         instance_map = {
-            ("main" if name == "master" else name): {
-                "host": "127.0.0.1",
-                "port": self.http_port(name),
-            }
+            ("main" if name == "master" else name): {"host": "127.0.0.1", "port": port_of(name)}
             for name in names
         }
         data: dict[str, Any] = {
@@ -215,7 +221,6 @@ class FakeHomeserver:
             data["worker_replication_secret"] = self.secret
         persisters = [n for n in names if n != "master"] or ["master"]
         data["stream_writers"] = {"events": persisters}
-        data.update(overrides)
         return data
 
     # ------------------------------------------------------------ writing
