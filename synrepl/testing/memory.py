@@ -26,7 +26,7 @@ Usage (a Twisted test, no Redis, no sleeping)::
     client = ReplicationClient(clock, config, transport_factory=redis.connect, ...)
     client.start()
     clock.advance(0)            # connect, subscribe, deliver
-    assert redis.published == [("example.com", "REPLICATE")]
+    assert redis.published[0] == ("example.com", "REPLICATE ")
 """
 
 from __future__ import annotations
@@ -298,6 +298,8 @@ class MemoryTransport:
         )
         self.channels: tuple[str, ...] = self.core.channels
         self.stats = self.core.stats
+        #: What this transport published, in order: ``(channel, message)``.
+        self.published: list[tuple[str, str]] = []
         self._subscriber = _Link(self, self.core.subscriber)
         self._publisher = (
             _Link(self, self.core.publisher) if self.core.publisher is not None else None
@@ -347,6 +349,7 @@ class MemoryTransport:
         self.core.publish_payload(message)
         if self._publisher is None or not self._publisher.connected:
             return self.server._result(self.core.publisher_unavailable())
+        self.published.append((channel, message))
         return self.server._result(self.core.published(self.server.publish(channel, message)))
 
     def _links(self) -> list[_Link]:
