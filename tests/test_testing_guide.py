@@ -111,3 +111,27 @@ def test_the_worker_logs_every_message_once_whatever_the_traffic(script: Traffic
 
 
 # --8<-- [end:traffic]
+# --8<-- [start:outage]
+
+
+def test_a_minute_of_redis_outage_in_no_time() -> None:
+    time = VirtualTime()
+    hs = time.run(time.homeserver(writers=("master", "persister1")))
+    client = time.client(hs)
+    log = MessageLog()
+    client.on_rows("events", log.on_rows)
+    time.run(client.start())
+    time.run(client.wait_ready())
+    time.redis.kill()  # Redis down: what is written now is lost on the wire
+    message = EventRow(
+        "$m", "!r:test.local", "m.room.message", None, None, None, None, False, False
+    )
+    token = hs.write("events", [message], writer="persister1")
+    time.run(time.sleep(60))  # a minute passes, in no time
+    time.redis.start()  # the client reconnects, sends REPLICATE, fetches the row
+    time.run(client.wait_for_stream_position("events", "persister1", token))
+    assert log.entries == [(token, "!r:test.local", "$m")]
+    assert client.counters.reconnects == 1
+
+
+# --8<-- [end:outage]
