@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import attrs
 from twisted.internet import defer
 
 from synrepl.config import RedisConfig
@@ -88,11 +90,15 @@ class MemoryRedis:
     Args:
         clock: the Twisted reactor or a ``task.Clock``; with
             :meth:`for_asyncio`, the asyncio loop.
+        seed: seeds the transports' reconnect jitter (the Redis transports
+            draw it at random), so that a run repeats exactly.
     """
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: Any, *, seed: int = 0) -> None:
         # IReactorTime, typed loosely: zope interfaces do not type-check.
         self._clock: _Clock = clock
+        #: The backoffs' jitter: seeded, so a run on a task.Clock repeats exactly.
+        self.random = random.Random(seed)
         self._asyncio = isinstance(clock, _LoopClock)
         self._subscriptions: dict[str, list[_Link]] = {}
         self._links: set[_Link] = set()
@@ -206,6 +212,7 @@ class _Link:
     def __init__(self, transport: MemoryTransport, state: LinkState) -> None:
         self.transport = transport
         self.state = state
+        state.backoff = attrs.evolve(state.backoff, rng=transport.server.random.random)
         self.role: Role = state.role
         self.connected = False
         #: Grows with every connection, so a message queued for an earlier one is dropped.
