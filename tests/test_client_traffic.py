@@ -1,4 +1,5 @@
-"""The whole client against drawn traffic, on virtual time: whatever the
+"""The whole client of either adapter against drawn traffic, on virtual
+time (Twisted's task.Clock, or asyncio's VirtualEventLoop): whatever the
 writers do (interleaved batches, rows never published or published twice,
 POSITIONs, lost Redis connections, time passing), every row reaches the
 handler exactly once, in order per writer."""
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 
 from synrepl.positions import RowsReceived
 from synrepl.testing import strategies as rs
+from synrepl.testing.asyncio_clock import AsyncioVirtualTime
 from synrepl.testing.clock import VirtualTime
 from synrepl.testing.traffic import Traffic
 
@@ -24,8 +26,8 @@ def delivered(batches: list[RowsReceived]) -> dict[tuple[str, str], list[tuple[i
     return out
 
 
-def play(script: Traffic, **client_options: Any) -> None:
-    time = VirtualTime()
+def play(script: Traffic, adapter: str, **client_options: Any) -> None:
+    time: Any = VirtualTime() if adapter == "twisted" else AsyncioVirtualTime()
 
     async def scenario() -> None:
         hs = await time.homeserver(writers=script.writers, writes=script.writes(), page_limit=5)
@@ -50,13 +52,32 @@ def play(script: Traffic, **client_options: Any) -> None:
     time.run(scenario())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW_OK = [HealthCheck.too_slow]
+
+# One function per adapter, not parametrize: pytest-twisted wraps a
+# hypothesis test's inner function in place, and two parametrized items
+# share it, so the second would be wrapped twice.
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=SLOW_OK)
 @given(rs.traffic())
-def test_every_row_once_in_order_whatever_the_traffic(script: Traffic) -> None:
-    play(script)
+def test_every_row_once_in_order_whatever_the_traffic_twisted(script: Traffic) -> None:
+    play(script, "twisted")
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=SLOW_OK)
+@given(rs.traffic())
+def test_every_row_once_in_order_whatever_the_traffic_asyncio(script: Traffic) -> None:
+    play(script, "asyncio")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=SLOW_OK)
 @given(rs.traffic(max_steps=60))
-def test_and_with_a_memory_bound_far_below_the_traffic(script: Traffic) -> None:
-    play(script, max_pending_rows=4)
+def test_and_with_a_memory_bound_far_below_the_traffic_twisted(script: Traffic) -> None:
+    play(script, "twisted", max_pending_rows=4)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=SLOW_OK)
+@given(rs.traffic(max_steps=60))
+def test_and_with_a_memory_bound_far_below_the_traffic_asyncio(script: Traffic) -> None:
+    play(script, "asyncio", max_pending_rows=4)

@@ -36,6 +36,7 @@ def test_the_testing_guide_shows_its_examples() -> None:
         "fixtures",
         "traffic",
         "outage",
+        "asyncio",
     }
 
 

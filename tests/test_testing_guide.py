@@ -4,13 +4,17 @@ tests/test_docs_snippets.py checks that they still match."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from synrepl.positions import RowsReceived
 from synrepl.streams import EventRow
 from synrepl.testing import strategies as rs
-from synrepl.testing.clock import VirtualTime
+from synrepl.testing.asyncio_clock import AsyncioVirtualTime
+from synrepl.testing.clock import StuckError, VirtualTime
 from synrepl.testing.homeserver import FakeHomeserver
 from synrepl.testing.traffic import Traffic
 from synrepl.twisted.client import ReplicationClient
@@ -135,3 +139,54 @@ def test_a_minute_of_redis_outage_in_no_time() -> None:
 
 
 # --8<-- [end:outage]
+# --8<-- [start:asyncio]
+
+
+def test_the_same_on_asyncio() -> None:
+    time = AsyncioVirtualTime()
+
+    async def scenario() -> None:
+        hs = await time.homeserver(writers=("master", "persister1"))
+        client = time.client(hs)  # synrepl.asyncio.ReplicationClient
+        log = MessageLog()
+        client.on_rows("events", log.on_rows)
+        await client.start()
+        await client.wait_ready()
+        time.redis.kill()
+        message = EventRow(
+            "$m", "!r:test.local", "m.room.message", None, None, None, None, False, False
+        )
+        token = hs.write("events", [message], writer="persister1")
+        await asyncio.sleep(60)  # virtual: returns at once
+        time.redis.start()
+        await client.wait_for_stream_position("events", "persister1", token)
+        assert log.entries == [(token, "!r:test.local", "$m")]
+        assert asyncio.get_running_loop().time() >= 60
+        await client.stop()
+        await hs.stop()
+
+    time.run(scenario())
+
+
+# --8<-- [end:asyncio]
+
+
+def test_a_virtual_loop_waiting_for_nothing_says_so() -> None:
+    time = AsyncioVirtualTime()
+
+    async def forever() -> None:
+        await asyncio.get_running_loop().create_future()
+
+    with pytest.raises(StuckError, match="nothing on the loop"):
+        time.run(forever())
+
+
+def test_virtual_time_waiting_for_nothing_says_so() -> None:
+    from twisted.internet import defer
+
+    with pytest.raises(StuckError, match="nothing on the clock"):
+        VirtualTime().run(_wait_for(defer.Deferred()))
+
+
+async def _wait_for(d: object) -> None:
+    await d  # type: ignore[misc]

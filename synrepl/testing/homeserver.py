@@ -40,9 +40,13 @@ from twisted.web import resource, server
 
 from synrepl._client_core import TransportFactory
 from synrepl.connection import TransportOptions
-from synrepl.http import StreamUpdates
-from synrepl.sharding import canonical_instance_name
-from synrepl.testing.writers import UPDATES_PATH, Faults, SimulatedWriters, WriterState
+from synrepl.testing.writers import (
+    UPDATES_PATH,
+    Faults,
+    HistoryFetcher,
+    SimulatedWriters,
+    WriterState,
+)
 from synrepl.twisted.redis_transport import RedisTransport
 
 __all__ = ("FakeHomeserver", "Faults", "HistoryFetcher")
@@ -174,32 +178,6 @@ class FakeHomeserver(SimulatedWriters):
         if not self._ready.called:
             self._ready.callback(None)
         super()._announce_all()
-
-
-class HistoryFetcher:
-    """``get_repl_stream_updates`` answered from a homeserver's memory.
-
-    Args:
-        writers: whose history.
-        sleep: ``sleep(seconds)`` returns an awaitable of the adapter's kind,
-            for ``http_delay``.
-    """
-
-    def __init__(self, writers: SimulatedWriters, sleep: Any) -> None:
-        self._writers = writers
-        self._sleep = sleep
-
-    async def get_repl_stream_updates(
-        self, instance: str, stream: str, from_token: int, upto_token: int
-    ) -> StreamUpdates:
-        writers = self._writers
-        instance = canonical_instance_name(instance)
-        if writers.on_updates_request is not None:
-            writers.on_updates_request(instance, stream, from_token, upto_token)
-        if writers.http_delay > 0:
-            await self._sleep(writers.http_delay)
-        # The history as it is when the answer is made, as for a busy writer.
-        return writers.history_page(instance, stream, from_token, upto_token)
 
 
 class _UpdatesResource(resource.Resource):

@@ -81,7 +81,28 @@ class _LoopClock:
         return self.loop.time()
 
     def callLater(self, delay: float, f: Callable[..., Any], *args: Any) -> Any:
-        return self.loop.call_later(delay, f, *args)
+        return _LoopCall(self.loop, delay, f, args)
+
+
+class _LoopCall:
+    """An asyncio timer with the ``active()``/``cancel()`` of a Twisted DelayedCall."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, delay: float, f: Callable[..., Any], args: Any
+    ) -> None:
+        self._done = False
+        self._handle = loop.call_later(delay, self._fire, f, args)
+
+    def _fire(self, f: Callable[..., Any], args: Any) -> None:
+        self._done = True
+        f(*args)
+
+    def active(self) -> bool:
+        return not self._done
+
+    def cancel(self) -> None:
+        self._done = True
+        self._handle.cancel()
 
 
 class MemoryRedis:

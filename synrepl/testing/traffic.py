@@ -2,11 +2,14 @@
 
 A :class:`Traffic` is a list of steps (writes, unpublished writes,
 duplicated lines, POSITIONs, lost Redis connections, pauses) that
-:meth:`Traffic.play` performs on a :class:`~synrepl.testing.homeserver.FakeHomeserver`.
+:meth:`Traffic.play` performs on a simulated homeserver of either adapter
+(:class:`~synrepl.testing.homeserver.FakeHomeserver`,
+:class:`~synrepl.testing.asyncio_homeserver.AsyncioHomeserver`).
 It returns, per (stream, writer), the rows in the order the worker must
 get them, with their tokens: whatever the faults, every row once, in order.
 ``synrepl.testing.strategies.traffic()`` draws scripts; a property test of a
-worker plays one on :class:`~synrepl.testing.clock.VirtualTime` and compares
+worker plays one on virtual time (:class:`~synrepl.testing.clock.VirtualTime`,
+:class:`~synrepl.testing.asyncio_clock.AsyncioVirtualTime`) and compares
 what its handler got with what ``play`` returned.
 
 The script ends with a POSITION of every pair it wrote, as a writer's next
@@ -16,14 +19,14 @@ published.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol
 
 import attrs
 
 from synrepl.streams import Row
-from synrepl.testing.clock import VirtualTime
-from synrepl.testing.homeserver import FakeHomeserver
+from synrepl.testing.memory import MemoryRedis
+from synrepl.testing.writers import SimulatedWriters
 
 __all__ = (
     "Traffic",
@@ -34,6 +37,16 @@ __all__ = (
     "Step",
     "Expected",
 )
+
+
+class Clocked(Protocol):
+    """Virtual time of either adapter (``VirtualTime``, ``AsyncioVirtualTime``)."""
+
+    @property
+    def redis(self) -> MemoryRedis: ...
+
+    def sleep(self, seconds: float) -> Awaitable[None]: ...
+
 
 #: (stream, writer) -> [(token, raw row), ...] in delivery order.
 Expected = dict[tuple[str, str], list[tuple[int, Any]]]
@@ -104,7 +117,7 @@ class Traffic:
             out.setdefault(writer, []).append(stream)
         return out
 
-    async def play(self, hs: FakeHomeserver, time: VirtualTime) -> Expected:
+    async def play(self, hs: SimulatedWriters, time: Clocked) -> Expected:
         """Perform every step on ``hs`` (its Redis being ``time.redis``), then
         the closing POSITIONs; returns what a worker connected before the
         first step must get."""

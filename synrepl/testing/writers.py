@@ -28,7 +28,7 @@ from synrepl.http import StreamUpdates
 from synrepl.sharding import canonical_instance_name
 from synrepl.streams import STREAM_NAMES, Row
 
-__all__ = ("SimulatedWriters", "Faults", "WriterState", "UPDATES_PATH")
+__all__ = ("SimulatedWriters", "Faults", "WriterState", "HistoryFetcher", "UPDATES_PATH")
 
 #: The HTTP path of ``get_repl_stream_updates`` (``<stream>/<txn_id>`` follows).
 UPDATES_PATH = "/_synapse/replication/get_repl_stream_updates/"
@@ -298,3 +298,29 @@ class SimulatedWriters:
         if faults.duplicate > 0:
             faults.duplicate -= 1
             self._publish(line)
+
+
+class HistoryFetcher:
+    """``get_repl_stream_updates`` answered from a homeserver's memory.
+
+    Args:
+        writers: whose history.
+        sleep: ``sleep(seconds)`` returns an awaitable of the adapter's kind,
+            for ``http_delay``.
+    """
+
+    def __init__(self, writers: SimulatedWriters, sleep: Any) -> None:
+        self._writers = writers
+        self._sleep = sleep
+
+    async def get_repl_stream_updates(
+        self, instance: str, stream: str, from_token: int, upto_token: int
+    ) -> StreamUpdates:
+        writers = self._writers
+        instance = canonical_instance_name(instance)
+        if writers.on_updates_request is not None:
+            writers.on_updates_request(instance, stream, from_token, upto_token)
+        if writers.http_delay > 0:
+            await self._sleep(writers.http_delay)
+        # The history as it is when the answer is made, as for a busy writer.
+        return writers.history_page(instance, stream, from_token, upto_token)
