@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor, task
 
 from synrepl.positions import RowsReceived
 from synrepl.streams import EventRow
+from synrepl.testing.asyncio_clock import AsyncioVirtualTime
 from synrepl.testing.clock import VirtualTime
 from synrepl.testing.homeserver import FakeHomeserver
 from synrepl.twisted.client import ReplicationClient
@@ -56,17 +57,19 @@ def clock() -> Any:
 
 
 def scenario(body: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Any]:
-    """A test run with the ``adapter`` fixture: the Twisted client on virtual
-    time (Redis in memory, history in process), the asyncio one on the
-    reactor with real Redis and HTTP."""
+    """A test run with the ``adapter`` fixture on that adapter's virtual time
+    (Redis in memory, history in process): the Twisted client on a
+    ``task.Clock``, the asyncio one on a ``VirtualEventLoop``.  The helpers
+    below (``homeserver``, ``wait_until``, ``sleep``, ``Adapter.client``,
+    ``ChannelTap``) follow the one running."""
 
     @functools.wraps(body)
-    def test(*args: Any, **kwargs: Any) -> Any:
-        adapter = kwargs.get("adapter")
-        if adapter is not None and adapter.name == "twisted":
+    def test(*args: Any, **kwargs: Any) -> None:
+        adapter = kwargs["adapter"]
+        if adapter.name == "twisted":
             VirtualTime().run(body(*args, **kwargs))
-            return None
-        return defer.ensureDeferred(body(*args, **kwargs))
+        else:
+            AsyncioVirtualTime().run(body(*args, **kwargs))
 
     return test
 
@@ -78,7 +81,7 @@ class ChannelTap:
     def __init__(self, channel: str) -> None:
         self._channel = channel
         self._sub: Any = None
-        virtual = VirtualTime.running()
+        virtual = VirtualTime.running() or AsyncioVirtualTime.running()
         if virtual is not None:
             self._memory = virtual.redis
             self._start = len(self._memory.published)
@@ -112,7 +115,7 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what:
     while not condition():
         if waited >= timeout:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        await task.deferLater(clock(), 0.02, lambda: None)
+        await sleep(0.02)
         waited += 0.02
 
 
@@ -136,7 +139,11 @@ async def poll_until(
 
 
 async def sleep(seconds: float) -> None:
-    await task.deferLater(clock(), seconds, lambda: None)
+    """Let time pass: virtual on a scenario's virtual time, else real."""
+    if AsyncioVirtualTime.running() is not None:
+        await asyncio.sleep(seconds)
+    else:
+        await task.deferLater(clock(), seconds, lambda: None)
 
 
 def event(n: int, room: str = "!room:test") -> EventRow:
@@ -144,10 +151,11 @@ def event(n: int, room: str = "!room:test") -> EventRow:
     return EventRow(f"$e{n}", room, "m.room.message", None, None, None, None, False, False)
 
 
-async def homeserver(**kwargs: Any) -> FakeHomeserver:
-    """A started FakeHomeserver on a channel of its own: on the shared Redis,
-    or in memory while a scenario runs on virtual time."""
-    virtual = VirtualTime.running()
+async def homeserver(**kwargs: Any) -> Any:
+    """A started simulated homeserver on a channel of its own: on the shared
+    Redis, or in memory while a scenario runs on virtual time (an
+    AsyncioHomeserver on asyncio's)."""
+    virtual = VirtualTime.running() or AsyncioVirtualTime.running()
     if virtual is not None:
         return await virtual.homeserver(server_name=unique_server_name(), **kwargs)
     hs = FakeHomeserver(reactor, server_name=unique_server_name(), **kwargs)
@@ -287,6 +295,9 @@ class Adapter:
         """A ReplicationClient of ``hs``'s cluster (not started)."""
         if self.name == "twisted" and VirtualTime.running() is not None:
             return client_for(hs, **kwargs)
+        virtual = AsyncioVirtualTime.running()
+        if self.name == "asyncio" and virtual is not None:
+            return virtual.client(hs, **kwargs)  # the client itself: the body is asyncio's
         config = kwargs.pop("config", None) or hs.config()
         return make_client(self.name, config, **kwargs)
 

@@ -332,7 +332,7 @@ async def test_wait_for_stream_position(adapter: Adapter) -> None:
     await connected(client, hs, ["account_data"])
     token = hs.write("account_data", [["@a", "!r", "m.tag"]])
     waiter = client.wait_for_stream_position("account_data", "master", token)
-    assert not waiter.called
+    assert not (waiter.done() if adapter.name == "asyncio" else waiter.called)
     await waiter
     assert processed == [token]
     await client.wait_for_stream_position("account_data", "master", token)  # reached: at once

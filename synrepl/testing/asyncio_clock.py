@@ -27,7 +27,7 @@ import asyncio
 import selectors
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from synrepl.testing.asyncio_homeserver import AsyncioHomeserver
 from synrepl.testing.clock import StuckError
@@ -76,6 +76,13 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
 class AsyncioVirtualTime:
     """A :class:`VirtualEventLoop` with Redis in memory on it."""
 
+    _running: ClassVar[list[AsyncioVirtualTime]] = []
+
+    @classmethod
+    def running(cls) -> AsyncioVirtualTime | None:
+        """The innermost ``AsyncioVirtualTime`` whose :meth:`run` is under way."""
+        return cls._running[-1] if cls._running else None
+
     def __init__(self) -> None:
         self.loop = VirtualEventLoop()
         #: The in-memory Redis on that loop.
@@ -109,8 +116,12 @@ class AsyncioVirtualTime:
         return result
 
     def _run_here(self, work: Coroutine[Any, Any, _T]) -> _T:
-        with asyncio.Runner(loop_factory=lambda: self.loop) as runner:
-            return runner.run(work)
+        self._running.append(self)
+        try:
+            with asyncio.Runner(loop_factory=lambda: self.loop) as runner:
+                return runner.run(work)
+        finally:
+            self._running.remove(self)
 
     async def sleep(self, seconds: float) -> None:
         """Let ``seconds`` of virtual time pass."""
