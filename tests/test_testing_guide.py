@@ -190,3 +190,28 @@ def test_virtual_time_waiting_for_nothing_says_so() -> None:
 
 async def _wait_for(d: object) -> None:
     await d  # type: ignore[misc]
+
+
+def test_a_typing_writer_restart_is_a_reset_not_a_loss() -> None:
+    """SimulatedWriters.restart(): typing starts again from 0; the client
+    reports a StreamReset and delivers the new rows."""
+    from synrepl.positions import StreamReset
+    from synrepl.streams import TypingRow
+
+    time = VirtualTime()
+    hs = time.run(time.homeserver())
+    client = time.client(hs)
+    resets: list[object] = []
+    typing: list[int] = []
+    client.on_reset(resets.append)
+    client.on_rows("typing", lambda batch: typing.append(batch.token))
+    time.run(client.start())
+    time.run(client.wait_ready())
+    for n in range(5):
+        hs.write("typing", [TypingRow(f"!r{n}:test.local", ("@a:test.local",))])
+    time.run(client.wait_for_stream_position("typing", "master", 5))
+    hs.restart("master")
+    token = hs.write("typing", [TypingRow("!r:test.local", ())])
+    time.run(time.sleep(1))
+    assert resets == [StreamReset("typing", "master", 5, 0)]
+    assert typing == [1, 2, 3, 4, 5, token] and token == 1

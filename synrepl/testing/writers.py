@@ -6,7 +6,8 @@ writers (Synapse's multi-writer id generators), increasing per writer; rows
 sharing a token go out as ``batch`` rows completed by one numeric-token
 row; each writer answers ``REPLICATE`` with a ``POSITION`` for every stream
 it writes (written or not); its history is served in pages that end on a
-token boundary; and its next lines can be dropped, duplicated or reordered.
+token boundary; its next lines can be dropped, duplicated or reordered; and
+a writer can restart (its in-memory streams start again from 0).
 It hands each line to :meth:`SimulatedWriters._publish`, which an adapter
 carries out: :class:`~synrepl.testing.homeserver.FakeHomeserver` on
 Twisted (real Redis or in memory, history over HTTP or in process),
@@ -25,6 +26,7 @@ from synrepl.commands import PositionCommand, ReplicateCommand, encode, parse_li
 from synrepl.config import RedisConfig, SynapseConfig, config_from_dict
 from synrepl.errors import ProtocolError
 from synrepl.http import StreamUpdates
+from synrepl.positions import RESETTABLE_STREAMS
 from synrepl.sharding import canonical_instance_name
 from synrepl.streams import STREAM_NAMES, Row
 
@@ -207,6 +209,21 @@ class SimulatedWriters:
         prev = w.last_sent.get(stream, current)
         self._send(w, encode(PositionCommand(stream, w.name, prev, current)))
         w.last_sent[stream] = current
+
+    def restart(self, writer: str | None = None) -> None:
+        """The writer process restarts: the streams it keeps in memory
+        (``RESETTABLE_STREAMS``: typing, ...) start again from 0 with an empty
+        history, and it announces a POSITION for every stream it writes, as a
+        Synapse process does when it connects."""
+        w = self._writer(writer)
+        for stream in RESETTABLE_STREAMS:
+            if stream in w.writes or stream in w.history:
+                self._sequences[stream] = 0
+                w.history.pop(stream, None)
+                w.last_sent[stream] = 0
+        for stream in dict.fromkeys([*w.writes, *w.history]):
+            last = w.last_sent.get(stream, 0)
+            self._publish(encode(PositionCommand(stream, w.name, last, last)))
 
     def token(self, stream: str) -> int:
         """The stream's current token (the shared sequence)."""
