@@ -55,15 +55,7 @@ class AsyncioHomeserver(SimulatedWriters):
             from synrepl.asyncio.redis_transport import RedisTransport
 
             transport_factory = partial(RedisTransport, self._redis)
-        self._transport = transport_factory(
-            [server_name],
-            on_line=self._on_line,
-            on_subscribed=self._announce_all,
-            on_connection_lost=lambda: None,
-            on_attempt_failed=None,
-            publish_enabled=True,
-            options=transport_options or TransportOptions(),
-        )
+        self._transport = self._connect(transport_factory, transport_options)
         #: Messages that could not be published (Redis down): lost on the wire.
         self.publish_failures = 0
         self._ready: asyncio.Future[None] | None = None

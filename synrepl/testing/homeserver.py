@@ -108,15 +108,7 @@ class FakeHomeserver(SimulatedWriters):
         self._http = http
         self._ports: dict[str, Any] = {}
         factory = transport_factory or partial(RedisTransport, reactor, self._redis)
-        self._transport = factory(
-            [server_name],
-            on_line=self._on_line,
-            on_subscribed=self._announce_all,
-            on_connection_lost=lambda: None,
-            on_attempt_failed=None,
-            publish_enabled=True,
-            options=transport_options or TransportOptions(),
-        )
+        self._transport = self._connect(factory, transport_options)
         #: Messages that could not be published (Redis down): lost on the wire,
         #: as they would be for Synapse; a later POSITION reveals the rows.
         self.publish_failures = 0

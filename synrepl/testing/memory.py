@@ -137,28 +137,10 @@ class MemoryRedis:
 
     # --- the transport factory -------------------------------------------------------
 
-    def connect(
-        self,
-        channels: Sequence[str],
-        *,
-        on_line: Callable[[str, str], None],
-        on_subscribed: Callable[[], None],
-        on_connection_lost: Callable[[], None],
-        on_attempt_failed: Callable[[AttemptFailure], None] | None = None,
-        publish_enabled: bool = True,
-        options: TransportOptions | None = None,
-    ) -> MemoryTransport:
-        """A transport on this server, not started (a ``transport_factory``)."""
-        return MemoryTransport(
-            self,
-            channels,
-            on_line=on_line,
-            on_subscribed=on_subscribed,
-            on_connection_lost=on_connection_lost,
-            on_attempt_failed=on_attempt_failed,
-            publish_enabled=publish_enabled,
-            options=options or TransportOptions(),
-        )
+    def connect(self, channels: Sequence[str], **callbacks: Any) -> MemoryTransport:
+        """A transport on this server, not started: a ``transport_factory``
+        (the arguments are :class:`MemoryTransport`'s after the server)."""
+        return MemoryTransport(self, channels, **callbacks)
 
     # --- what a test asks and does ---------------------------------------------------
 

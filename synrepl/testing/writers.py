@@ -22,8 +22,10 @@ from typing import Any
 import attrs
 
 from synrepl import _json
+from synrepl._client_core import Transport, TransportFactory
 from synrepl.commands import PositionCommand, ReplicateCommand, encode, parse_line
 from synrepl.config import RedisConfig, SynapseConfig, config_from_dict
+from synrepl.connection import TransportOptions
 from synrepl.errors import ProtocolError
 from synrepl.http import StreamUpdates
 from synrepl.positions import RESETTABLE_STREAMS
@@ -117,6 +119,19 @@ class SimulatedWriters:
         self.on_updates_request: Callable[[str, str, int, int], None] | None = None
 
     # ------------------------------------------------------------ what adapters provide
+
+    def _connect(self, factory: TransportFactory, options: TransportOptions | None) -> Transport:
+        """The adapter's transport on the homeserver's channel, wired to the
+        writers: REPLICATE is answered, and every (re)subscription announces."""
+        return factory(
+            [self.server_name],
+            on_line=self._on_line,
+            on_subscribed=self._announce_all,
+            on_connection_lost=lambda: None,
+            on_attempt_failed=None,
+            publish_enabled=True,
+            options=options or TransportOptions(),
+        )
 
     def _publish(self, line: str) -> None:
         """Publish ``line`` on the homeserver's channel."""
