@@ -122,7 +122,9 @@ class MemoryRedis:
         self.random = random.Random(seed)
         self._asyncio = isinstance(clock, _LoopClock)
         self._subscriptions: dict[str, list[_Link]] = {}
-        self._links: set[_Link] = set()
+        # A dict, not a set: connections are dropped in the order they were
+        # made, so that a run repeats exactly.
+        self._links: dict[_Link, None] = {}
         self._queue: deque[tuple[_Link, int, str, str]] = deque()
         self._draining: Any = None
         #: Up: connection attempts succeed.
@@ -183,12 +185,12 @@ class MemoryRedis:
     # --- what the links do -----------------------------------------------------------
 
     def _attach(self, link: _Link, channels: Sequence[str]) -> None:
-        self._links.add(link)
+        self._links[link] = None
         for channel in channels:
             self._subscriptions.setdefault(channel, []).append(link)
 
     def _detach(self, link: _Link) -> None:
-        self._links.discard(link)
+        self._links.pop(link, None)
         for channel in link.transport.channels:
             subscribed = self._subscriptions.get(channel, [])
             if link in subscribed:

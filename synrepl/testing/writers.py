@@ -236,9 +236,7 @@ class SimulatedWriters:
                 self._sequences[stream] = 0
                 w.history.pop(stream, None)
                 w.last_sent[stream] = 0
-        for stream in dict.fromkeys([*w.writes, *w.history]):
-            last = w.last_sent.get(stream, 0)
-            self._publish(encode(PositionCommand(stream, w.name, last, last)))
+        self._announce(w)
 
     def token(self, stream: str) -> int:
         """The stream's current token (the shared sequence)."""
@@ -273,9 +271,13 @@ class SimulatedWriters:
 
     def _announce_all(self) -> None:
         for w in self._writers.values():
-            for stream in dict.fromkeys([*w.writes, *w.history]):
-                last = w.last_sent.get(stream, 0)
-                self._publish(encode(PositionCommand(stream, w.name, last, last)))
+            self._announce(w)
+
+    def _announce(self, w: WriterState) -> None:
+        """``POSITION <stream> <writer> <last> <last>`` for every stream it writes."""
+        for stream in dict.fromkeys([*w.writes, *w.history]):
+            last = w.last_sent.get(stream, 0)
+            self._publish(encode(PositionCommand(stream, w.name, last, last)))
 
     def _updates(
         self, w: WriterState, stream: str, from_token: int, upto_token: int
