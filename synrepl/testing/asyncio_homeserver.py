@@ -23,10 +23,17 @@ class AsyncioHomeserver(SimulatedWriters):
     """Simulated stream writers on asyncio.
 
     Args:
+        server_name: the homeserver name, which is also the Redis channel.
+        writers: the writer instance names (the first is the main process).
+        redis_host: the Redis to publish on (without ``transport_factory``).
+        redis_port: its port.
+        secret: the replication secret (kept in the configuration).
+        page_limit: rows per history page.
+        writes: writer -> more streams it writes (see
+            :class:`~synrepl.testing.writers.SimulatedWriters`).
         transport_factory: builds the transport (default: the asyncio
             ``RedisTransport`` on ``redis_host:redis_port``).
         transport_options: the transport's options.
-        Other arguments: as :class:`~synrepl.testing.writers.SimulatedWriters`.
     """
 
     def __init__(

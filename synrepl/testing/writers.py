@@ -68,7 +68,8 @@ class SimulatedWriters:
         server_name: the homeserver name, which is also the Redis channel.
         writers: the writer instance names (the first is the main process;
             name it ``master`` to look like Synapse).
-        redis_host, redis_port: the Redis the configuration names.
+        redis_host: the Redis host the configuration names.
+        redis_port: its port.
         secret: the replication secret its HTTP history demands (None: none).
         page_limit: rows per ``get_repl_stream_updates`` page.
         writes: writer -> more streams it writes, answered on REPLICATE
