@@ -1,0 +1,231 @@
+"""Does a process speak replication as Synapse's workers do?  The sans-IO
+rules behind a conformance check.
+
+A :class:`Conformance` is told what a process under test did on Redis (its
+subscriptions, what it published, its lost connections) and what the
+scripted homeserver sent it (rows, garbage), each with the time; it judges
+every rule as the events come and keeps, per rule, the first line that
+broke it.  Whoever watches the process (MONITOR on a Redis of its own, a
+tap in a test) feeds it; nothing here does I/O.
+
+The rules (:data:`RULES`):
+
+- ``replicate-after-subscribe``: a REPLICATE only while the process is
+  subscribed to the channel (else its writers' answers would be lost);
+- ``replicate-on-subscribe``: after every subscription, first and each
+  reconnect, a REPLICATE within ``replicate_within`` seconds;
+- ``well-formed``: every line parses, as Synapse's parser would read it;
+- ``worker-commands``: only commands a worker may send (no RDATA or
+  POSITION from a process that writes no stream, no SERVER/NAME of the TCP
+  era), and USER_IP only on ``<server_name>/USER_IP``;
+- ``user-sync-pairing``: a USER_SYNC ``end`` only after a ``start`` of the
+  same user and device, from one instance ID throughout;
+- ``federation-ack-not-ahead``: a FEDERATION_ACK never names a token past the
+  newest ``federation`` row the homeserver sent;
+- ``survives-garbage``: no connection lost within ``garbage_grace`` seconds
+  of garbage the homeserver published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import attrs
+
+from synrepl.commands import (
+    ClearUserSyncCommand,
+    Command,
+    FederationAckCommand,
+    NameCommand,
+    PositionCommand,
+    RdataCommand,
+    ReplicateCommand,
+    ServerCommand,
+    UserIpCommand,
+    UserSyncCommand,
+    parse_line,
+)
+from synrepl.errors import ProtocolError
+
+__all__ = ("Conformance", "Breach", "RULES")
+
+RULES: tuple[str, ...] = (
+    "replicate-after-subscribe",
+    "replicate-on-subscribe",
+    "well-formed",
+    "worker-commands",
+    "user-sync-pairing",
+    "federation-ack-not-ahead",
+    "survives-garbage",
+)
+
+
+@attrs.frozen
+class Breach:
+    """The first time a rule was broken: when, why, and the line."""
+
+    rule: str
+    at: float
+    why: str
+    line: str | None = None
+
+
+class Conformance:
+    """The rules, judged as events come (see the module docs).
+
+    Args:
+        server_name: the channel.
+        writes: streams the process under test writes (it may send their
+            RDATA and POSITION).
+        replicate_within: seconds after a subscription by which REPLICATE
+            must have been published.
+        garbage_grace: seconds after garbage in which no connection may drop.
+    """
+
+    def __init__(
+        self,
+        server_name: str,
+        *,
+        writes: Collection[str] = (),
+        replicate_within: float = 5.0,
+        garbage_grace: float = 5.0,
+    ) -> None:
+        self.server_name = server_name
+        self._writes = frozenset(writes)
+        self._replicate_within = replicate_within
+        self._garbage_grace = garbage_grace
+        self.breaches: dict[str, Breach] = {}
+        #: How many times each rule was put to the test.
+        self.exercised: dict[str, int] = dict.fromkeys(RULES, 0)
+        self._subscribed = False
+        self._replicate_due: float | None = None
+        self._syncing: set[tuple[str, str]] = set()
+        self._instance: str | None = None
+        self._federation_sent: int | None = None
+        self._garbage_at: float | None = None
+
+    # --- what the process did ---------------------------------------------------------
+
+    def subscribed(self, at: float) -> None:
+        """The process is subscribed to the channel (again)."""
+        self._subscribed = True
+        self._replicate_due = at + self._replicate_within
+        self.exercised["replicate-on-subscribe"] += 1
+
+    def connection_lost(self, at: float) -> None:
+        """One of the process's connections ended (not by the watcher)."""
+        self._subscribed = False
+        if self._garbage_at is not None and at - self._garbage_at <= self._garbage_grace:
+            self._breach("survives-garbage", at, "a connection dropped after garbage")
+
+    def published(self, at: float, channel: str, line: str) -> None:
+        """The process published ``line`` on ``channel``."""
+        self._tick(at)
+        self.exercised["well-formed"] += 1
+        try:
+            cmd = parse_line(line)
+        except ProtocolError as e:
+            self._breach("well-formed", at, str(e), line)
+            return
+        self._judge(at, channel, line, cmd)
+
+    # --- what the homeserver sent ------------------------------------------------------
+
+    def homeserver_sent(self, at: float, line: str) -> None:
+        """The scripted homeserver published ``line`` (rows it owes acks for)."""
+        self._tick(at)
+        try:
+            cmd = parse_line(line)
+        except ProtocolError:
+            self._garbage_at = at
+            self.exercised["survives-garbage"] += 1
+            return
+        if (
+            isinstance(cmd, RdataCommand)
+            and cmd.stream_name == "federation"
+            and cmd.token is not None
+        ):
+            self._federation_sent = max(self._federation_sent or 0, cmd.token)
+
+    def finish(self, at: float) -> dict[str, Breach]:
+        """The watch is over: deadlines that passed are judged; the breaches."""
+        self._tick(at)
+        return dict(self.breaches)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        due = self._replicate_due
+        if due is not None and now > due:
+            self._replicate_due = None
+            self._breach(
+                "replicate-on-subscribe",
+                due,
+                f"no REPLICATE within {self._replicate_within:g} s of subscribing",
+            )
+
+    def _judge(self, at: float, channel: str, line: str, cmd: Command) -> None:
+        if isinstance(cmd, ReplicateCommand):
+            self.exercised["replicate-after-subscribe"] += 1
+            if not self._subscribed:
+                self._breach(
+                    "replicate-after-subscribe", at, "REPLICATE before the subscription", line
+                )
+            self._replicate_due = None
+        self.exercised["worker-commands"] += 1
+        if isinstance(cmd, (ServerCommand, NameCommand)):
+            self._breach("worker-commands", at, f"{cmd.NAME} is the TCP era's", line)
+        elif (
+            isinstance(cmd, (RdataCommand, PositionCommand)) and cmd.stream_name not in self._writes
+        ):
+            self._breach(
+                "worker-commands",
+                at,
+                f"{cmd.NAME} for {cmd.stream_name}, a stream it does not write",
+                line,
+            )
+        user_ip_channel = f"{self.server_name}/USER_IP"
+        if isinstance(cmd, UserIpCommand) != (channel == user_ip_channel):
+            self._breach(
+                "worker-commands",
+                at,
+                f"{cmd.NAME} on {channel!r} (USER_IP goes on {user_ip_channel!r} alone)",
+                line,
+            )
+        if isinstance(cmd, (UserSyncCommand, ClearUserSyncCommand)):
+            self._user_sync(at, line, cmd)
+        if isinstance(cmd, FederationAckCommand):
+            self.exercised["federation-ack-not-ahead"] += 1
+            sent = self._federation_sent
+            if sent is None or cmd.token > sent:
+                self._breach(
+                    "federation-ack-not-ahead",
+                    at,
+                    f"acked {cmd.token}, newest federation row sent: {sent}",
+                    line,
+                )
+
+    def _user_sync(self, at: float, line: str, cmd: UserSyncCommand | ClearUserSyncCommand) -> None:
+        self.exercised["user-sync-pairing"] += 1
+        if self._instance is None:
+            self._instance = cmd.instance_id
+        elif cmd.instance_id != self._instance:
+            self._breach(
+                "user-sync-pairing",
+                at,
+                f"instance {cmd.instance_id!r} after {self._instance!r}",
+                line,
+            )
+        if isinstance(cmd, ClearUserSyncCommand):
+            self._syncing.clear()
+            return
+        key = (cmd.user_id, str(cmd.device_id))
+        if cmd.is_syncing:
+            self._syncing.add(key)
+        elif key not in self._syncing:
+            self._breach("user-sync-pairing", at, "an end without its start", line)
+        else:
+            self._syncing.discard(key)
+
+    def _breach(self, rule: str, at: float, why: str, line: str | None = None) -> None:
+        self.breaches.setdefault(rule, Breach(rule, at, why, line))
