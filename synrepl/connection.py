@@ -82,6 +82,7 @@ __all__ = (
     "RedisTransportStats",
     "AttemptFailure",
     "LogLine",
+    "log_line",
     "SetUp",
     "Ended",
     "LinkState",
@@ -472,6 +473,12 @@ class LogLine:
     level: int
     message: str
     args: tuple[object, ...] = ()
+
+
+def log_line(line: LogLine | None) -> None:
+    """Emit ``line`` (if any) on the ``synrepl.redis`` logger, as every link does."""
+    if line is not None:
+        logger.log(line.level, line.message, *line.args)
 
 
 @attrs.frozen

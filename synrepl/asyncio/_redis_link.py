@@ -17,19 +17,14 @@ from synrepl.asyncio._redis_protocol import ConnectionClosedError, RedisConnecti
 from synrepl.connection import (
     SUBSCRIBER,
     Keepalive,
-    LogLine,
     Role,
     TransportState,
+    log_line,
 )
 
 __all__ = ("Link",)
 
 logger = logging.getLogger("synrepl.redis")
-
-
-def _log(line: LogLine | None) -> None:
-    if line is not None:
-        logger.log(line.level, line.message, *line.args)
 
 
 class Link:
@@ -87,7 +82,7 @@ class Link:
             if self._stopped:
                 return
             ended = self.state.ended(loop.time(), why)
-            _log(ended.log)
+            log_line(ended.log)
             if ended.failure is None:
                 self._core.link_lost(self.role)
             else:
@@ -148,7 +143,7 @@ class Link:
 
     def _set_up_done(self, loop: asyncio.AbstractEventLoop, conn: RedisConnection) -> None:
         setup = self.state.set_up(loop.time())
-        _log(setup.log)
+        log_line(setup.log)
         paused = self.role == SUBSCRIBER and self._core.reading_paused
         self._pings = Keepalive(self._options, paused=paused)
         self._tick = loop.call_later(self._pings.interval, self._ping, conn)

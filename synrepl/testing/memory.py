@@ -32,7 +32,6 @@ Usage (a Twisted test, no Redis, no sleeping)::
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -46,15 +45,14 @@ from synrepl.connection import (
     SUBSCRIBER,
     AttemptFailure,
     LinkState,
-    LogLine,
     Role,
     TransportOptions,
     TransportState,
+    log_line,
 )
 
 __all__ = ("MemoryRedis", "MemoryTransport")
 
-logger = logging.getLogger("synrepl.redis")
 
 _ADDRESS = RedisConfig(enabled=True, host="in-memory", port=0)
 
@@ -239,7 +237,7 @@ class _Link:
         now = server._clock.seconds()
         if not server.up:
             ended = self.state.ended(now, "connection refused (the in-memory Redis is down)")
-            _log(ended.log)
+            log_line(ended.log)
             assert ended.failure is not None
             self.transport.core.attempt_failed(ended.failure)
             self._later(ended.delay)
@@ -248,7 +246,7 @@ class _Link:
         self.generation += 1
         channels = self.transport.channels if self.role == SUBSCRIBER else ()
         server._attach(self, channels)
-        _log(self.state.set_up(now).log)
+        log_line(self.state.set_up(now).log)
         self.transport.core.link_ready()
 
     def lost(self, why: str) -> None:
@@ -258,7 +256,7 @@ class _Link:
         server = self.transport.server
         server._detach(self)
         ended = self.state.ended(server._clock.seconds(), why)
-        _log(ended.log)
+        log_line(ended.log)
         self.transport.core.link_lost(self.role)
         self._later(ended.delay)
 
@@ -272,11 +270,6 @@ class _Link:
             self.transport.server._detach(self)
             self.state.stopped()
             self.transport.core.link_lost(self.role)
-
-
-def _log(line: LogLine | None) -> None:
-    if line is not None:
-        logger.log(line.level, line.message, *line.args)
 
 
 class MemoryTransport:

@@ -19,9 +19,9 @@ from synrepl.connection import (
     AttemptFailure,
     Keepalive,
     LinkState,
-    LogLine,
     SetUp,
     SetupCommand,
+    log_line,
 )
 from synrepl.twisted._redis_protocol import Clock, DelayedCall, OneShotFactory, RedisConnection
 
@@ -55,11 +55,6 @@ class LinkOwner(Protocol):
 
     def _attempt_failed(self, failure: AttemptFailure) -> None:
         """A connection attempt failed before it was set up."""
-
-
-def _log(line: LogLine | None) -> None:
-    if line is not None:
-        logger.log(line.level, line.message, *line.args)
 
 
 class Link:
@@ -151,7 +146,7 @@ class Link:
         if proto is not self.current or proto.close_reason is not None:
             return
         setup = self.state.set_up(self._clock.seconds())
-        _log(setup.log)
+        log_line(setup.log)
         paused = self.role == SUBSCRIBER and self._owner._reading_paused
         self._start_keepalive(paused)
         if paused:
@@ -200,7 +195,7 @@ class Link:
 
     def _ended(self, why: str) -> None:
         ended = self.state.ended(self._clock.seconds(), why)
-        _log(ended.log)
+        log_line(ended.log)
         if ended.failure is None:
             self._owner._link_lost(self)
         else:
