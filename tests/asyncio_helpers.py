@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+
+from synrepl.testing.asyncio_clock import in_own_thread as run_on_own_thread
 
 _T = TypeVar("_T")
 
@@ -27,20 +28,6 @@ def in_own_thread(test: Callable[..., _T]) -> Callable[..., _T]:
 
     @functools.wraps(test)
     def run(*args: Any, **kwargs: Any) -> _T:
-        outcome: list[tuple[bool, Any]] = []
-
-        def body() -> None:
-            try:
-                outcome.append((True, test(*args, **kwargs)))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                outcome.append((False, e))
-
-        thread = threading.Thread(target=body, name=f"test-{test.__name__}")
-        thread.start()
-        thread.join()
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
+        return run_on_own_thread(lambda: test(*args, **kwargs), f"test-{test.__name__}")
 
     return run

@@ -26,16 +26,37 @@ from __future__ import annotations
 import asyncio
 import selectors
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, TypeVar
 
 from synrepl.testing.asyncio_homeserver import AsyncioHomeserver
 from synrepl.testing.clock import StuckError
 from synrepl.testing.memory import MemoryRedis
 
-__all__ = ("VirtualEventLoop", "AsyncioVirtualTime")
+__all__ = ("VirtualEventLoop", "AsyncioVirtualTime", "in_own_thread")
 
 _T = TypeVar("_T")
+
+
+def in_own_thread(call: Callable[[], _T], name: str = "synrepl-own-thread") -> _T:
+    """``call()`` on a thread of its own, where no event loop runs; its
+    result, or its exception raised here."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def body() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=body, name=name)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    result: _T = value
+    return result
 
 
 class _VirtualSelector(selectors.DefaultSelector):
@@ -98,22 +119,7 @@ class AsyncioVirtualTime:
             asyncio.get_running_loop()
         except RuntimeError:
             return self._run_here(work)
-        results: list[Any] = []
-
-        def in_thread() -> None:
-            try:
-                results.append((True, self._run_here(work)))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                results.append((False, e))
-
-        thread = threading.Thread(target=in_thread, name="synrepl-virtual-loop")
-        thread.start()
-        thread.join()
-        ok, value = results[0]
-        if not ok:
-            raise value
-        result: _T = value
-        return result
+        return in_own_thread(lambda: self._run_here(work), "synrepl-virtual-loop")
 
     def _run_here(self, work: Coroutine[Any, Any, _T]) -> _T:
         self._running.append(self)
