@@ -59,7 +59,7 @@ from synrepl.errors import MalformedCommandError, MalformedRowError, ProtocolErr
 from synrepl.errors import UnknownCommandError as _Unknown
 from synrepl.events import EventFilter, FullEvent, MissingEvent, thaw
 from synrepl.sharding import canonical_instance_name
-from synrepl.streams import AllStateRow, AnyRow, CurrentStateRow, EventRow
+from synrepl.streams import STREAM_NAMES, AllStateRow, AnyRow, CurrentStateRow, EventRow
 
 __all__ = (
     "REDACTED",
@@ -109,6 +109,14 @@ FLUSH_DELAY = 0.0
 
 #: Lines held at most before they are written, whatever the reactor is doing.
 MAX_HELD_LINES = 512
+
+
+_STREAM_ORDER = {name: i for i, name in enumerate(STREAM_NAMES)}
+
+
+def stream_order(stream: str) -> tuple[int, str]:
+    """Sort key: Synapse's order of its streams, unknown ones after, by name."""
+    return _STREAM_ORDER.get(stream, len(_STREAM_ORDER)), stream
 
 
 def make_console(color: str, *, stderr: bool = False, file: IO[str] | None = None) -> Console:

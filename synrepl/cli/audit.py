@@ -21,13 +21,13 @@ from synrepl.cli._options import (
     positive_float,
     split_words,
 )
-from synrepl.cli._render import make_console
+from synrepl.cli._render import make_console, stream_order
 from synrepl.cli._runtime import Session, connect_redis, sleep
 from synrepl.cli.positions import expected_writers
 from synrepl.commands import Command, RdataCommand, ReplicateCommand, encode, parse_line
 from synrepl.config import SynapseConfig
 from synrepl.errors import MalformedRowError, ProtocolError
-from synrepl.streams import STREAM_NAMES, AnyRow, RawRow, parse_row
+from synrepl.streams import AnyRow, RawRow, parse_row
 
 __all__ = ("add_parser", "run", "Audit", "watch", "check")
 
@@ -295,12 +295,9 @@ async def check(
     return audit
 
 
-_STREAM_ORDER = {name: i for i, name in enumerate(STREAM_NAMES)}
-
-
-def _range_order(rng: WatchedRange) -> tuple[int, str, str, int]:
+def _range_order(rng: WatchedRange) -> tuple[tuple[int, str], str, int]:
     """Synapse's stream order, then writer and token."""
-    return (_STREAM_ORDER.get(rng.stream, len(_STREAM_ORDER)), rng.stream, rng.writer, rng.after)
+    return stream_order(rng.stream), rng.writer, rng.after
 
 
 async def _history(

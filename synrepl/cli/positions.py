@@ -19,7 +19,7 @@ from synrepl.cli._options import (
     positive_float,
     split_words,
 )
-from synrepl.cli._render import Stats, make_console
+from synrepl.cli._render import Stats, make_console, stream_order
 from synrepl.cli._runtime import sleep
 from synrepl.cli.watch import watch_channel
 from synrepl.commands import PositionCommand, parse_line
@@ -112,8 +112,7 @@ class Report:
 
     def streams(self) -> list[str]:
         """Streams someone answered for, in Synapse's order."""
-        order = {name: i for i, name in enumerate(STREAM_NAMES)}
-        return sorted({s for s, _ in self.tokens}, key=lambda s: (order.get(s, len(order)), s))
+        return sorted({s for s, _ in self.tokens}, key=stream_order)
 
     def writers(self, stream: str) -> list[str]:
         """Writers heard on ``stream``, and those the configuration gives it."""
