@@ -8,22 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from client_helpers import Collector
 from hypothesis import HealthCheck, given, settings
 
-from synrepl.positions import RowsReceived
 from synrepl.testing import strategies as rs
 from synrepl.testing.asyncio_clock import AsyncioVirtualTime
 from synrepl.testing.clock import VirtualTime
 from synrepl.testing.traffic import Traffic
-
-
-def delivered(batches: list[RowsReceived]) -> dict[tuple[str, str], list[tuple[int, Any]]]:
-    out: dict[tuple[str, str], list[tuple[int, Any]]] = {}
-    for batch in batches:
-        out.setdefault((batch.stream, batch.writer), []).extend(
-            (batch.token, row.to_raw()) for row in batch.rows
-        )
-    return out
 
 
 def play(script: Traffic, adapter: str, **client_options: Any) -> None:
@@ -32,8 +23,8 @@ def play(script: Traffic, adapter: str, **client_options: Any) -> None:
     async def scenario() -> None:
         hs = await time.homeserver(writers=script.writers, writes=script.writes(), page_limit=5)
         client = time.client(hs, streams=script.streams(), **client_options)
-        batches: list[RowsReceived] = []
-        client.on_rows(None, batches.append)
+        seen = Collector()
+        client.on_rows(None, seen)
         await client.start()
         await client.wait_ready(timeout=10)
         expected = await script.play(hs, time)
@@ -43,9 +34,8 @@ def play(script: Traffic, adapter: str, **client_options: Any) -> None:
             if all(positions.get(s, {}).get(w) == t for (s, w), t in last.items()):
                 break
             await time.sleep(0.1)
-        got = delivered(batches)
-        assert {pair: got.get(pair, []) for pair in expected} == expected
-        assert set(got) <= set(expected)
+        assert {pair: seen.rows(*pair) for pair in expected} == expected
+        assert {(b.stream, b.writer) for b in seen.batches} <= set(expected)
         await client.stop()
         await hs.stop()
 
