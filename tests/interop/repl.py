@@ -103,6 +103,17 @@ class WireTap:
     def positions(self) -> list[tuple[str, str, int, int]]:
         return [(s, w, int(p), int(n)) for s, w, p, n in self.commands("POSITION")]
 
+    def announced(self) -> dict[tuple[str, str], int]:
+        """(stream, writer) -> the token of its last RDATA or POSITION on the wire."""
+        newest: dict[tuple[str, str], int] = {}
+        for _, line in list(self.lines):
+            parts = line.split(" ", 4)
+            if parts[0] == "RDATA" and len(parts) == 5 and parts[3] != "batch":
+                newest[(parts[1], parts[2])] = int(parts[3])
+            elif parts[0] == "POSITION" and len(parts) == 5:
+                newest[(parts[1], parts[2])] = int(parts[4])
+        return newest
+
 
 class MonitorTap:
     """Redis MONITOR: every command any connection sends, with its address."""

@@ -106,14 +106,7 @@ def exporter(cluster: Deployment, tmp_path: Path) -> Iterator[tuple[str, Prometh
 
 def announced(tap: WireTap, stream: str) -> dict[str, int]:
     """Per writer, the token of its last RDATA or POSITION of ``stream`` on the wire."""
-    newest: dict[str, int] = {}
-    for _, line in tap.lines:
-        parts = line.split(" ", 4)
-        if parts[0] == "RDATA" and parts[1] == stream and parts[3] != "batch":
-            newest[parts[2]] = int(parts[3])
-        elif parts[0] == "POSITION" and parts[1] == stream:
-            newest[parts[2]] = int(parts[4])
-    return newest
+    return {w: token for (s, w), token in tap.announced().items() if s == stream}
 
 
 async def query_until(

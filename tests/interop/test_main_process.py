@@ -103,24 +103,14 @@ async def test_join_gets_a_position_for_every_stream_of_this_synapse(
         positions = observation.client.positions()  # type: ignore[union-attr]
         assert set(positions) == set(STREAMS_MAP)
 
-        # Each stream is at the newest token the writer announced: a
-        # POSITION's new token, or a later row's (presence moves on its own,
-        # with the timeouts of users earlier tests made).  The tap reads in a
-        # thread of its own and may be behind the client: give it time.
-        def announced() -> dict[str, int]:
-            newest: dict[str, int] = {}
-            for _, line in list(observation.tap.lines):
-                parts = line.split(" ", 4)
-                if parts[0] == "POSITION" and parts[2] == "master":
-                    newest[parts[1]] = max(newest.get(parts[1], 0), int(parts[4]))
-                elif parts[0] == "RDATA" and parts[2] == "master" and parts[3] != "batch":
-                    newest[parts[1]] = max(newest.get(parts[1], 0), int(parts[3]))
-            return newest
-
+        # Each stream is at the token the writer last announced: a POSITION's
+        # new token, or a later row's (presence moves on its own, with the
+        # timeouts of users earlier tests made).  The tap reads in a thread
+        # of its own and may be behind the client: give it time.
         def agree() -> bool:
             current = observation.client.positions()  # type: ignore[union-attr]
-            newest = announced()
-            return all(w == {"master": newest.get(s)} for s, w in current.items())
+            newest = observation.tap.announced()
+            return all(w == {"master": newest.get((s, "master"))} for s, w in current.items())
 
         await wait_until(agree, timeout=10, what="positions as announced")
     finally:
