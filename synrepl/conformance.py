@@ -5,8 +5,15 @@ A :class:`Conformance` is told what a process under test did on Redis (its
 subscriptions, what it published, its lost connections) and what the
 scripted homeserver sent it (rows, garbage), each with the time; it judges
 every rule as the events come and keeps, per rule, the first line that
-broke it.  Whoever watches the process (MONITOR on a Redis of its own, a
-tap in a test) feeds it; nothing here does I/O.
+broke it.  Whoever watches the process feeds it: ``synrepl conformance``
+hands it every MONITOR entry of a Redis the process has to itself
+(:meth:`Conformance.monitored`), a test may call the finer methods from a
+tap.  Nothing here does I/O.
+
+Connections are told apart by a client key (MONITOR's client address):
+the process is subscribed while any of its connections is, so a lost
+publishing connection does not call for a new REPLICATE, a lost
+subscription does.
 
 The rules (:data:`RULES`):
 
@@ -14,6 +21,9 @@ The rules (:data:`RULES`):
   subscribed to the channel (else its writers' answers would be lost);
 - ``replicate-on-subscribe``: after every subscription, first and each
   reconnect, a REPLICATE within ``replicate_within`` seconds;
+- ``resubscribes``: a process that lost its subscription (the watcher
+  killed it, or Redis dropped it) subscribes again within
+  ``replicate_within`` seconds;
 - ``well-formed``: every line parses, as Synapse's parser would read it;
 - ``worker-commands``: only commands a worker may send (no RDATA or
   POSITION from a process that writes no stream, no SERVER/NAME of the TCP
@@ -28,6 +38,7 @@ The rules (:data:`RULES`):
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Collection
 
 import attrs
@@ -46,12 +57,14 @@ from synrepl.commands import (
     parse_line,
 )
 from synrepl.errors import ProtocolError
+from synrepl.monitor import MonitorEntry
 
 __all__ = ("Conformance", "Breach", "RULES")
 
 RULES: tuple[str, ...] = (
     "replicate-after-subscribe",
     "replicate-on-subscribe",
+    "resubscribes",
     "well-formed",
     "worker-commands",
     "user-sync-pairing",
@@ -80,6 +93,9 @@ class Conformance:
         replicate_within: seconds after a subscription by which REPLICATE
             must have been published.
         garbage_grace: seconds after garbage in which no connection may drop.
+        watched_from_start: whether the watch began before the process's
+            first connection; if not, a USER_SYNC ``end`` whose ``start``
+            came before the watch is not held against it.
     """
 
     def __init__(
@@ -89,6 +105,7 @@ class Conformance:
         writes: Collection[str] = (),
         replicate_within: float = 5.0,
         garbage_grace: float = 5.0,
+        watched_from_start: bool = True,
     ) -> None:
         self.server_name = server_name
         self._writes = frozenset(writes)
@@ -97,8 +114,10 @@ class Conformance:
         self.breaches: dict[str, Breach] = {}
         #: How many times each rule was put to the test.
         self.exercised: dict[str, int] = dict.fromkeys(RULES, 0)
-        self._subscribed = False
+        self._watched_from_start = watched_from_start
+        self._subscriptions: set[str] = set()
         self._replicate_due: float | None = None
+        self._resubscribe_due: float | None = None
         self._syncing: set[tuple[str, str]] = set()
         self._instance: str | None = None
         self._federation_sent: int | None = None
@@ -106,17 +125,68 @@ class Conformance:
 
     # --- what the process did ---------------------------------------------------------
 
-    def subscribed(self, at: float) -> None:
-        """The process is subscribed to the channel (again)."""
-        self._subscribed = True
+    @property
+    def writes(self) -> frozenset[str]:
+        """The streams the process may send RDATA and POSITION for."""
+        return self._writes
+
+    @property
+    def subscribed_now(self) -> bool:
+        """Whether the process is subscribed to the channel at this point."""
+        return bool(self._subscriptions)
+
+    def subscribed(self, at: float, client: str = "") -> None:
+        """The process's connection ``client`` subscribed to the channel (again)."""
+        self._tick(at)
+        self._subscriptions.add(client)
+        self._resubscribe_due = None
         self._replicate_due = at + self._replicate_within
         self.exercised["replicate-on-subscribe"] += 1
 
-    def connection_lost(self, at: float) -> None:
-        """One of the process's connections ended (not by the watcher)."""
-        self._subscribed = False
+    def already_subscribed(self, client: str = "") -> None:
+        """``client`` was subscribed before the watch began (no REPLICATE is
+        due: the subscription was not seen)."""
+        self._subscriptions.add(client)
+
+    def connection_lost(self, at: float, client: str = "", *, forced: bool = False) -> None:
+        """The process's connection ``client`` ended; ``forced``: the watcher
+        ended it (a reconnect test), so no rule holds it against the process."""
+        self._tick(at)
+        if client in self._subscriptions:
+            self._subscriptions.discard(client)
+            if not self._subscriptions:
+                self._resubscribe_due = at + self._replicate_within
+                self.exercised["resubscribes"] += 1
+        if forced:
+            return
         if self._garbage_at is not None and at - self._garbage_at <= self._garbage_grace:
             self._breach("survives-garbage", at, "a connection dropped after garbage")
+
+    def monitored(self, entry: MonitorEntry) -> None:
+        """A command the process under test ran (a MONITOR entry of its Redis)."""
+        name = entry.command
+        if name in ("subscribe", "psubscribe"):
+            patterns = [a.decode("utf-8", "replace") for a in entry.args[1:]]
+            match = fnmatch.fnmatchcase if name == "psubscribe" else str.__eq__
+            if any(match(self.server_name, p) for p in patterns):
+                self.subscribed(entry.at, entry.client)
+        elif name == "publish" and len(entry.args) == 3:
+            channel = entry.args[1].decode("utf-8", "replace")
+            if channel != self.server_name and not channel.startswith(f"{self.server_name}/"):
+                return
+            try:
+                line = entry.args[2].decode("utf-8")
+            except UnicodeDecodeError as e:
+                self._tick(entry.at)
+                self.exercised["well-formed"] += 1
+                self._breach(
+                    "well-formed",
+                    entry.at,
+                    f"not UTF-8 ({e.reason} at byte {e.start})",
+                    entry.args[2].decode("utf-8", "replace"),
+                )
+                return
+            self.published(entry.at, channel, line)
 
     def published(self, at: float, channel: str, line: str) -> None:
         """The process published ``line`` on ``channel``."""
@@ -155,6 +225,15 @@ class Conformance:
     # --- internals ------------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
+        lost = self._resubscribe_due
+        if lost is not None and now > lost:
+            self._resubscribe_due = None
+            self._breach(
+                "resubscribes",
+                lost,
+                f"not subscribed again within {self._replicate_within:g} s of losing "
+                "its subscription",
+            )
         due = self._replicate_due
         if due is not None and now > due:
             self._replicate_due = None
@@ -167,7 +246,7 @@ class Conformance:
     def _judge(self, at: float, channel: str, line: str, cmd: Command) -> None:
         if isinstance(cmd, ReplicateCommand):
             self.exercised["replicate-after-subscribe"] += 1
-            if not self._subscribed:
+            if not self._subscriptions:
                 self._breach(
                     "replicate-after-subscribe", at, "REPLICATE before the subscription", line
                 )
@@ -223,7 +302,8 @@ class Conformance:
         if cmd.is_syncing:
             self._syncing.add(key)
         elif key not in self._syncing:
-            self._breach("user-sync-pairing", at, "an end without its start", line)
+            if self._watched_from_start:
+                self._breach("user-sync-pairing", at, "an end without its start", line)
         else:
             self._syncing.discard(key)
 

@@ -24,8 +24,8 @@ def test_a_broken_subscriber_is_named_rule_by_rule() -> None:
     c.published(4.4, CHANNEL, "FEDERATION_ACK w1 10")  # nothing sent yet
     c.published(4.5, CHANNEL, "RDATA typing")  # malformed
     c.homeserver_sent(5.0, "\x00garbage")
-    c.connection_lost(6.0)
-    breaches = c.finish(7.0)
+    c.connection_lost(6.0)  # ...and never back
+    breaches = c.finish(9.0)
     assert set(breaches) == set(RULES)
     assert breaches["replicate-after-subscribe"].line == "REPLICATE "
     assert breaches["replicate-on-subscribe"].at == 3.0
@@ -34,6 +34,7 @@ def test_a_broken_subscriber_is_named_rule_by_rule() -> None:
     assert breaches["federation-ack-not-ahead"].why == "acked 10, newest federation row sent: None"
     assert breaches["well-formed"].line == "RDATA typing"
     assert breaches["survives-garbage"].at == 6.0
+    assert breaches["resubscribes"].at == 8.0
 
 
 def test_a_conforming_sequence_breaks_nothing() -> None:

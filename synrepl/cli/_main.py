@@ -11,7 +11,17 @@ from typing import Any, NoReturn
 from twisted.internet import defer, task
 
 from synrepl import __version__
-from synrepl.cli import audit, catchup, demo, doctor, exporter, positions, top, watch
+from synrepl.cli import (
+    audit,
+    catchup,
+    conformance,
+    demo,
+    doctor,
+    exporter,
+    positions,
+    top,
+    watch,
+)
 from synrepl.cli._errors import EXIT_FAILURE, EXIT_USAGE, CliError
 from synrepl.cli._runtime import setup_logging
 from synrepl.errors import ConfigError, excerpt
@@ -33,13 +43,14 @@ examples:
   synrepl catchup events --writer event_persister1 --from 1200 --to 1300 -c homeserver.yaml
   synrepl top -c homeserver.yaml
   synrepl audit -c homeserver.yaml --window 60   # rows Synapse wrote and never published?
+  synrepl conformance -c homeserver.yaml -c worker.yaml --redis-url redis://127.0.0.1:6390
 
 `synrepl COMMAND --help` shows each command's options and examples.
 
 exit status: 0 success; 1 a runtime failure (Redis unreachable, secret
 refused, ...) or, for doctor, a failed check; 2 bad usage or a config that
 cannot be read or is invalid; 3 positions flagged a lagging or silent writer,
-or audit found rows lost.
+audit found rows lost, or conformance found a rule broken.
 """
 
 
@@ -64,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         title="commands", metavar="COMMAND", parser_class=_Parser, dest="command"
     )
-    for module in (demo, watch, positions, doctor, catchup, top, exporter, audit):
+    for module in (demo, watch, positions, doctor, catchup, top, exporter, audit, conformance):
         module.add_parser(subparsers)
     return parser
 
