@@ -5,7 +5,8 @@ Run as ``python conformance_subjects.py PORT CHANNEL MODE``.  A subject
 speaks RESP on plain sockets (hiredis parses), so that what it sends is
 exactly what its mode says: redis-py's pub/sub would resubscribe by itself
 after a lost connection, without a REPLICATE.  It reconnects 0.3 s after
-losing either of its connections, like a worker.
+losing either of its connections, like a worker, and says what its mode
+says on every connection (a kill may cut a connection short).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Connection:
         self.sock.close()
 
 
-def session(port: int, channel: str, mode: str, first: bool) -> None:
+def session(port: int, channel: str, mode: str) -> None:
     """One life of the subject's two connections, until one is lost."""
     pub, sub = Connection(port), Connection(port)
     try:
@@ -93,20 +94,19 @@ def session(port: int, channel: str, mode: str, first: bool) -> None:
         sub.call("SUBSCRIBE", channel)
         if mode != "replicate-on-subscribe":
             pub.call("PUBLISH", channel, "REPLICATE")
-        if first:
-            say = {
-                GOOD: [f"USER_SYNC {INSTANCE} @a:test DEV start 1"],
-                "well-formed": ["USER_SYNC only three"],
-                "worker-commands": [f"POSITION events {INSTANCE} 1 2"],
-                "user-sync-pairing": [f"USER_SYNC {INSTANCE} @a:test DEV end 1"],
-                "federation-ack-not-ahead": [f"FEDERATION_ACK {INSTANCE} 999"],
-            }.get(mode, [])
-            for line in say:
-                pub.call("PUBLISH", channel, line)
-            if mode == GOOD:
-                user_ip = '["syt_x","10.0.0.1","ua","DEV",1]'
-                pub.call("PUBLISH", f"{channel}/USER_IP", f"USER_IP @a:test {user_ip}")
-                pub.call("PUBLISH", channel, f"USER_SYNC {INSTANCE} @a:test DEV end 2")
+        say = {
+            GOOD: [f"USER_SYNC {INSTANCE} @a:test DEV start 1"],
+            "well-formed": ["USER_SYNC only three"],
+            "worker-commands": [f"POSITION events {INSTANCE} 1 2"],
+            "user-sync-pairing": [f"USER_SYNC {INSTANCE} @a:test DEV end 1"],
+            "federation-ack-not-ahead": [f"FEDERATION_ACK {INSTANCE} 999"],
+        }.get(mode, [])
+        for line in say:
+            pub.call("PUBLISH", channel, line)
+        if mode == GOOD:
+            user_ip = '["syt_x","10.0.0.1","ua","DEV",1]'
+            pub.call("PUBLISH", f"{channel}/USER_IP", f"USER_IP @a:test {user_ip}")
+            pub.call("PUBLISH", channel, f"USER_SYNC {INSTANCE} @a:test DEV end 2")
         while True:
             message = sub.reply(timeout=0.1)
             pub.call("PING")
@@ -129,14 +129,12 @@ def _garbage(line: str) -> bool:
 
 
 def main(port: int, channel: str, mode: str) -> None:
-    first = True
     while True:
         try:
-            session(port, channel, mode, first)
+            session(port, channel, mode)
         except (Lost, OSError):
             if mode == "resubscribes":
                 return
-        first = False
         time.sleep(0.3)
 
 

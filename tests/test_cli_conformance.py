@@ -131,5 +131,5 @@ def test_the_garbage_is_garbage_to_synapse_and_to_synrepl(line: str) -> None:
 
     with pytest.raises(ProtocolError):
         parse_line(line)
-    with pytest.raises(Exception):  # noqa: B017, PT011 - Synapse raises several kinds
+    with pytest.raises(Exception):  # noqa: B017 - Synapse raises several kinds
         parse_command_from_line(line)

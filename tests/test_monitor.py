@@ -4,7 +4,6 @@ arguments are those bytes, as a real redis-server reports them."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis

@@ -83,6 +83,10 @@ GARBAGE: tuple[str, ...] = (
 #: The channel the probe marks points of its own on (never the homeserver's).
 MARKER_CHANNEL = "synrepl-conformance-marker"
 
+#: Seconds the process is left alone after each (re)connection: what it does
+#: once connected is watched before the next step.
+SETTLE = 1.0
+
 #: Seconds between looks at CLIENT LIST (lost connections).
 POLL = 0.2
 
@@ -211,7 +215,8 @@ class _Script:
         self.report = Report(conformance)
         self._known: dict[str, ClientInfo] = {}
         self._markers: dict[str, tuple[str, list[str]]] = {}
-        self._replicates = 0
+        #: Whether a REPLICATE came after the latest subscription.
+        self._replicated = False
 
     # --- steps ----------------------------------------------------------------------
 
@@ -222,13 +227,14 @@ class _Script:
         for client in self._known.values():
             if client.subscriptions:
                 self.conformance.already_subscribed(client.addr)
+        before = self._subscriptions()
         if not self._pump(wait, lambda: self.conformance.subscribed_now):
             raise RuntimeFailure(
                 f"no client subscribed to {self.conformance.server_name!r} within {wait:g} s "
                 "(is the process running, on this Redis, with this server_name?)"
             )
         if fresh:
-            self._await_replicate("first subscription")
+            self._await_replicate("first subscription", before)
         else:
             self.report.steps.append(("attach", "the process was already subscribed"))
 
@@ -239,12 +245,13 @@ class _Script:
         if not victims:
             self.report.steps.append((step, "no connection to kill"))
             return
+        before = self._subscriptions()
         self.probe.kill(victims)
         for client in victims:
             self._known.pop(client.addr, None)
         self._mark("forced", [c.addr for c in victims])
         self._pump(0.5, lambda: not self.conformance.subscribed_now)
-        self._await_replicate(f"{step}: killed {len(victims)} connection(s)")
+        self._await_replicate(f"{step}: killed {len(victims)} connection(s)", before)
 
     def traffic(self) -> None:
         """Rows as writers send them, of every stream the process does not write."""
@@ -288,15 +295,20 @@ class _Script:
 
     # --- the watch ------------------------------------------------------------------
 
-    def _await_replicate(self, step: str) -> None:
-        before, started = self._replicates, time.monotonic()
+    def _subscriptions(self) -> int:
+        return self.conformance.exercised["replicate-on-subscribe"]
+
+    def _await_replicate(self, step: str, before: int) -> None:
+        """Wait for a subscription after the ``before``-th, and a REPLICATE after it."""
+        started = time.monotonic()
         seen = self._pump(
             self.replicate_within * 2 + 1,
-            lambda: self.conformance.subscribed_now and self._replicates > before,
+            lambda: self._subscriptions() > before and self._replicated,
         )
         took = time.monotonic() - started
         result = f"subscribed and REPLICATE after {took:.1f} s" if seen else "no REPLICATE"
         self.report.steps.append((step, result))
+        self._pump(SETTLE)
 
     def _pump(self, seconds: float, until: Callable[[], bool] | None = None) -> bool:
         """Watch for ``seconds``, or until ``until()`` holds (then True)."""
@@ -334,13 +346,16 @@ class _Script:
         if entry.client in self.probe.own_addrs:
             self._own(entry)
             return
+        subscriptions = self._subscriptions()
         self.conformance.monitored(entry)
+        if self._subscriptions() > subscriptions:
+            self._replicated = False
         if entry.command == "publish" and len(entry.args) == 3:
             channel = entry.args[1].decode("utf-8", "replace")
             line = entry.args[2].decode("utf-8", "replace")
             if channel == self.conformance.server_name:
                 if line.startswith("REPLICATE") and self.conformance.subscribed_now:
-                    self._replicates += 1
+                    self._replicated = True
                 self.homeserver.heard(channel, line)
 
     def _own(self, entry: MonitorEntry) -> None:

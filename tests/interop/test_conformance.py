@@ -55,28 +55,31 @@ def conformance_worker(cluster: Deployment, redis_port: int) -> SynapseProcess:
     )
 
 
+def start_check(out: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "synrepl", "conformance", "--json", "--wait", "90", *args],
+        stdout=out.open("w"),
+        stderr=out.with_suffix(".err").open("w"),
+    )
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_synapse_generic_worker_conforms(
     cluster: Deployment, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     worker = conformance_worker(cluster, own_redis.port)
     out = tmp_path / "conformance.json"
-    check = subprocess.Popen(
-        [sys.executable, "-m", "synrepl", "conformance", "--json", "--wait", "90",
-         "-c", str(cluster.shared_config), "-c", str(worker.config_files[1])],
-        stdout=out.open("w"), stderr=out.with_suffix(".err").open("w"),
-    )  # fmt: skip
+    check = start_check(out, "-c", str(cluster.shared_config), "-c", str(worker.config_files[1]))
     api = Api(cluster_route({"master": f"http://127.0.0.1:{worker.health_port}"}))
     try:
-        client = own_redis.client()
-        for _ in range(300):
-            if any(c["cmd"] == "monitor" for c in client.client_list()):
-                break
-            await sleep(0.05)
+        # Every other client of the Redis counts as the worker's: this one goes.
+        with own_redis.client(register=False) as client:
+            for _ in range(300):
+                if any(c["cmd"] == "monitor" for c in client.client_list()):
+                    break
+                await sleep(0.05)
         worker.spawn()
-        await sleep(0)
-        ready = worker.wait_ready()
-        del ready
+        worker.wait_ready()
         # A user syncs on the worker: USER_SYNC start (and USER_IP).
         main_api = Api(cluster_route(cluster.client_urls))
         try:
