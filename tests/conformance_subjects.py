@@ -20,21 +20,12 @@ from typing import Any
 import hiredis
 
 from synrepl.commands import parse_line
+from synrepl.conformance import RULES
 from synrepl.errors import ProtocolError
 
 GOOD = "good"
 #: mode -> the rule the subject breaks (GOOD breaks none).
-MODES = (
-    GOOD,
-    "replicate-after-subscribe",
-    "replicate-on-subscribe",
-    "resubscribes",
-    "well-formed",
-    "worker-commands",
-    "user-sync-pairing",
-    "federation-ack-not-ahead",
-    "survives-garbage",
-)
+MODES = (GOOD, *RULES)
 INSTANCE = "subject1"
 
 
