@@ -7,6 +7,7 @@ from typing import Any
 
 from synrepl.commands import FederationAckCommand, encode
 from synrepl.conformance import RULES, Conformance
+from synrepl.monitor import MonitorEntry
 from synrepl.streams import FederationRow
 from synrepl.testing.clock import VirtualTime
 
@@ -119,3 +120,43 @@ def test_synrepls_own_client_conforms_across_reconnects_and_garbage() -> None:
     assert conformance.finish(time.clock.seconds()) == {}
     assert conformance.exercised["replicate-on-subscribe"] == 3
     assert conformance.exercised["user-sync-pairing"] == 4  # 2 starts, an end, CLEAR at stop
+
+
+def entry(at: float, client: str, *args: bytes) -> MonitorEntry:
+    return MonitorEntry(at, 0, client, args)
+
+
+def test_monitor_entries_are_judged_per_connection() -> None:
+    """What ``synrepl conformance`` feeds: a pattern subscription counts, other
+    channels are not the process's business, a lost publishing connection asks
+    for no REPLICATE, a lost subscription does, and bytes that are not UTF-8
+    are not a line."""
+    c = Conformance(CHANNEL, replicate_within=2)
+    c.monitored(entry(0.0, "sub:1", b"PSUBSCRIBE", b"subject.*", b"test.*"))
+    c.monitored(entry(0.1, "pub:1", b"PUBLISH", CHANNEL.encode(), b"REPLICATE "))
+    c.monitored(entry(0.2, "pub:1", b"PUBLISH", b"elsewhere", b"\xff not ours"))
+    c.connection_lost(1.0, "pub:1")  # the publisher only: still subscribed
+    assert c.subscribed_now
+    c.monitored(entry(1.5, "pub:2", b"PUBLISH", CHANNEL.encode(), b"PING 1"))
+    assert c.finish(10.0) == {}
+    c.connection_lost(11.0, "sub:1", forced=True)
+    assert not c.subscribed_now
+    c.monitored(entry(11.5, "sub:2", b"SUBSCRIBE", CHANNEL.encode()))
+    c.monitored(entry(12.0, "pub:2", b"PUBLISH", CHANNEL.encode(), b"REPLICATE "))
+    c.monitored(entry(12.5, "pub:2", b"PUBLISH", f"{CHANNEL}/USER_IP".encode(), b"\xffUSER_IP"))
+    breaches = c.finish(20.0)
+    assert set(breaches) == {"well-formed"}
+    assert breaches["well-formed"].why == "not UTF-8 (invalid start byte at byte 0)"
+    assert c.exercised["resubscribes"] == 1
+
+
+def test_a_watch_that_began_late_does_not_hold_an_earlier_start_against_it() -> None:
+    c = Conformance(CHANNEL, watched_from_start=False)
+    c.already_subscribed("sub:1")
+    c.published(1.0, CHANNEL, "USER_SYNC w1 @a:test DEV end 5")  # its start came before
+    assert c.finish(2.0) == {}
+    strict = Conformance(CHANNEL)
+    strict.subscribed(0.0, "sub:1")
+    strict.published(0.5, CHANNEL, "REPLICATE ")
+    strict.published(1.0, CHANNEL, "USER_SYNC w1 @a:test DEV end 5")
+    assert set(strict.finish(2.0)) == {"user-sync-pairing"}
