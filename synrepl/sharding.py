@@ -20,6 +20,7 @@ from types import MappingProxyType
 import attrs
 
 from synrepl.errors import ConfigError, shown
+from synrepl.streams import STREAM_NAMES
 
 __all__ = (
     "MAIN_INSTANCE_NAME",
@@ -267,6 +268,12 @@ class StreamWriters:
         if stream_name in MAIN_ONLY_STREAMS:
             return _MAIN_ONLY
         return ()
+
+    def streams_written_by(self, instance: str) -> tuple[str, ...]:
+        """The streams ``instance`` publishes, as it answers REPLICATE: those
+        the configuration gives it, then ``caches`` (every instance writes it)."""
+        mine = [s for s in STREAM_NAMES if instance in self.writers_for_stream(s)]
+        return (*mine, "caches")
 
     def all_writers(self) -> frozenset[str]:
         """Every instance named under any key (useful for config checks)."""

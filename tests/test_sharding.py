@@ -330,3 +330,14 @@ def test_room_owner_matches_synapse(room_id: str, writers: list[str]) -> None:
     base = pytest.importorskip("synapse.config._base")
     synapse_shards = base.RoutableShardedWorkerHandlingConfig(list(writers))
     assert event_persister_for_room(room_id, writers) == synapse_shards.get_instance(room_id)
+
+
+def test_the_streams_an_instance_writes_end_with_caches() -> None:
+    writers = StreamWriters(events=["p1", "p2"], typing="t1", federation_senders=["f1"])
+    assert writers.streams_written_by("p1") == (
+        "events", "backfill", "profile_updates", "sticky_events", "caches",
+    )  # fmt: skip
+    assert writers.streams_written_by("t1") == ("typing", "caches")
+    assert writers.streams_written_by("nobody") == ("caches",)
+    main = writers.streams_written_by("master")
+    assert "federation" in main and "typing" not in main and main[-1] == "caches"

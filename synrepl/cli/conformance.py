@@ -298,6 +298,10 @@ class _Script:
     def _subscriptions(self) -> int:
         return self.conformance.exercised["replicate-on-subscribe"]
 
+    def _replicates(self) -> int:
+        """REPLICATEs the process published, as the rules counted them."""
+        return self.conformance.exercised["replicate-after-subscribe"]
+
     def _await_replicate(self, step: str, before: int) -> None:
         """Wait for a subscription after the ``before``-th, and a REPLICATE after it."""
         started = time.monotonic()
@@ -346,17 +350,16 @@ class _Script:
         if entry.client in self.probe.own_addrs:
             self._own(entry)
             return
-        subscriptions = self._subscriptions()
+        subscriptions, replicates = self._subscriptions(), self._replicates()
         self.conformance.monitored(entry)
         if self._subscriptions() > subscriptions:
             self._replicated = False
+        elif self._replicates() > replicates and self.conformance.subscribed_now:
+            self._replicated = True
         if entry.command == "publish" and len(entry.args) == 3:
             channel = entry.args[1].decode("utf-8", "replace")
-            line = entry.args[2].decode("utf-8", "replace")
             if channel == self.conformance.server_name:
-                if line.startswith("REPLICATE") and self.conformance.subscribed_now:
-                    self._replicated = True
-                self.homeserver.heard(channel, line)
+                self.homeserver.heard(channel, entry.args[2].decode("utf-8", "replace"))
 
     def _own(self, entry: MonitorEntry) -> None:
         if entry.command != "publish" or len(entry.args) != 3:
@@ -428,13 +431,9 @@ def streams_written(config: SynapseConfig, named: list[str], from_files: bool) -
         if unknown:
             raise UsageError(f"--writes: no such stream: {', '.join(unknown)}")
         return frozenset(named)
-    writes = {"caches"}
     if from_files:
-        instance = config.instance_name
-        writes.update(
-            s for s in STREAM_NAMES if instance in config.stream_writers.writers_for_stream(s)
-        )
-    return frozenset(writes)
+        return frozenset(config.stream_writers.streams_written_by(config.instance_name))
+    return frozenset({"caches"})
 
 
 async def run(reactor: Any, args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from synrepl.errors import ProtocolError
 from synrepl.http import StreamUpdates
 from synrepl.positions import RESETTABLE_STREAMS
 from synrepl.sharding import canonical_instance_name
-from synrepl.streams import STREAM_NAMES, Row
+from synrepl.streams import Row
 
 __all__ = ("SimulatedWriters", "Faults", "WriterState", "HistoryFetcher", "UPDATES_PATH")
 
@@ -98,12 +98,8 @@ class SimulatedWriters:
         # Like Synapse, a writer answers REPLICATE for every stream it writes,
         # written or not: those the configuration gives it, and caches (everyone).
         sharding = config_from_dict(self._config_data(lambda name: 1)).stream_writers
-        for stream in STREAM_NAMES:
-            for name in sharding.writers_for_stream(stream):
-                if name in self._writers:
-                    self._writers[name].writes.append(stream)
         for w in self._writers.values():
-            w.writes.append("caches")
+            w.writes.extend(sharding.streams_written_by(w.name))
         for name, streams in (writes or {}).items():
             self._writer(name).writes.extend(
                 s for s in streams if s not in self._writer(name).writes
