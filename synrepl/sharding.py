@@ -34,6 +34,7 @@ __all__ = (
     "InstanceLocation",
     "StreamWriters",
     "event_persister_for_room",
+    "shard_index",
     "canonical_instance_name",
 )
 
@@ -313,7 +314,22 @@ def event_persister_for_room(room_id: str, writers: Sequence[str]) -> str:
     """
     if not writers:
         raise ConfigError("no event persisters configured", ("stream_writers", "events"))
-    if len(writers) == 1:
-        return writers[0]
-    digest = sha256(room_id.encode("utf8")).digest()
-    return writers[int.from_bytes(digest, "little") % len(writers)]
+    return writers[shard_index(room_id, len(writers))]
+
+
+def shard_index(key: str, count: int) -> int:
+    """Which of ``count`` shards owns ``key``: SHA-256 of the UTF-8 key, read
+    as a little-endian integer, modulo ``count``.
+
+    This is how Synapse spreads rooms over event persisters, so a room's
+    shard here is its persister's index in the ``events`` writer list; the
+    export partitions (:mod:`synrepl.export`) split rooms the same way.
+
+    Raises:
+        ValueError: ``count`` is below 1.
+    """
+    if count < 1:
+        raise ValueError(f"the shard count must be at least 1, got {count}")
+    if count == 1:
+        return 0
+    return int.from_bytes(sha256(key.encode("utf8")).digest(), "little") % count
