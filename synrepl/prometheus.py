@@ -20,7 +20,7 @@ the same figures, from the core.  Names follow Prometheus' conventions
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import (
     REGISTRY,
@@ -33,7 +33,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from synrepl.metrics import ClientMetrics, Histogram
 
-__all__ = ("ClientCollector", "register_client", "histogram_buckets")
+if TYPE_CHECKING:
+    from synrepl.export import Exporter
+
+__all__ = ("ClientCollector", "ExporterCollector", "register_client", "histogram_buckets")
 
 
 class MeasuredClient(Protocol):
@@ -169,3 +172,51 @@ def register_client(
     collector = ClientCollector(clients)
     registry.register(collector)
     return collector
+
+
+class ExporterCollector(Collector):
+    """Exports an :class:`~synrepl.export.Exporter`'s totals (label ``sink``).
+
+    ``synrepl_export_waiting_seconds`` is how long the current batch has
+    waited for a sink that is down: how far behind the export has fallen.
+    """
+
+    def __init__(self, exporter: Exporter) -> None:
+        self._exporter = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        exporter = self._exporter
+        stats = exporter.stats
+        sink = exporter.sink.target
+        for name, documentation, value in (
+            ("messages", "Messages the sink acknowledged.", stats.messages),
+            ("batches", "Sends the sink acknowledged.", stats.batches),
+            ("skipped", "Messages left to other partitions or handed over.", stats.skipped),
+            (
+                "sink_failures",
+                "Sends or connections that failed with the sink down.",
+                stats.sink_failures,
+            ),
+        ):
+            counter = CounterMetricFamily(f"synrepl_export_{name}", documentation, labels=["sink"])
+            counter.add_metric([sink], float(value))
+            yield counter
+        up = GaugeMetricFamily(
+            "synrepl_export_sink_up", "1 if the last send to the sink succeeded.", labels=["sink"]
+        )
+        up.add_metric([sink], 1.0 if stats.sink_up else 0.0)
+        waiting = GaugeMetricFamily(
+            "synrepl_export_waiting_seconds",
+            "How long the current batch has waited for the sink (0: none waits).",
+            labels=["sink"],
+        )
+        waiting.add_metric([sink], exporter.behind())
+        acknowledged = GaugeMetricFamily(
+            "synrepl_export_acknowledged_token",
+            "The last token the sink acknowledged, per stream and writer.",
+            labels=["sink", "stream", "writer"],
+        )
+        for stream, writers in sorted(stats.acknowledged.items()):
+            for writer, token in sorted(writers.items()):
+                acknowledged.add_metric([sink, stream, writer], float(token))
+        yield from (up, waiting, acknowledged)

@@ -17,6 +17,7 @@ from synrepl.cli import (
     conformance,
     demo,
     doctor,
+    export,
     exporter,
     positions,
     top,
@@ -44,6 +45,8 @@ examples:
   synrepl top -c homeserver.yaml
   synrepl audit -c homeserver.yaml --window 60   # rows Synapse wrote and never published?
   synrepl conformance -c homeserver.yaml -c worker.yaml --redis-url redis://127.0.0.1:6390
+  synrepl export -c homeserver.yaml --full --to redis-stream://127.0.0.1:6379/events \\
+      --checkpoint export.checkpoint
 
 `synrepl COMMAND --help` shows each command's options and examples.
 
@@ -75,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         title="commands", metavar="COMMAND", parser_class=_Parser, dest="command"
     )
-    for module in (demo, watch, positions, doctor, catchup, top, exporter, audit, conformance):
+    for module in (
+        demo,
+        watch,
+        positions,
+        doctor,
+        catchup,
+        top,
+        exporter,
+        audit,
+        conformance,
+        export,
+    ):
         module.add_parser(subparsers)
     return parser
 

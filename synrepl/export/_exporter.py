@@ -26,7 +26,7 @@ import attrs
 
 from synrepl._ratelimit import MonotonicClock, RateLimitedWarning
 from synrepl.connection import ReconnectBackoff
-from synrepl.events import EventFilter, EventsReceived, EventSource
+from synrepl.events import EventFilter, EventSource, EventsReceived
 from synrepl.export._messages import ExportMessage, messages_of_events, messages_of_rows
 from synrepl.export._partition import Partition
 from synrepl.export._sink import Sink, SinkUnavailable
@@ -127,16 +127,24 @@ class Exporter:
         passes it (room, type, membership); other streams' rows all go.
         """
 
-        async def handle(batch: RowsReceived) -> None:
-            await self.export_rows(batch, filter=filter)
+        def handle(batch: RowsReceived) -> asyncio.Future[None]:
+            return asyncio.ensure_future(self.export_rows(batch, filter=filter))
 
         client.on_rows(stream, handle)
 
     def follow_events(
         self, client: ExportingClient, *, source: EventSource, filter: EventFilter | None = None
     ) -> None:
-        """Export the events stream's full events, read from ``source``."""
-        client.on_events(self.export_events, source=source, filter=filter)
+        """Export the events stream's full events, read from ``source``.
+
+        Each batch runs as an asyncio task (the sinks' libraries need one),
+        which either client adapter awaits.
+        """
+
+        def handle(batch: EventsReceived) -> asyncio.Future[None]:
+            return asyncio.ensure_future(self.export_events(batch))
+
+        client.on_events(handle, source=source, filter=filter)
 
     # ------------------------------------------------------------ handlers
 
@@ -177,6 +185,7 @@ class Exporter:
         self.stats.acknowledged.setdefault(stream, {})[writer] = token
 
     async def _send(self, messages: Sequence[ExportMessage]) -> None:
+        logger.debug("sending %d messages from %s", len(messages), messages[0].id)
         failures = 0
         while True:
             if self._closing.is_set():

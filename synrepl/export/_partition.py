@@ -45,7 +45,7 @@ class Handover:
             its length is the old count).
     """
 
-    positions: tuple[Positions, ...] = attrs.field(converter=tuple)
+    positions: tuple[Positions, ...] = attrs.field(converter=tuple[Positions, ...])
 
     def __attrs_post_init__(self) -> None:
         if not self.positions:
@@ -95,7 +95,9 @@ class Partition:
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.index < self.count:
-            raise ValueError(f"partition {self.index} of {self.count}: the index must be 0..{self.count - 1}")
+            raise ValueError(
+                f"partition {self.index} of {self.count}: the index must be 0..{self.count - 1}"
+            )
 
     @property
     def name(self) -> str:

@@ -15,6 +15,7 @@ first.  Needs the ``nats`` extra (nats-py).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +58,9 @@ class JetStreamSink:
         timeout: float = 10.0,
     ) -> None:
         if not subject or any(c in subject for c in " *>"):
-            raise ValueError(f"a NATS subject to publish to has no spaces or wildcards: {subject!r}")
+            raise ValueError(
+                f"a NATS subject to publish to has no spaces or wildcards: {subject!r}"
+            )
         self.servers = servers
         self.subject = subject
         self.stream = stream or _stream_name(subject)
@@ -90,7 +93,9 @@ class JetStreamSink:
                 )
             except (nats.errors.Error, OSError, TimeoutError) as e:
                 self._nc = None
-                raise SinkUnavailable(f"{self.target}: {excerpt(str(e) or type(e).__name__)}") from None
+                raise SinkUnavailable(
+                    f"{self.target}: {excerpt(str(e) or type(e).__name__)}"
+                ) from None
             self._js = self._nc.jetstream(timeout=self.timeout)
         try:
             try:
@@ -139,7 +144,5 @@ class JetStreamSink:
         """Drain and close the connection."""
         if self._nc is not None:
             nc, self._nc, self._js = self._nc, None, None
-            try:
+            with contextlib.suppress(Exception):  # closing a connection that broke
                 await nc.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass

@@ -63,7 +63,9 @@ class RedisStreamSink:
         """``redis-stream://host:port/key``, without the password."""
         pool = redis.asyncio.ConnectionPool.from_url(self.url)
         kwargs: dict[str, Any] = pool.connection_kwargs
-        where = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        where = (
+            kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        )
         return f"redis-stream://{where}/{self.key}"
 
     async def open(self) -> None:
