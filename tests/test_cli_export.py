@@ -7,6 +7,8 @@ union is the traffic, and a change of partition count by handover.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import pytest_twisted
 import redis as redis_py
 from client_helpers import sleep, unique_server_name, wait_until
-from redis_server import RedisServer, redis_server_available
+from redis_server import RedisServer
 from test_cli_support import (
     SynapseDb,
     kill_leftover_clis,
@@ -23,7 +25,12 @@ from test_cli_support import (
     write_event,
 )
 from twisted.internet import reactor
+from twisted.web import resource, server
 
+from synrepl.checkpoints import FileCheckpointStore
+from synrepl.deadletters import FileDeadLetterStore
+from synrepl.export.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+from synrepl.streams import EventRow, TypingRow
 from synrepl.testing.homeserver import FakeHomeserver
 
 __all__ = ("kill_leftover_clis",)
@@ -97,30 +104,308 @@ async def test_export_full_events_into_a_redis_stream(tmp_path: Path) -> None:
     r.delete(key)
 
 
+def ev(n: int, room: str) -> EventRow:
+    return EventRow(f"$e{n}", room, "m.room.message", None, None, None, None, False, False)
+
+
+ROOMS = [f"!room{n}:test" for n in range(12)]
+
+
+def traffic(hs: FakeHomeserver, first: int, last: int) -> list[str]:
+    """Events ``first..last`` (one token each) over the rooms; their ids."""
+    ids = []
+    for n in range(first, last + 1):
+        hs.write("events", [ev(n, ROOMS[n % len(ROOMS)])])
+        ids.append(f"$e{n}")
+    return ids
+
+
+def check_exactly(messages: list[dict[str, Any]], expected: list[str]) -> list[dict[str, Any]]:
+    """De-duplicated by id: exactly ``expected`` (event ids), in order per room;
+    a duplicate is the same message.  Returns the de-duplicated messages."""
+    seen: dict[str, dict[str, Any]] = {}
+    unique = []
+    for m in messages:
+        if m["id"] in seen:
+            assert seen[m["id"]] == m
+            continue
+        seen[m["id"]] = m
+        unique.append(m)
+    got = [m["row"]["event_id"] for m in unique]
+    assert sorted(got) == sorted(expected)
+    for room in ROOMS:
+        in_room = [m["row"]["event_id"] for m in unique if m["row"]["room_id"] == room]
+        assert in_room == [e for e in expected if e in set(in_room)]
+        tokens = [m["token"] for m in unique if m["row"]["room_id"] == room]
+        assert tokens == sorted(tokens)
+    return unique
+
+
+def export_args(config: str, to: str, *more: str) -> tuple[str, ...]:
+    return ("export", "-c", config, "--to", to, *more)
+
+
 @pytest_twisted.ensureDeferred
-async def test_debug_rows(tmp_path: Path) -> None:
+async def test_export_rows_of_any_stream_with_stable_ids(tmp_path: Path) -> None:
+    """--stream typing: one message per row, ``row`` beside
+    ``id``, ``server``, ``stream``, ``writer``, ``token``; the id is the row's
+    place in its token."""
     hs = await homeserver()
     config = str(write_config(tmp_path / "homeserver.yaml", hs))
     key = f"export-{hs.server_name}"
     r = redis_py.Redis()
-    cli = start_cli(
-        "-vv",
-        "export",
-        "-c",
-        config,
-        "--stream",
-        "typing",
-        "--to",
-        f"redis-stream://127.0.0.1:6379/{key}",
-    )
+    cli = start_cli(*export_args(config, f"redis-stream://127.0.0.1:6379/{key}", "-s", "typing"))
     try:
         await cli.wait_for_stderr("synrepl export:")
-        from synrepl.streams import TypingRow
-
-        for n in range(5):
-            hs.write("typing", [TypingRow(f"!r{n}:t", ("@a:t",))])
-        await wait_until(lambda: r.xlen(key) == 5, what=f"five entries {cli.stderr}")
+        tokens = [
+            hs.write("typing", [TypingRow(f"!r{n}:t", ("@a:t",)), TypingRow("!x:t", ())])
+            for n in range(3)
+        ]
+        await wait_until(lambda: r.xlen(key) == 6, what=f"six entries {cli.stderr}")
     finally:
         cli.signal("INT")
         assert await cli.wait() == 0, cli.stderr
         await hs.stop()
+    got = read_group(r, key)
+    r.delete(key)
+    assert got[0] == {
+        "id": f"{hs.server_name}/typing/master/{tokens[0]}/0",
+        "server": hs.server_name,
+        "stream": "typing",
+        "writer": "master",
+        "token": tokens[0],
+        "row": {"room_id": "!r0:t", "user_ids": ["@a:t"]},
+    }
+    assert [m["id"].rsplit("/", 2)[1:] for m in got] == [
+        [str(t), str(n)] for t in tokens for n in (0, 1)
+    ]
+    assert "6 messages in 3 sends" in cli.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_mid_traffic_then_restart_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL while events flow, restart with the same checkpoint: every
+    event reaches the stream, duplicates (at most the batch in flight) carry
+    the same id, and de-duplicated it is exactly the traffic, in order per room."""
+    hs = await homeserver()
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    key = f"export-{hs.server_name}"
+    r = redis_py.Redis()
+    args = export_args(
+        config, f"redis-stream://127.0.0.1:6379/{key}", "--checkpoint", str(tmp_path / "ckpt")
+    )
+    first = start_cli(*args)
+    expected: list[str] = []
+    try:
+        await first.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 1, 10)
+        await wait_until(lambda: r.xlen(key) >= 5, what="the first entries")
+        first.signal("KILL")
+        expected += traffic(hs, 11, 30)  # written while it is dead
+        assert await first.wait() != 0
+        assert r.xlen(key) < 30
+        second = start_cli(*args)
+        await second.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 31, 35)  # the writer's next RDATA fetches what was missed
+        await wait_until(
+            lambda: len({f[b"id"] for _, f in r.xrange(key)}) == 35,
+            what=f"35 distinct ids {second.stderr}",
+        )
+    finally:
+        first.signal("KILL")
+        if "second" in locals():
+            second.signal("INT")
+            assert await second.wait() == 0, second.stderr
+        await hs.stop()
+    got = read_group(r, key)
+    r.delete(key)
+    check_exactly(got, expected)
+    assert len(got) - 35 <= 1  # at most the batch handled but not yet checkpointed
+
+
+@pytest_twisted.ensureDeferred
+async def test_sink_down_stops_the_checkpoint_and_back_resumes(tmp_path: Path) -> None:
+    """The sink's Redis stopped: the export logs it, its checkpoint stops
+    advancing; Redis back: every event arrives, in order, nothing lost."""
+    hs = await homeserver()
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    sink = RedisServer(tmp_path)
+    sink.start()
+    key = "events-out"
+    checkpoint = tmp_path / "ckpt"
+    cli = start_cli(
+        *export_args(
+            config, f"redis-stream://127.0.0.1:{sink.port}/{key}", "--checkpoint", str(checkpoint)
+        )
+    )
+    expected: list[str] = []
+    store = FileCheckpointStore(checkpoint, server_name=hs.server_name, name="export")
+
+    def saved() -> int:
+        return (store.load() or {}).get("events", {}).get("master", 0)
+
+    try:
+        await cli.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 1, 5)
+        await wait_until(lambda: saved() == 5, what="the checkpoint at 5")
+        sink.kill()
+        expected += traffic(hs, 6, 15)
+        await cli.wait_for_stderr("unavailable")
+        await sleep(1.0)
+        assert saved() == 5  # nothing acknowledged, nothing saved
+        sink.start()
+        await wait_until(lambda: saved() == 15, timeout=30, what=f"caught up {cli.stderr}")
+        got = read_group(sink.client(), key)
+    finally:
+        cli.signal("INT")
+        assert await cli.wait() == 0, cli.stderr
+        await hs.stop()
+        sink.close()
+    # Redis lost its data when killed (no persistence): what came before went with it.
+    check_exactly(got, [e for e in expected if int(e[2:]) > 5])
+    assert "is back after" in cli.stderr
+    assert "sink redis-stream://127.0.0.1" in cli.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_partitions_then_a_handover_to_two(tmp_path: Path) -> None:
+    """Three --partition i/3 exporters sharing one checkpoint file: their
+    union is exactly the traffic, each room on one partition, in order.
+    Then all stop and two start with --previous-partitions 3: together with
+    what the three exported, exactly the traffic again, no duplicate."""
+    hs = await homeserver()
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    r = redis_py.Redis()
+    keys = [f"export-{hs.server_name}-{n}" for n in range(5)]
+    checkpoint = str(tmp_path / "shared.ckpt")
+
+    def start(index: int, count: int, key: str, *more: str) -> Any:
+        return start_cli(
+            *export_args(
+                config,
+                f"redis-stream://127.0.0.1:6379/{key}",
+                "--checkpoint",
+                checkpoint,
+                "--partition",
+                f"{index}/{count}",
+                *more,
+            )
+        )
+
+    three = [start(i, 3, keys[i]) for i in range(3)]
+    expected: list[str] = []
+    two: list[Any] = []
+    try:
+        for cli in three:
+            await cli.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 1, 30)
+        await wait_until(lambda: sum(r.xlen(k) for k in keys[:3]) == 30, what="30 entries")
+        for cli in three:
+            cli.signal("INT")
+        for cli in three:
+            assert await cli.wait() == 0, cli.stderr
+        expected += traffic(hs, 31, 40)  # while no partition runs
+        two = [start(j, 2, keys[3 + j], "--previous-partitions", "3") for j in range(2)]
+        for cli in two:
+            await cli.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 41, 50)
+        await wait_until(
+            lambda: sum(r.xlen(k) for k in keys[3:]) == 20,
+            what=f"20 more entries {[c.stderr for c in two]}",
+        )
+        await sleep(0.5)
+    finally:
+        for cli in two:
+            cli.signal("INT")
+        for cli in two:
+            assert await cli.wait() == 0, cli.stderr
+        await hs.stop()
+    parts = [read_group(r, k) for k in keys]
+    r.delete(*keys)
+    before = [m for part in parts[:3] for m in part]
+    assert len(before) == 30
+    check_exactly(before, expected[:30])
+    for group in (parts[:3], parts[3:]):  # each room on one partition of a count
+        rooms = [{m["row"]["room_id"] for m in part} for part in group]
+        assert sum(len(r) for r in rooms) == len(set().union(*rooms))
+    everything = [m for part in parts for m in part]
+    assert len(everything) == 50  # no duplicate at all
+    check_exactly(everything, expected)
+
+
+class Receiver(resource.Resource):
+    """A webhook receiver: refuses (400) a batch holding a room it is told to,
+    takes (200) the rest; keeps what it took and checks every signature."""
+
+    isLeaf = True
+
+    def __init__(self, secret: bytes, refuse_room: str) -> None:
+        super().__init__()
+        self.secret = secret
+        self.refuse_room = refuse_room
+        self.taken: list[dict[str, Any]] = []
+        self.refused = 0
+        self.bad_signatures = 0
+
+    def render_POST(self, request: server.Request) -> bytes:
+        body = request.content.read()
+        timestamp = request.getHeader(TIMESTAMP_HEADER) or ""
+        mac = hmac.new(self.secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        if (
+            request.getHeader(SIGNATURE_HEADER) != f"sha256={mac}"
+            or signature(self.secret, timestamp, body) != f"sha256={mac}"
+        ):
+            self.bad_signatures += 1
+            request.setResponseCode(401)
+            return b"bad signature"
+        messages = json.loads(body)["messages"]
+        assert request.getHeader("Idempotency-Key") == messages[0]["id"]
+        if any(m["row"]["room_id"] == self.refuse_room for m in messages):
+            self.refused += 1
+            request.setResponseCode(400)
+            return b"no thanks"
+        self.taken.extend(messages)
+        return b"ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_webhook_signed_refused_batches_are_dead_lettered(tmp_path: Path) -> None:
+    """A webhook with a signing secret: every request verifies; a batch the
+    receiver refuses (400) is retried --retries times, then kept in
+    --dead-letters while the rest goes on; without --dead-letters the export
+    stops, exit status 1, naming the refused batch."""
+    hs = await homeserver()
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    secret_file = tmp_path / "hook.secret"
+    secret_file.write_text("s3cret-hook-key\n")
+    receiver = Receiver(b"s3cret-hook-key", ROOMS[3])
+    port = reactor.listenTCP(0, server.Site(receiver), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}/hook"
+    dead = tmp_path / "dead.jsonl"
+    common = ("--webhook-secret-file", str(secret_file), "--retries", "1")
+    cli = start_cli(*export_args(config, url, *common, "--dead-letters", str(dead)))
+    expected: list[str] = []
+    try:
+        await cli.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 1, 20)
+        await wait_until(lambda: len(receiver.taken) == 18, what=f"18 taken {cli.stderr}")
+        letters = FileDeadLetterStore(dead, server_name=hs.server_name, name="export").letters()
+        assert [letter.rows[0][1][0] for letter in letters] == ["$e3", "$e15"]
+        assert all(letter.attempts == 2 and "400" in letter.error for letter in letters)
+        cli.signal("INT")
+        assert await cli.wait() == 0, cli.stderr
+        stopping = start_cli(*export_args(config, url, *common))
+        await stopping.wait_for_stderr("synrepl export:")
+        traffic(hs, 21, 30)  # $e27 is refused
+        assert await stopping.wait() == 1
+    finally:
+        cli.signal("INT")
+        stopping.signal("INT")
+        await port.stopListening()
+        await hs.stop()
+    assert receiver.bad_signatures == 0
+    assert receiver.refused == 2 * 2 + 2
+    assert [m["row"]["event_id"] for m in receiver.taken[:18]] == [
+        e for e in expected if e not in ("$e3", "$e15")
+    ]
+    assert "delivery stopped" in stopping.stderr and "400" in stopping.stderr

@@ -41,6 +41,7 @@ from synrepl.cli.watch import check_source
 from synrepl.config import read_secret_file
 from synrepl.connection import AttemptFailure
 from synrepl.deadletters import dead_letter_store
+from synrepl.delivery import HandlerFailurePolicy
 from synrepl.errors import ConfigError
 from synrepl.export import (
     SINK_SCHEMES,
@@ -112,6 +113,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="SPEC",
         help="keep a batch the sink keeps refusing here (PATH, sqlite:PATH, postgresql://...) "
         "and go on; without it the export stops on such a batch",
+    )
+    parser.add_argument(
+        "--retries",
+        metavar="N",
+        type=int,
+        default=5,
+        help="send a batch the sink refused (a webhook's 400, ...) again N times, waiting "
+        "from 1 s doubling to 30 s, before dead-lettering it or stopping (default: 5); a "
+        "sink that is down is waited for without limit",
     )
     parser.add_argument(
         "-s",
@@ -252,6 +262,8 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         raise UsageError(
             f"--to {args.to.split(':')[0]}: {e.name} is missing: pip install 'synrepl[export]'"
         ) from None
+    if args.retries < 0:
+        raise UsageError("--retries must be 0 or more")
     if args.max_pending_rows < 1:
         raise UsageError("--max-pending-rows must be at least 1")
     partition = _partition(args, args.checkpoint, config.server_name)
@@ -293,6 +305,9 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         read_only=True,
         checkpoint=store,
         dead_letters=dead,
+        failure_policy=HandlerFailurePolicy(
+            retries=args.retries, then="dead_letter" if dead is not None else "stop"
+        ),
         seed_from=source,
         max_pending_rows=args.max_pending_rows,
         transport_options=cli_transport_options(args.connect_timeout, "synrepl-export"),

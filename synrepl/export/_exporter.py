@@ -216,7 +216,7 @@ class Exporter:
                 continue
             break
         if failures:
-            logger.info("sink %s is back after %d failed attempts", self.sink.target, failures)
+            logger.warning("sink %s is back after %d failed attempts", self.sink.target, failures)
         self.stats.sink_up = True
         self.stats.waiting_since = None
         self.stats.messages += len(messages)

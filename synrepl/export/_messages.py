@@ -70,8 +70,9 @@ def messages_of_rows(
     key_field: str = "room_id",
     keep: Iterable[int] | None = None,
 ) -> list[ExportMessage]:
-    """One message per row of a token's batch: ``kind`` (the row type) and
-    ``row`` (its fields) beside the common ones.
+    """One message per row of a token's batch: ``row`` (its fields) beside
+    the common ones, and ``kind`` for the events stream (``ev`` for an event,
+    ``state`` for a current-state change).
 
     Args:
         server_name: the homeserver's name, the first part of every id.
@@ -93,9 +94,10 @@ def messages_of_rows(
             "stream": batch.stream,
             "writer": batch.writer,
             "token": batch.token,
-            "kind": row.TYPE_ID,
             "row": row.as_dict(),
         }
+        if row.TYPE_ID is not None:  # the events stream's "ev" or "state"
+            body["kind"] = row.TYPE_ID
         messages.append(_message(body, key_field))
     return messages
 
