@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 import redis as redis_py
 from client_helpers import sleep, unique_server_name, wait_until
-from redis_server import RedisServer
+from redis_server import RedisServer, free_port
 from test_cli_support import (
     SynapseDb,
     kill_leftover_clis,
@@ -24,7 +25,7 @@ from test_cli_support import (
     write_config,
     write_event,
 )
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.web import resource, server
 
 from synrepl.checkpoints import FileCheckpointStore
@@ -141,6 +142,21 @@ def check_exactly(messages: list[dict[str, Any]], expected: list[str]) -> list[d
     return unique
 
 
+async def scrape(port: int) -> dict[str, float]:
+    """The export's /metrics: each sample's name (labels dropped) and value."""
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            return str(page.read().decode())
+
+    samples = {}
+    for line in (await threads.deferToThread(get)).splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]
+            samples[name] = float(value)
+    return samples
+
+
 def export_args(config: str, to: str, *more: str) -> tuple[str, ...]:
     return ("export", "-c", config, "--to", to, *more)
 
@@ -226,16 +242,26 @@ async def test_sigkill_mid_traffic_then_restart_loses_nothing(tmp_path: Path) ->
 @pytest_twisted.ensureDeferred
 async def test_sink_down_stops_the_checkpoint_and_back_resumes(tmp_path: Path) -> None:
     """The sink's Redis stopped: the export logs it, its checkpoint stops
-    advancing; Redis back: every event arrives, in order, nothing lost."""
+    advancing, /metrics says the sink is down and for how long, and at most
+    --max-pending-rows rows wait in memory; Redis back: every event arrives,
+    in order (the overflow fetched from the writer), nothing lost."""
     hs = await homeserver()
     config = str(write_config(tmp_path / "homeserver.yaml", hs))
     sink = RedisServer(tmp_path)
     sink.start()
     key = "events-out"
     checkpoint = tmp_path / "ckpt"
+    metrics_port = free_port()
     cli = start_cli(
         *export_args(
-            config, f"redis-stream://127.0.0.1:{sink.port}/{key}", "--checkpoint", str(checkpoint)
+            config,
+            f"redis-stream://127.0.0.1:{sink.port}/{key}",
+            "--checkpoint",
+            str(checkpoint),
+            "--max-pending-rows",
+            "3",
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
         )
     )
     expected: list[str] = []
@@ -253,9 +279,18 @@ async def test_sink_down_stops_the_checkpoint_and_back_resumes(tmp_path: Path) -
         await cli.wait_for_stderr("unavailable")
         await sleep(1.0)
         assert saved() == 5  # nothing acknowledged, nothing saved
+        down = await scrape(metrics_port)
+        assert down["synrepl_export_sink_up"] == 0.0
+        assert down["synrepl_export_waiting_seconds"] > 0.5
+        assert down["synrepl_export_sink_failures_total"] >= 1
+        assert down["synrepl_queued_rows"] <= 3  # the memory bound; the rest is refetched
         sink.start()
         await wait_until(lambda: saved() == 15, timeout=30, what=f"caught up {cli.stderr}")
         got = read_group(sink.client(), key)
+        up = await scrape(metrics_port)
+        assert up["synrepl_export_sink_up"] == 1.0
+        assert up["synrepl_export_waiting_seconds"] == 0.0
+        assert up["synrepl_export_acknowledged_token"] == 15
     finally:
         cli.signal("INT")
         assert await cli.wait() == 0, cli.stderr
