@@ -444,3 +444,46 @@ async def test_webhook_signed_refused_batches_are_dead_lettered(tmp_path: Path) 
         e for e in expected if e not in ("$e3", "$e15")
     ]
     assert "delivery stopped" in stopping.stderr and "400" in stopping.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopped_while_the_sink_is_down_then_resumed(tmp_path: Path) -> None:
+    """Ctrl-C while a batch waits for a sink that is down: a clean exit (0),
+    the waiting batch not checkpointed; restarted with the sink back, it
+    exports from there, nothing lost, nothing twice."""
+    hs = await homeserver()
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    sink = RedisServer(tmp_path)
+    sink.start()
+    args = export_args(
+        config,
+        f"redis-stream://127.0.0.1:{sink.port}/out",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+    )
+    expected: list[str] = []
+    try:
+        first = start_cli(*args)
+        await first.wait_for_stderr("synrepl export:")
+        sink.kill()
+        expected += traffic(hs, 1, 5)
+        await first.wait_for_stderr("unavailable")
+        first.signal("INT")
+        assert await first.wait() == 0, first.stderr
+        store = FileCheckpointStore(tmp_path / "ckpt", server_name=hs.server_name, name="export")
+        assert (store.load() or {}).get("events", {}).get("master", 0) == 0
+        sink.start()
+        second = start_cli(*args)
+        await second.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 6, 8)
+        r = sink.client()
+        await wait_until(lambda: r.xlen("out") == 8, what=f"eight entries {second.stderr}")
+        second.signal("INT")
+        assert await second.wait() == 0, second.stderr
+        got = read_group(r, "out")
+    finally:
+        await hs.stop()
+        sink.close()
+    assert "Traceback" not in first.stderr + second.stderr
+    check_exactly(got, expected)
+    assert len(got) == 8

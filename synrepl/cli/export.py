@@ -348,7 +348,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
     share = f", partition {partition.index}/{partition.count}" if partition is not None else ""
     print(
         f"synrepl export: {what} of {', '.join(streams)} to {sink.target}{share}; "
-        f"{'resuming from ' + args.checkpoint if args.checkpoint else 'from now (no --checkpoint)'}",
+        f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'from now (no --checkpoint)'}",
         file=sys.stderr,
         flush=True,
     )

@@ -206,7 +206,7 @@ class Exporter:
                 self._down.warning(
                     "sink %s unavailable (%s); %s from %s at %d waits, next try in %.1f s",
                     self.sink.target,
-                    e,
+                    str(e).removeprefix(f"{self.sink.target}: "),
                     messages[0].stream,
                     messages[0].writer,
                     messages[0].token,
