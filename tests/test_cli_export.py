@@ -487,3 +487,41 @@ async def test_stopped_while_the_sink_is_down_then_resumed(tmp_path: Path) -> No
     assert "Traceback" not in first.stderr + second.stderr
     check_exactly(got, expected)
     assert len(got) == 8
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_events_filtered_and_missing_ones_named(tmp_path: Path) -> None:
+    """--full --type m.room.*: whole events of the matching types only; an
+    event the database never has is still a message, ``missing`` saying why
+    (no sender, no content), so nothing vanishes without a word."""
+    hs = await homeserver()
+    db = SynapseDb(tmp_path / "homeserver.db")
+    write_event(hs, db, "$before", "!a:test", "@alice:test", {"body": "before"})
+    config = database_config(tmp_path, hs, db)
+    key = f"export-{hs.server_name}"
+    r = redis_py.Redis()
+    cli = start_cli(
+        *export_args(config, f"redis-stream://127.0.0.1:6379/{key}", "--full", "--type", "m.room.*")
+    )
+    try:
+        await cli.wait_for_stderr("synrepl export:")
+        write_event(hs, db, "$m1", "!a:test", "@alice:test", {"body": "one"})
+        write_event(hs, db, "$x", "!a:test", "@bob:test", {"x": 1}, type="org.example.custom")
+        hs.write("events", [ev(99, "!a:test")])  # announced, never in the database
+        write_event(hs, db, "$m2", "!a:test", "@bob:test", {"body": "two"})
+        await wait_until(lambda: r.xlen(key) == 3, timeout=30, what=f"three entries {cli.stderr}")
+    finally:
+        cli.signal("INT")
+        assert await cli.wait() == 0, cli.stderr
+        await hs.stop()
+        db.close()
+    got = read_group(r, key)
+    r.delete(key)
+    assert [(m["event_id"], m.get("sender"), m.get("missing") is not None) for m in got] == [
+        ("$m1", "@alice:test", False),
+        ("$e99", None, True),
+        ("$m2", "@bob:test", False),
+    ]
+    assert got[0]["content"] == {"body": "one"} and got[0]["type"] == "m.room.message"
+    assert got[0]["id"] == f"{hs.server_name}/events/master/{got[0]['token']}/$m1"
+    assert "content" not in got[1] and "not found" in got[1]["missing"]
