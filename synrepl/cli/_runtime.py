@@ -38,6 +38,7 @@ __all__ = (
     "transport_failure",
     "cli_transport_options",
     "RedisUnreachable",
+    "ClientStart",
     "sleep",
 )
 
@@ -287,6 +288,49 @@ def cli_transport_options(timeout: float, client_name: str | None) -> TransportO
         max_backoff=max(backoff, min(2.0, timeout)),  # a tiny timeout must not refuse it
         client_name=client_name,
     )
+
+
+class ClientStart:
+    """Starting a command's ReplicationClient: at most ``timeout`` seconds for
+    its first subscription, and the first failed attempt is final, as in
+    :func:`connect_redis` (pass :meth:`attempt_failed` as the client's
+    ``on_connection_failure``).
+
+    Args:
+        reactor: the running reactor.
+        timeout: ``--connect-timeout``, in seconds.
+    """
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._started: defer.Deferred[None] | None = None
+
+    def attempt_failed(self, failure: AttemptFailure) -> None:
+        """Give up at once: the client's first connection attempt failed."""
+        if self._started is not None and not self._started.called:
+            self._reactor.callLater(0, self._started.cancel)
+
+    async def start(self, client: Any) -> None:
+        """Start ``client`` and wait for its subscription.
+
+        Raises:
+            RedisUnreachable: Redis did not subscribe it in time (the client
+                is stopped).
+        """
+        setup = current_log_setup()
+        setup.quiet_redis = True
+        self._started = client.start()
+        timer = self._reactor.callLater(self._timeout, self._started.cancel)
+        try:
+            await self._started
+        except defer.CancelledError:
+            await client.stop()
+            raise transport_failure(client.transport, self._timeout) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        setup.quiet_redis = False
 
 
 def transport_failure(transport: RedisTransport, timeout: float) -> RedisUnreachable:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 import sys
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -32,14 +32,12 @@ from synrepl.cli._options import (
     wants_full_events,
 )
 from synrepl.cli._runtime import (
+    ClientStart,
     Session,
     cli_transport_options,
-    current_log_setup,
-    transport_failure,
 )
 from synrepl.cli.watch import check_source
 from synrepl.config import read_secret_file
-from synrepl.connection import AttemptFailure
 from synrepl.deadletters import dead_letter_store
 from synrepl.delivery import HandlerFailurePolicy
 from synrepl.errors import ConfigError
@@ -54,7 +52,6 @@ from synrepl.export import (
 )
 from synrepl.streams import STREAM_NAMES
 from synrepl.twisted.client import ReplicationClient
-from synrepl.twisted.redis_transport import RedisTransport
 
 __all__ = ("add_parser", "run")
 
@@ -291,11 +288,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         await _awaited(exporter.sink.open())
     except Exception as e:  # noqa: BLE001 - a sink down at start is waited for, not fatal
         logger.warning("sink %s not reachable yet (%s); batches wait for it", sink.target, e)
-    started: defer.Deferred[None] | None = None
-
-    def give_up(failure: AttemptFailure) -> None:
-        if started is not None and not started.called:
-            reactor.callLater(0, started.cancel)
+    starting = ClientStart(reactor, args.connect_timeout)
 
     client = ReplicationClient(
         reactor,
@@ -311,7 +304,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         seed_from=source,
         max_pending_rows=args.max_pending_rows,
         transport_options=cli_transport_options(args.connect_timeout, "synrepl-export"),
-        on_connection_failure=give_up,
+        on_connection_failure=starting.attempt_failed,
     )
     if full:
         assert source is not None
@@ -328,21 +321,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
             stopped_because.append(result.getErrorMessage())
             session.stop("failed")
 
-    setup = current_log_setup()
-    setup.quiet_redis = True
-    started = client.start()
-    timer = reactor.callLater(args.connect_timeout, started.cancel)
-    try:
-        await started
-    except defer.CancelledError:
-        await client.stop()
-        raise transport_failure(
-            cast(RedisTransport, client.transport), args.connect_timeout
-        ) from None
-    finally:
-        if timer.active():
-            timer.cancel()
-    setup.quiet_redis = False
+    await starting.start(client)
     client.finished().addBoth(finished)
     what = "full events" if full else "rows"
     share = f", partition {partition.index}/{partition.count}" if partition is not None else ""

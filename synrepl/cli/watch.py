@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import secrets
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -51,16 +51,14 @@ from synrepl.cli._render import (
 )
 from synrepl.cli._render import row_record as _row_record
 from synrepl.cli._runtime import (
+    ClientStart,
     Session,
     cli_transport_options,
     connect_redis,
-    current_log_setup,
-    transport_failure,
 )
 from synrepl.cli._watcher import LineWatcher, PositionFile
 from synrepl.commands import COMMAND_TYPES, PositionCommand, RdataCommand, ReplicateCommand, encode
 from synrepl.config import RedisConfig, SynapseConfig
-from synrepl.connection import AttemptFailure
 from synrepl.events import (
     AdminApiEventSource,
     EventSource,
@@ -444,12 +442,7 @@ async def _client_session(
     if source is not None:
         await check_source(source)
     session, stats, output, watcher = _printing_session(reactor, args, filters)
-    started: defer.Deferred[None] | None = None
-
-    def give_up(failure: AttemptFailure) -> None:
-        # The first failed attempt is final, as in connect_redis.
-        if started is not None and not started.called:
-            reactor.callLater(0, started.cancel)
+    starting = ClientStart(reactor, args.connect_timeout)
 
     client = ReplicationClient(
         reactor,
@@ -459,7 +452,7 @@ async def _client_session(
         checkpoint=file,
         read_only=not args.replicate,
         transport_options=cli_transport_options(args.connect_timeout, "synrepl-watch"),
-        on_connection_failure=give_up,
+        on_connection_failure=starting.attempt_failed,
         seed_from=source,
         silent_after=None,  # watch names silent writers itself (--silent-after)
     )
@@ -529,21 +522,7 @@ async def _client_session(
             stopped_because.append(result.getErrorMessage())
             session.stop("failed")
 
-    setup = current_log_setup()
-    setup.quiet_redis = True
-    started = client.start()
-    timer = reactor.callLater(args.connect_timeout, started.cancel)
-    try:
-        await started
-    except defer.CancelledError:
-        await client.stop()
-        raise transport_failure(
-            cast(RedisTransport, client.transport), args.connect_timeout
-        ) from None
-    finally:
-        if timer.active():
-            timer.cancel()
-    setup.quiet_redis = False
+    await starting.start(client)
     client.finished().addBoth(finished)
 
     err = make_console(args.color, stderr=True)
