@@ -14,9 +14,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 import redis as redis_py
+from asyncio_helpers import run_in_new_loop
 from client_helpers import sleep, unique_server_name, wait_until
+from nats_server import NatsServer, nats_server_available
 from redis_server import RedisServer, free_port
 from test_cli_support import (
     SynapseDb,
@@ -525,3 +528,65 @@ async def test_full_events_filtered_and_missing_ones_named(tmp_path: Path) -> No
     assert got[0]["content"] == {"body": "one"} and got[0]["type"] == "m.room.message"
     assert got[0]["id"] == f"{hs.server_name}/events/master/{got[0]['token']}/$m1"
     assert "content" not in got[1] and "not found" in got[1]["missing"]
+
+
+def jetstream_messages(url: str, stream: str) -> list[dict[str, Any]]:
+    """Every message of a JetStream stream, in stream order (nats-py, on a loop of its own)."""
+    import nats
+
+    async def read() -> list[dict[str, Any]]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            count = (await js.stream_info(stream)).state.messages
+            return [json.loads((await js.get_msg(stream, seq)).data) for seq in range(1, count + 1)]
+        finally:
+            await nc.close()
+
+    return run_in_new_loop(read())
+
+
+@pytest_twisted.ensureDeferred
+async def test_jetstream_sigkill_mid_traffic_is_exactly_once(tmp_path: Path) -> None:
+    """Into NATS JetStream (Debian's nats-server -js): SIGKILL while events
+    flow and a restart from the checkpoint resend what was not checkpointed,
+    with the same Nats-Msg-Id, and JetStream drops it: the stream holds the
+    traffic exactly once, in order per room."""
+    if not nats_server_available():
+        pytest.skip("nats-server is not installed")
+    hs = await homeserver()
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    args = export_args(
+        config, f"{server.url}/synapse.events", "--checkpoint", str(tmp_path / "ckpt")
+    )
+    expected: list[str] = []
+    second = None
+    try:
+        first = start_cli(*args)
+        await first.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 1, 30)
+        await sleep(0.2)  # some exported, some not
+        first.signal("KILL")
+        assert await first.wait() != 0
+        assert 0 < len(jetstream_messages(server.url, "synapse_events")) <= 30
+        expected += traffic(hs, 31, 40)
+        second = start_cli(*args)
+        await second.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 41, 45)
+        await wait_until(
+            lambda: len(jetstream_messages(server.url, "synapse_events")) == 45,
+            timeout=30,
+            what=f"45 messages {second.stderr}",
+        )
+        await sleep(0.5)  # anything more would be a duplicate
+        got = jetstream_messages(server.url, "synapse_events")
+    finally:
+        if second is not None:
+            second.signal("INT")
+            assert await second.wait() == 0, second.stderr
+        await hs.stop()
+        server.close()
+    assert len(got) == 45
+    check_exactly(got, expected)
