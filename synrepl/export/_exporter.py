@@ -114,6 +114,7 @@ class Exporter:
         self._clock = clock
         self._open = False
         self._closing = asyncio.Event()
+        self._one_send = asyncio.Lock()
         self._down = RateLimitedWarning(logger, MonotonicClock(), period=30.0)
 
     # ------------------------------------------------------------ wiring
@@ -185,6 +186,12 @@ class Exporter:
         self.stats.acknowledged.setdefault(stream, {})[writer] = token
 
     async def _send(self, messages: Sequence[ExportMessage]) -> None:
+        # Streams do not wait for each other, but the sink contract promises
+        # one send at a time: the streams take turns.
+        async with self._one_send:
+            await self._send_alone(messages)
+
+    async def _send_alone(self, messages: Sequence[ExportMessage]) -> None:
         logger.debug("sending %d messages from %s", len(messages), messages[0].id)
         failures = 0
         while True:

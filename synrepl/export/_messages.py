@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import orjson
 
+from synrepl._json import dumps
 from synrepl.events import EventsReceived, FullEvent, MissingEvent, thaw
 from synrepl.positions import RowsReceived
 
@@ -59,8 +60,17 @@ def _message(body: dict[str, Any], key_field: str) -> ExportMessage:
         token=body["token"],
         key=None if key is None else str(key),
         body=body,
-        data=orjson.dumps(body),
+        data=_encoded(body),
     )
+
+
+def _encoded(body: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; ASCII-escaped where orjson refuses the value (an
+    integer beyond 64 bits, a lone surrogate: both allowed in old rooms)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return dumps(body).encode("ascii")
 
 
 def messages_of_rows(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from synrepl.export._sink import Sink
@@ -24,29 +25,45 @@ def _options(query: str, allowed: dict[str, type], url: str) -> dict[str, object
         if name not in allowed:
             raise ValueError(f"unknown option {name!r} in {url!r} (known: {', '.join(allowed)})")
         try:
-            options[name] = allowed[name](values[-1])
+            value = allowed[name](values[-1])
         except ValueError:
             raise ValueError(f"{name} in {url!r} must be a number, got {values[-1]!r}") from None
+        if isinstance(value, int | float) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} in {url!r} must be a number >= 0, got {values[-1]!r}")
+        options[name] = value
     return options
 
 
-def sink_from_url(url: str, *, secret: bytes | None = None, timeout: float = 10.0) -> Sink:
+def _shown(url: str) -> str:
+    """``url`` as error messages may show it: a password (or a lone user
+    part, which is a token in a NATS URL) as ``***``."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if not at or not userinfo:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    hidden = f"{user}:***" if colon else "***"
+    return url.replace(f"//{userinfo}@", f"//{hidden}@", 1)
+
+
+def sink_from_url(url: str, *, secret: bytes | None = None, timeout: float | None = None) -> Sink:
     """The sink a URL names.
 
     Args:
         url: ``redis-stream://``, ``rediss-stream://``, ``nats://``,
             ``http://`` or ``https://`` (see :data:`SINK_SCHEMES`).
         secret: the webhook signing secret (webhooks only).
-        timeout: seconds to wait for a connection or an acknowledgement.
+        timeout: seconds to wait for a connection or an acknowledgement
+            (None: the sink's default, 10 s, or 30 s for a webhook).
 
     Raises:
-        ValueError: an unknown scheme, a missing key or subject, a bad
-            option; the message names the URL's part that is wrong (never a
-            password).
+        ValueError: an unknown scheme, a missing key or subject, a bad port
+            or option; the message names the URL's part that is wrong (never
+            a password).
     """
     parts = urlsplit(url)
     scheme = parts.scheme
-    shown = url if parts.password is None else url.replace(f":{parts.password}@", ":***@")
+    shown = _shown(url)
     if scheme not in SINK_SCHEMES:
         raise ValueError(
             f"cannot export to {shown!r}: the URL starts with one of "
@@ -54,13 +71,20 @@ def sink_from_url(url: str, *, secret: bytes | None = None, timeout: float = 10.
         )
     if secret is not None and scheme not in ("http", "https"):
         raise ValueError("a signing secret is for webhooks (http:// or https://) only")
+    try:
+        parts.port  # noqa: B018 - it raises on a port that is not a number
+    except ValueError:
+        raise ValueError(f"the port in {shown!r} must be a number 0..65535") from None
     if scheme in ("http", "https"):
         from synrepl.export.webhook import WebhookSink
 
-        return WebhookSink(url, secret=secret, timeout=max(timeout, 30.0))
+        if timeout is None:
+            return WebhookSink(url, secret=secret)
+        return WebhookSink(url, secret=secret, timeout=timeout)
+    timeouts = {} if timeout is None else {"timeout": timeout}
     name = unquote(parts.path.lstrip("/"))
     if scheme == "nats":
-        from synrepl.export.jetstream import JetStreamSink
+        from synrepl.export.jetstream import DEFAULT_DUPLICATE_WINDOW, JetStreamSink
 
         if not name:
             raise ValueError(f"say which subject: nats://host:port/SUBJECT, got {shown!r}")
@@ -69,8 +93,8 @@ def sink_from_url(url: str, *, secret: bytes | None = None, timeout: float = 10.
             f"nats://{parts.netloc or '127.0.0.1:4222'}",
             name,
             stream=options.get("stream"),  # type: ignore[arg-type]
-            duplicate_window=options.get("duplicate_window", 86_400.0),  # type: ignore[arg-type]
-            timeout=timeout,
+            duplicate_window=options.get("duplicate_window", DEFAULT_DUPLICATE_WINDOW),  # type: ignore[arg-type]
+            **timeouts,
         )
     from synrepl.export.redis_stream import DEFAULT_MAXLEN, RedisStreamSink
 
@@ -84,5 +108,5 @@ def sink_from_url(url: str, *, secret: bytes | None = None, timeout: float = 10.
         redis_url,
         name,
         maxlen=options.get("maxlen", DEFAULT_MAXLEN),  # type: ignore[arg-type]
-        timeout=timeout,
+        **timeouts,
     )

@@ -15,7 +15,9 @@ first.  Needs the ``nats`` extra (nats-py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -26,14 +28,29 @@ from synrepl.export._sink import SinkRejected, SinkUnavailable
 
 __all__ = ("JetStreamSink", "DEFAULT_DUPLICATE_WINDOW")
 
+logger = logging.getLogger(__name__)
+
 #: The de-duplication window of a stream the sink creates, in seconds (one day):
 #: an exporter down for longer than this may store a message twice.
 DEFAULT_DUPLICATE_WINDOW = 86_400.0
 
 
+#: What JetStream stream names must not hold.
+_NOT_IN_NAMES = frozenset(">*. /\\\t\r\n")
+
+
 def _stream_name(subject: str) -> str:
     """A JetStream stream name for ``subject`` (names allow no ``.``, ``*``, ``>``)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", subject)
+
+
+def _without_credentials(servers: str) -> str:
+    """``servers`` without any ``user:password@`` or ``token@``."""
+    return re.sub(r"(^|,|//)[^/,@]*@", r"\1", servers)
+
+
+def _why(error: BaseException) -> str:
+    return excerpt(str(error) or type(error).__name__)
 
 
 class JetStreamSink:
@@ -61,6 +78,10 @@ class JetStreamSink:
             raise ValueError(
                 f"a NATS subject to publish to has no spaces or wildcards: {subject!r}"
             )
+        if stream is not None and (not stream or any(c in _NOT_IN_NAMES for c in stream)):
+            raise ValueError(
+                f"a JetStream stream name has no spaces, '.', '*', '>', '/' or '\\': {stream!r}"
+            )
         self.servers = servers
         self.subject = subject
         self.stream = stream or _stream_name(subject)
@@ -70,33 +91,23 @@ class JetStreamSink:
         self.duplicates = 0
         self._nc: Any = None
         self._js: Any = None
+        # Two open() at once (the exporter's streams each waiting for the
+        # sink) must not make two connections, one of them left reconnecting.
+        self._connecting = asyncio.Lock()
 
     @property
     def target(self) -> str:
-        """``nats://host:port/subject``."""
-        return f"{self.servers.rstrip('/')}/{self.subject}"
+        """``nats://host:port/subject``, without credentials."""
+        return f"{_without_credentials(self.servers).rstrip('/')}/{self.subject}"
 
     async def open(self) -> None:
         """Connect, and make sure a stream covers the subject."""
-        import nats
         import nats.errors
         import nats.js.errors
 
-        if self._nc is None or self._nc.is_closed:
-            try:
-                self._nc = await nats.connect(
-                    self.servers,
-                    connect_timeout=self.timeout,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                )
-            except (nats.errors.Error, OSError, TimeoutError) as e:
-                self._nc = None
-                raise SinkUnavailable(
-                    f"{self.target}: {excerpt(str(e) or type(e).__name__)}"
-                ) from None
-            self._js = self._nc.jetstream(timeout=self.timeout)
+        async with self._connecting:
+            if self._nc is None or self._nc.is_closed:
+                await self._connect()
         try:
             try:
                 await self._js.find_stream_name_by_subject(self.subject)
@@ -107,13 +118,63 @@ class JetStreamSink:
                     duplicate_window=self.duplicate_window,
                 )
         except nats.errors.NoRespondersError:
-            raise SinkUnavailable(
-                f"{self.target}: no JetStream here (is nats-server running with -js?)"
-            ) from None
-        except (nats.errors.Error, OSError, TimeoutError) as e:
-            raise SinkUnavailable(f"{self.target}: {excerpt(str(e) or type(e).__name__)}") from None
+            raise SinkUnavailable(self._no_jetstream()) from None
+        # The JetStream API errors are nats.errors.Error too: sort them first.
+        except nats.js.errors.ServiceUnavailableError as e:
+            if e.code is None:  # how nats-py reports that nothing answered the API
+                raise SinkUnavailable(self._no_jetstream()) from None
+            raise SinkUnavailable(f"{self.target}: JetStream: {e}") from None
+        except nats.js.errors.ServerError as e:
+            raise SinkUnavailable(f"{self.target}: JetStream: {e}") from None
         except nats.js.errors.APIError as e:
             raise SinkRejected(f"{self.target}: cannot create stream {self.stream}: {e}") from None
+        except TimeoutError:
+            raise SinkUnavailable(f"{self.target}: no answer within {self.timeout:g} s") from None
+        except (nats.errors.Error, OSError) as e:
+            raise SinkUnavailable(f"{self.target}: {_why(e)}") from None
+
+    def _no_jetstream(self) -> str:
+        return f"{self.target}: no JetStream here (is nats-server running with -js?)"
+
+    async def _connect(self) -> None:
+        """A new connection, within ``timeout``.
+
+        Once connected, nats-py reconnects on its own (publishes meanwhile
+        wait, and time out as SinkUnavailable); but a first connection to a
+        server that is not there would be retried for ever, so it is bounded.
+        """
+        import nats.aio.client
+        import nats.errors
+
+        failures: list[BaseException] = []
+
+        async def on_error(error: Exception) -> None:
+            # nats-py's default logs each failed reconnect at ERROR, with a
+            # traceback; the exporter warns (rate-limited) about a sink that is down.
+            failures.append(error)
+            del failures[:-1]
+            logger.debug("%s: %s", self.target, _why(error))
+
+        nc: Any = nats.aio.client.Client()  # (its stubs want int seconds; floats work)
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    self.servers,
+                    connect_timeout=self.timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=on_error,
+                ),
+                self.timeout,
+            )
+        except (nats.errors.Error, OSError, TimeoutError) as e:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), self.timeout)
+            why = _why(failures[-1]) if failures else _why(e)
+            raise SinkUnavailable(f"{self.target}: cannot connect: {why}") from None
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self.timeout)
 
     async def send(self, messages: Sequence[ExportMessage]) -> None:
         """Publish in order, each acknowledged before the next."""
@@ -129,20 +190,23 @@ class JetStreamSink:
                 )
             except nats.errors.MaxPayloadError as e:
                 raise SinkRejected(f"{self.target}: {message.id}: {e}") from None
-            except (nats.errors.Error, OSError, TimeoutError) as e:
-                raise SinkUnavailable(
-                    f"{self.target}: {excerpt(str(e) or type(e).__name__)}"
-                ) from None
-            except nats.js.errors.ServiceUnavailableError as e:
-                raise SinkUnavailable(f"{self.target}: {e}") from None
+            # The JetStream API errors are nats.errors.Error too: sort them first.
+            except (nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError) as e:
+                raise SinkUnavailable(f"{self.target}: JetStream: {e}") from None
             except nats.js.errors.APIError as e:
-                raise SinkRejected(f"{self.target}: {message.id}: {e}") from None
+                raise SinkRejected(f"{self.target} refused {message.id}: {e}") from None
+            except TimeoutError:
+                raise SinkUnavailable(
+                    f"{self.target}: no acknowledgement within {self.timeout:g} s"
+                ) from None
+            except (nats.errors.Error, OSError) as e:
+                raise SinkUnavailable(f"{self.target}: {_why(e)}") from None
             if ack.duplicate:
                 self.duplicates += 1
 
     async def close(self) -> None:
-        """Drain and close the connection."""
+        """Close the connection (and stop its reconnecting)."""
         if self._nc is not None:
             nc, self._nc, self._js = self._nc, None, None
             with contextlib.suppress(Exception):  # closing a connection that broke
-                await nc.close()
+                await asyncio.wait_for(nc.close(), self.timeout)

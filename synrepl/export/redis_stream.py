@@ -14,6 +14,7 @@ with consumer groups (``XREADGROUP``/``XACK``) as usual.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,38 @@ DEFAULT_MAXLEN = 1_000_000
 
 #: Errors after which the same XADDs succeed once Redis recovers.
 _TRANSIENT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "READONLY", "MASTERDOWN", "OOM", "CLUSTERDOWN")
+
+#: redis-py's classes for some of those replies (it strips the code from the text).
+_TRANSIENT_ERRORS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+#: How redis-py annotates the error of a pipeline's command.
+_PIPELINE_ERROR = " of pipeline caused error: "
+
+
+def _reply(error: redis.exceptions.ResponseError) -> str:
+    """The server's error reply, without redis-py's pipeline annotation
+    (``Command # 1 (XADD key ... the whole message ...) of pipeline caused
+    error: ('WRONGTYPE ...',)``) and with the error code redis-py strips."""
+    text = str(error)
+    head, marker, tail = text.partition(_PIPELINE_ERROR)
+    if marker and head.startswith("Command # "):
+        text = tail
+        try:
+            value = ast.literal_eval(tail)
+        except (ValueError, SyntaxError):
+            pass
+        else:
+            if isinstance(value, tuple) and value and isinstance(value[0], str):
+                text = value[0]
+    code = getattr(error, "status_code", None)
+    if isinstance(code, str) and code and not text.startswith(code):
+        text = f"{code} {text}"
+    return text
 
 
 class RedisStreamSink:
@@ -52,21 +85,24 @@ class RedisStreamSink:
             raise ValueError("the Redis stream key must not be empty")
         if maxlen < 1:
             raise ValueError(f"maxlen must be at least 1, got {maxlen}")
+        try:  # parse the URL now: a bad one is the caller's error, not "Redis is down"
+            kwargs: dict[str, Any] = redis.asyncio.ConnectionPool.from_url(url).connection_kwargs
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not a Redis URL (redis://host:port/db): {e}") from None
+        where = (
+            kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        )
         self.url = url
         self.key = key
         self.maxlen = maxlen
         self.timeout = timeout
+        self._target = f"redis-stream://{where}/{key}"
         self._redis: redis.asyncio.Redis | None = None
 
     @property
     def target(self) -> str:
         """``redis-stream://host:port/key``, without the password."""
-        pool = redis.asyncio.ConnectionPool.from_url(self.url)
-        kwargs: dict[str, Any] = pool.connection_kwargs
-        where = (
-            kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-        )
-        return f"redis-stream://{where}/{self.key}"
+        return self._target
 
     async def open(self) -> None:
         """Connect and check the server answers (PING)."""
@@ -97,8 +133,8 @@ class RedisStreamSink:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
             raise SinkUnavailable(f"{self.target}: {excerpt(str(e))}") from None
         except redis.exceptions.ResponseError as e:
-            text = excerpt(str(e))
-            if text.upper().startswith(_TRANSIENT_REPLIES):
+            text = excerpt(_reply(e))
+            if isinstance(e, _TRANSIENT_ERRORS) or text.upper().startswith(_TRANSIENT_REPLIES):
                 raise SinkUnavailable(f"{self.target}: {text}") from None
             raise SinkRejected(f"{self.target} refused XADD: {text}") from None
 

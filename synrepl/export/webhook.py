@@ -14,7 +14,8 @@ The receiver's answer decides what happens next:
 - 408, 425, 429, 5xx, no answer, a refused or broken connection: the
   receiver is down (:class:`SinkUnavailable`): the same batch is sent again
   with backoff, for as long as it takes, and nothing moves meanwhile;
-- any other status (400, 401, 413, ...): this batch is refused
+- any other status (400, 401, 413, ... and redirects, never followed:
+  aiohttp would re-send a POST as a bodiless GET): this batch is refused
   (:class:`SinkRejected`): the client's failure policy retries it a few
   times, then keeps it in the dead-letter store and goes on (or stops).
 
@@ -117,17 +118,29 @@ class WebhookSink:
             await self.open()
         body = batch_body(messages)
         try:
+            # Never follow a redirect: aiohttp would turn a 301/302/303 into a
+            # GET without the body, and its 2xx would acknowledge a batch the
+            # receiver never had.
             async with self._session.post(
-                self.url, data=body, headers=self.headers(messages, body)
+                self.url, data=body, headers=self.headers(messages, body), allow_redirects=False
             ) as response:
                 status = response.status
                 if 200 <= status < 300:
                     return
                 text = excerpt(await response.text(errors="replace"))
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                location = response.headers.get("Location")
+        except TimeoutError:
+            raise SinkUnavailable(f"{self.target}: no answer within {self.timeout:g} s") from None
+        except (aiohttp.ClientError, OSError) as e:
             raise SinkUnavailable(f"{self.target}: {excerpt(str(e) or type(e).__name__)}") from None
         if status >= 500 or status in _RETRY_STATUSES:
             raise SinkUnavailable(f"{self.target} answered {status}: {text}")
+        if 300 <= status < 400:
+            to = "" if location is None else f" to {excerpt(location)}"
+            raise SinkRejected(
+                f"{self.target} refused the batch at {messages[0].id}: {status}, a redirect"
+                f"{to}, which a webhook does not follow: give the final URL"
+            )
         raise SinkRejected(f"{self.target} refused the batch at {messages[0].id}: {status} {text}")
 
     async def close(self) -> None:
