@@ -83,9 +83,10 @@ class NatsServer:
             raise RuntimeError("nats-server is already running")
         self.directory.mkdir(parents=True, exist_ok=True)
         before = self._readies()
+        argv = ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.port)]
+        argv += ["-sd", str(self.store), "-l", str(self.log_file)]
         self._process = subprocess.Popen(
-            ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.port)]
-            + ["-sd", str(self.store), "-l", str(self.log_file)],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
