@@ -590,3 +590,55 @@ async def test_jetstream_sigkill_mid_traffic_is_exactly_once(tmp_path: Path) -> 
         server.close()
     assert len(got) == 45
     check_exactly(got, expected)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unpartitioned_export_hands_over_to_partitions(tmp_path: Path) -> None:
+    """An export that ran without --partition is split by --partition j/2
+    --previous-partitions 1: together exactly the traffic, nothing twice."""
+    hs = await homeserver()
+    config = str(write_config(tmp_path / "homeserver.yaml", hs))
+    r = redis_py.Redis()
+    keys = [f"export-{hs.server_name}-{n}" for n in range(3)]
+    checkpoint = ("--checkpoint", str(tmp_path / "shared.ckpt"))
+    expected: list[str] = []
+    split: list[Any] = []
+    try:
+        alone = start_cli(
+            *export_args(config, f"redis-stream://127.0.0.1:6379/{keys[0]}", *checkpoint)
+        )
+        await alone.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 1, 10)
+        await wait_until(lambda: r.xlen(keys[0]) == 10, what="ten entries")
+        alone.signal("INT")
+        assert await alone.wait() == 0, alone.stderr
+        expected += traffic(hs, 11, 15)
+        split = [
+            start_cli(
+                *export_args(
+                    config,
+                    f"redis-stream://127.0.0.1:6379/{keys[1 + j]}",
+                    *checkpoint,
+                    "--partition",
+                    f"{j}/2",
+                    "--previous-partitions",
+                    "1",
+                )
+            )
+            for j in range(2)
+        ]
+        for cli in split:
+            await cli.wait_for_stderr("synrepl export:")
+        expected += traffic(hs, 16, 20)
+        await wait_until(lambda: r.xlen(keys[1]) + r.xlen(keys[2]) == 10, what="ten more")
+        await sleep(0.5)
+    finally:
+        for cli in split:
+            cli.signal("INT")
+        for cli in split:
+            assert await cli.wait() == 0, cli.stderr
+        await hs.stop()
+    everything = [m for key in keys for m in read_group(r, key)]
+    r.delete(*keys)
+    assert len(everything) == 20
+    check_exactly(everything, expected)

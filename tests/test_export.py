@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -151,8 +152,14 @@ def test_event_messages_have_ids_by_event_id() -> None:
         "state_key": "@u:hs",
         "content": {"membership": "join"},
         "origin_server_ts": 1234,
-        "redacted": False,
+        "unsigned": {},
+        "redacts": None,
+        "room_version": None,
         "rejected": False,
+        "rejection_reason": None,
+        "outlier": False,
+        "redacted": False,
+        "redacted_by": None,
     }
     assert json.loads(full.data) == full.body
     assert missing.body["missing"] == "purged"
@@ -671,6 +678,7 @@ class GatedSink(MemorySink):
 def test_the_exporter_never_calls_the_sink_concurrently() -> None:
     """Two streams' batches at once (streams do not wait for each other):
     the sink still sees one send at a time, and one connection."""
+
     async def main() -> GatedSink:
         sink = GatedSink()
         exporter = Exporter(sink, server_name=SERVER)
@@ -696,3 +704,17 @@ def test_an_event_with_a_huge_integer_still_makes_a_message() -> None:
     event = FullEvent("$a", "!r:hs", "m.room.message", "@u:hs", content=content)
     (m,) = messages_of_events(SERVER, EventsReceived("events", "p1", 1, (event,), False))
     assert json.loads(m.data)["content"] == content
+
+
+def test_a_missing_export_extra_is_told_when_the_url_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without nats-py or aiohttp (the export extra), sink_from_url fails at
+    once (the CLI says which package to install), not at the first batch."""
+    monkeypatch.setitem(sys.modules, "nats", None)
+    monkeypatch.setitem(sys.modules, "aiohttp", None)
+    with pytest.raises(ImportError) as nats_missing:
+        sink_from_url("nats://127.0.0.1:4222/a.b")
+    with pytest.raises(ImportError) as aiohttp_missing:
+        sink_from_url("https://hooks.example/x")
+    assert (nats_missing.value.name, aiohttp_missing.value.name) == ("nats", "aiohttp")

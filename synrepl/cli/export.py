@@ -47,6 +47,7 @@ from synrepl.export import (
     Handover,
     HandoverError,
     Partition,
+    SinkUnavailable,
     parse_partition,
     sink_from_url,
 )
@@ -56,6 +57,10 @@ from synrepl.twisted.client import ReplicationClient
 __all__ = ("add_parser", "run")
 
 logger = logging.getLogger("synrepl.export")
+
+#: The checkpoint name of an export without --partition (a handover from it
+#: is --previous-partitions 1).
+UNPARTITIONED = "export"
 
 DESCRIPTION = """\
 Publish each row the cluster writes (the events stream's rows by default,
@@ -208,13 +213,10 @@ def _partition(
     old = []
     for i in range(previous):
         name = Partition(i, previous).name
-        store = checkpoint_store(store_spec, server_name=server_name, name=name)
-        try:
-            positions = store.load()
-        except StoreError as e:
-            raise RuntimeFailure(f"cannot read the checkpoint of {name}: {e}") from None
-        finally:
-            store.close()
+        positions = _load(store_spec, server_name, name)
+        if positions is None and previous == 1:  # an export that ran without --partition
+            name = UNPARTITIONED
+            positions = _load(store_spec, server_name, name)
         if positions is None:
             raise UsageError(
                 f"--previous-partitions {previous}: the checkpoint store has no {name}; "
@@ -225,6 +227,16 @@ def _partition(
         return Partition(index, count, Handover(old))
     except HandoverError as e:
         raise UsageError(f"--previous-partitions: {e}") from None
+
+
+def _load(store_spec: str, server_name: str, name: str) -> dict[str, dict[str, int]] | None:
+    store = checkpoint_store(store_spec, server_name=server_name, name=name)
+    try:
+        return store.load()
+    except StoreError as e:
+        raise RuntimeFailure(f"cannot read the checkpoint of {name}: {e}") from None
+    finally:
+        store.close()
 
 
 def _secret(args: argparse.Namespace) -> bytes | None:
@@ -271,7 +283,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         store = checkpoint_store(
             args.checkpoint,
             server_name=config.server_name,
-            name=partition.name if partition is not None else "export",
+            name=partition.name if partition is not None else UNPARTITIONED,
         )
         await _start_from_handover(store, partition)
     dead = (
@@ -285,8 +297,8 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         sink, server_name=config.server_name, partition=partition, key_field=args.partition_key
     )
     try:
-        await _awaited(exporter.sink.open())
-    except Exception as e:  # noqa: BLE001 - a sink down at start is waited for, not fatal
+        await _awaited(exporter.open())
+    except SinkUnavailable as e:  # waited for, not fatal: the sink may come up later
         logger.warning("sink %s not reachable yet (%s); batches wait for it", sink.target, e)
     starting = ClientStart(reactor, args.connect_timeout)
 

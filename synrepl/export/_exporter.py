@@ -229,6 +229,23 @@ class Exporter:
         self.stats.messages += len(messages)
         self.stats.batches += 1
 
+    async def open(self) -> None:
+        """Connect the sink now rather than at the first batch, so that a sink
+        down at start shows at once (logged, in :attr:`stats`).
+
+        Raises:
+            SinkUnavailable: the sink is not there (batches wait for it).
+        """
+        async with self._one_send:
+            try:
+                await self.sink.open()
+            except SinkUnavailable:
+                self.stats.sink_up = False
+                self.stats.sink_failures += 1
+                raise
+            self._open = True
+            self.stats.sink_up = True
+
     async def _wait(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._closing.wait(), seconds)

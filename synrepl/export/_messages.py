@@ -81,8 +81,8 @@ def messages_of_rows(
     keep: Iterable[int] | None = None,
 ) -> list[ExportMessage]:
     """One message per row of a token's batch: ``row`` (its fields) beside
-    the common ones, and ``kind`` for the events stream (``ev`` for an event,
-    ``state`` for a current-state change).
+    the common ones, and ``kind`` where the stream has row kinds (the events
+    stream's ``ev`` and ``state``, ``state-all`` of un_partial_stated_room...).
 
     Args:
         server_name: the homeserver's name, the first part of every id.
@@ -115,9 +115,12 @@ def messages_of_rows(
 def messages_of_events(
     server_name: str, batch: EventsReceived, *, key_field: str = "room_id"
 ) -> list[ExportMessage]:
-    """One message per full event of a token: ``event_id``, ``room_id``,
-    ``sender``, ``type``, ``state_key``, ``content``, ``origin_server_ts``,
-    ``redacted`` and ``rejected`` beside the common ones.
+    """One message per full event of a token: every field of
+    :class:`~synrepl.events.FullEvent` (``event_id``, ``room_id``, ``type``,
+    ``sender``, ``state_key``, ``content``, ``origin_server_ts``,
+    ``unsigned``, ``redacts``, ``room_version``, ``rejected``,
+    ``rejection_reason``, ``outlier``, ``redacted``, ``redacted_by``) beside
+    the common ones.
 
     An event the source never found is still a message (``missing`` holds
     why, and there is no ``sender`` or ``content``): named, never dropped.
@@ -146,8 +149,14 @@ def messages_of_events(
                 state_key=event.state_key,
                 content=thaw(event.content),
                 origin_server_ts=event.origin_server_ts,
-                redacted=event.redacted,
+                unsigned=thaw(event.unsigned),
+                redacts=event.redacts,
+                room_version=event.room_version,
                 rejected=event.rejected,
+                rejection_reason=event.rejection_reason,
+                outlier=event.outlier,
+                redacted=event.redacted,
+                redacted_by=event.redacted_by,
             )
         else:
             assert isinstance(event, MissingEvent)

@@ -19,8 +19,11 @@ Ordering: ``send`` is never called again before the previous call returned,
 so a sink that stores each call's messages in order keeps per-writer order.
 Idempotency: every message has an ``id`` that is the same on every resend;
 a sink whose server can de-duplicate on a key (NATS JetStream's
-``Nats-Msg-Id``, Kafka's idempotent producer, an HTTP receiver's
-``Idempotency-Key``) should give it the id, and the export is then exactly once.
+``Nats-Msg-Id``, an HTTP receiver that honours ``Idempotency-Key``) should
+give it the id, and the export is then exactly once.  Where the server
+cannot (Redis Streams; Kafka, whose idempotent producer only drops its own
+retries within one session), the export is at-least-once and consumers
+drop duplicates by id.
 """
 
 from __future__ import annotations

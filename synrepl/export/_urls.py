@@ -76,6 +76,8 @@ def sink_from_url(url: str, *, secret: bytes | None = None, timeout: float | Non
     except ValueError:
         raise ValueError(f"the port in {shown!r} must be a number 0..65535") from None
     if scheme in ("http", "https"):
+        import aiohttp  # noqa: F401 - the export extra, checked now rather than at the first batch
+
         from synrepl.export.webhook import WebhookSink
 
         if timeout is None:
@@ -84,6 +86,8 @@ def sink_from_url(url: str, *, secret: bytes | None = None, timeout: float | Non
     timeouts = {} if timeout is None else {"timeout": timeout}
     name = unquote(parts.path.lstrip("/"))
     if scheme == "nats":
+        import nats  # noqa: F401 - the export extra, checked now rather than at the first batch
+
         from synrepl.export.jetstream import DEFAULT_DUPLICATE_WINDOW, JetStreamSink
 
         if not name:
