@@ -81,8 +81,8 @@ def messages_of_rows(
     keep: Iterable[int] | None = None,
 ) -> list[ExportMessage]:
     """One message per row of a token's batch: ``row`` (its fields) beside
-    the common ones, and ``kind`` where the stream has row kinds (the events
-    stream's ``ev`` and ``state``, ``state-all`` of un_partial_stated_room...).
+    the common ones, and ``kind`` on the events stream's rows (``ev`` an event,
+    ``state`` a current-state entry, ``state-all`` a room's whole state).
 
     Args:
         server_name: the homeserver's name, the first part of every id.
