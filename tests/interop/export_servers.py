@@ -1,10 +1,8 @@
 """The sinks' servers for ``test_export.py``: nats-server with JetStream, a
 redis-server that keeps its data across a restart, and a webhook receiver.
 
-- :class:`NatsServer`: one ``nats-server -js`` process on a free loopback
-  port with its store in a directory of its own; :meth:`NatsServer.stop`
-  (SIGTERM, a clean shutdown that keeps the streams) and
-  :meth:`NatsServer.start` bring it down and back on the same port and store.
+- :class:`NatsServer` and :func:`nats_server_available`: the unit suite's
+  (``tests/nats_server.py``), re-exported.
 - :class:`DurableRedisServer`: :class:`~redis_server.RedisServer` with an
   append-only file fsynced on every write, so a stream key survives
   :meth:`DurableRedisServer.stop` (SIGTERM) and a restart.
@@ -23,16 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import attrs
+from nats_server import NatsServer, nats_server_available
 from redis_server import RedisServer, free_port
 from twisted.internet import defer
 
@@ -47,89 +43,10 @@ __all__ = (
     "nats_server_available",
 )
 
-_START_TIMEOUT = 20.0
-
 
 def aio(coroutine: Coroutine[Any, Any, Any]) -> defer.Deferred[Any]:
     """An asyncio coroutine as a Deferred (the suite runs on Twisted's asyncio reactor)."""
     return defer.Deferred.fromFuture(asyncio.ensure_future(coroutine))
-
-
-def nats_server_available() -> bool:
-    return shutil.which("nats-server") is not None
-
-
-class NatsServer:
-    """``nats-server -js -a 127.0.0.1 -p PORT -sd DIR``, started and stopped by a test."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.store = directory / "store"
-        self.log_file = directory / "nats-server.log"
-        self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self) -> None:
-        """Start (or restart, on the same port and store); return once it
-        logged that it is ready and accepts connections."""
-        if self.running():
-            raise RuntimeError("nats-server is already running")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        before = self._readies()
-        argv = ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.port)]
-        argv += ["-sd", str(self.store), "-l", str(self.log_file)]
-        self._process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + _START_TIMEOUT
-        while not (self._readies() > before and self._accepts()):
-            if self._process.poll() is not None:
-                raise RuntimeError(f"nats-server exited at start:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nats-server not ready after {_START_TIMEOUT}s:\n{self.log()}")
-            time.sleep(0.02)
-
-    def _readies(self) -> int:
-        try:
-            return self.log_file.read_text(errors="replace").count("Server is ready")
-        except OSError:
-            return 0
-
-    def _accepts(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (a clean shutdown: the streams are kept), SIGKILL if it lingers."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=10)
-
-    def close(self) -> None:
-        self.stop()
-
-    def log(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "(no log)"
 
 
 class DurableRedisServer(RedisServer):
