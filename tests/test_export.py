@@ -718,3 +718,26 @@ def test_a_missing_export_extra_is_told_when_the_url_is_read(
     with pytest.raises(ImportError) as aiohttp_missing:
         sink_from_url("https://hooks.example/x")
     assert (nats_missing.value.name, aiohttp_missing.value.name) == ("nats", "aiohttp")
+
+
+def test_close_lets_a_send_under_way_finish_before_closing_the_sink() -> None:
+    """A clean stop during a send: the send completes (acknowledged, so the
+    client checkpoints it and it is not sent again), then the sink closes."""
+
+    async def main() -> tuple[GatedSink, bool, bool]:
+        sink = GatedSink()
+        exporter = Exporter(sink, server_name=SERVER)
+        sending = asyncio.ensure_future(exporter.export_rows(typing_batch(1, "!a")))
+        await sink.attempted.wait()
+        closing = asyncio.ensure_future(exporter.close())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        closed_early = closing.done()
+        sink.gate.set()
+        await sending  # no ExportStopped: it was acknowledged
+        await closing
+        return sink, closed_early, exporter.stats.acknowledged == {"typing": {"master": 1}}
+
+    sink, closed_early, acknowledged = run_in_new_loop(main())
+    assert not closed_early and acknowledged and sink.closed == 1
+    assert [m.id for m in sink.stored] == ["hs.example/typing/master/1/0"]

@@ -344,8 +344,11 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         flush=True,
     )
     await session.wait()
+    # Together: the client hands out nothing more, a send under way finishes
+    # (and is checkpointed), one waiting for a sink that is down gives up.
+    client_stopped = client.stop()
     await _awaited(exporter.close())
-    await client.stop()
+    await client_stopped
     if listener is not None:
         await listener.stopListening()
     if source is not None:

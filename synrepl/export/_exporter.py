@@ -253,12 +253,15 @@ class Exporter:
             pass
 
     async def close(self) -> None:
-        """Stop retrying (a batch waiting for the sink fails with
-        :class:`ExportStopped`) and close the sink."""
+        """Stop retrying (a batch waiting for a sink that is down fails with
+        :class:`ExportStopped`), let a send under way finish, then close the
+        sink.  Stop the client at the same time: it then hands out no new
+        batch, and saves the checkpoint of the one that finished."""
         self._closing.set()
-        if self._open:
-            self._open = False
-            await self.sink.close()
+        async with self._one_send:
+            if self._open:
+                self._open = False
+                await self.sink.close()
 
     def behind(self) -> float:
         """How long (seconds) the current batch has waited for the sink; 0 when none waits."""
