@@ -1232,3 +1232,22 @@ def test_the_core_imports_no_event_loop() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_core_told_its_release_refuses_endpoints_that_release_lacks() -> None:
+    """release=1.116.0: remove_pusher (from 1.117) is refused before any
+    request, naming the release that added it; 1.117.0 sends it; with no
+    release every endpoint of the newest goes."""
+    from synrepl.http import EndpointNotInReleaseError
+    from synrepl.releases import SynapseRelease
+
+    args = {"user_id": "@u:test", "app_id": "a", "pushkey": "k"}
+    old = ScriptedCore(make_config(1), [], release=SynapseRelease.parse("1.116.0"))
+    with pytest.raises(EndpointNotInReleaseError) as refused:
+        old.prepare("remove_pusher", None, args)
+    assert str(refused.value) == "remove_pusher is served from Synapse 1.117.0 on, not by 1.116.0"
+    assert (refused.value.endpoint, refused.value.release) == ("remove_pusher", "1.116.0")
+    assert old.attempts == []
+    new = ScriptedCore(make_config(1), [], release=SynapseRelease.parse("1.117.0"))
+    assert new.prepare("remove_pusher", None, args).url.endswith("/remove_pusher/%40u%3Atest")
+    assert ScriptedCore(make_config(1), []).prepare("remove_pusher", None, args)

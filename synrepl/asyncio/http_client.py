@@ -33,6 +33,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 from synrepl.config import SynapseConfig
+from synrepl.releases import SynapseRelease
 from synrepl.http._calls import (
     DEFAULT_MAX_RESPONSE_SIZE,
     DEFAULT_POSITION_WAIT_TIMEOUT,
@@ -129,6 +130,8 @@ class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
         instance_name: this process's instance name, sent with
             ``local_positions``; default: the configuration's.
         max_response_size: the largest answer body accepted, in bytes.
+        release: the Synapse release the cluster runs, when known: an
+            endpoint it lacks is refused before any request.
         session: an ``aiohttp.ClientSession`` of yours for the TCP instances
             (its connector, limits and tracing); :meth:`close` leaves it open.
             Unix-socket instances always get a session of the client's own.
@@ -148,6 +151,7 @@ class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
         user_agent: str = DEFAULT_USER_AGENT,
         instance_name: str | None = None,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+        release: SynapseRelease | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         super().__init__(
@@ -160,6 +164,7 @@ class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
             user_agent=user_agent,
             instance_name=instance_name,
             max_response_size=max_response_size,
+            release=release,
         )
         # True: aiohttp's default, verified context (or the given session's).
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True

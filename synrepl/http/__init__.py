@@ -42,6 +42,7 @@ from synrepl.http.endpoints import (
     Route,
 )
 from synrepl.http.errors import (
+    EndpointNotInReleaseError,
     HttpReplicationError,
     MalformedResponseError,
     PositionWaitTimeoutError,
@@ -108,6 +109,7 @@ __all__ = (
     "PositionWaiter",
     "RequestArgumentError",
     "UnknownInstanceError",
+    "EndpointNotInReleaseError",
     "ReplicationRequestError",
     "HttpReplicationError",
     "ReplicationUnreachableError",

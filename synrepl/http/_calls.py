@@ -48,6 +48,7 @@ from synrepl.errors import ConfigError
 from synrepl.http._stubs import ReplicationStubs
 from synrepl.http.endpoints import Endpoint
 from synrepl.http.errors import (
+    EndpointNotInReleaseError,
     PositionWaitTimeoutError,
     ReplicationRequestError,
     ReplicationTimeoutError,
@@ -68,6 +69,7 @@ from synrepl.http.requests import (
 )
 from synrepl.http.retry import FailureKind, RetryPolicy
 from synrepl.http.routing import route_instance
+from synrepl.releases import SynapseRelease, facts_for
 from synrepl.sharding import InstanceLocation, canonical_instance_name
 
 __all__ = (
@@ -354,6 +356,10 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
         instance_name: this process's instance name, sent with
             ``local_positions``; default: the configuration's.
         max_response_size: the largest answer body accepted, in bytes.
+        release: the Synapse release the cluster runs, when known: an
+            endpoint it lacks is refused (:class:`EndpointNotInReleaseError`)
+            before any request.  None: every endpoint of
+            :data:`~synrepl.releases.NEWEST`.
     """
 
     def __init__(
@@ -368,8 +374,10 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
         user_agent: str = DEFAULT_USER_AGENT,
         instance_name: str | None = None,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+        release: SynapseRelease | None = None,
     ) -> None:
         self._config = config
+        self._release = None if release is None else facts_for(release)
         self._secret = config.worker_replication_secret
         self._instance_name = canonical_instance_name(instance_name or config.instance_name)
         self._local_positions = local_positions
@@ -461,12 +469,17 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
         checked arguments, the instance, its location and the request.
 
         Raises:
+            EndpointNotInReleaseError: the cluster's release has no such endpoint.
             RequestArgumentError: the arguments do not fit the endpoint, or
                 decide no instance.
             UnknownInstanceError: the instance is not in ``instance_map``.
             ConfigError: the secret or the host cannot be sent.
         """
         entry = lookup_endpoint(endpoint)
+        if self._release is not None:
+            missing = self._release.lacks_endpoint(entry.name)
+            if missing is not None:
+                raise EndpointNotInReleaseError(entry.name, str(self._release.release), missing)
         check_arguments(entry, args)
         target = instance if instance is not None else route_instance(entry, self._config, args)
         try:

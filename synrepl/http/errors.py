@@ -20,6 +20,7 @@ from synrepl.errors import ConfigError, ProtocolError, SynreplError, excerpt
 __all__ = (
     "RequestArgumentError",
     "UnknownInstanceError",
+    "EndpointNotInReleaseError",
     "ReplicationRequestError",
     "HttpReplicationError",
     "ReplicationUnreachableError",
@@ -78,6 +79,22 @@ class UnknownInstanceError(ConfigError):
         self.instance = instance
         self.endpoint = endpoint
         super().__init__(f"cannot call {endpoint} on {instance!r}: {reason}", ("instance_map",))
+
+
+class EndpointNotInReleaseError(SynreplError, LookupError):
+    """The Synapse release the client was told it talks to has no such
+    endpoint (added later, or removed): refused before any request, since
+    the answer would be a 404 or an endpoint that does something else.
+
+    Attributes:
+        endpoint: the endpoint's name.
+        release: the release, as text (``1.135.0``).
+    """
+
+    def __init__(self, endpoint: str, release: str, reason: str) -> None:
+        super().__init__(reason)
+        self.endpoint = endpoint
+        self.release = release
 
 
 class ReplicationRequestError(SynreplError):

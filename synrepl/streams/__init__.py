@@ -12,6 +12,7 @@ from synrepl.streams.events import AllStateRow, BackfillRow, CurrentStateRow, Ev
 from synrepl.streams.rows import (
     AccountDataRow,
     CachesRow,
+    DeviceListsEntityRow,
     DeviceListsRow,
     FederationRow,
     PresenceFederationRow,
@@ -49,6 +50,7 @@ __all__ = (
     "PushersRow",
     "CachesRow",
     "DeviceListsRow",
+    "DeviceListsEntityRow",
     "ToDeviceRow",
     "FederationRow",
     "AccountDataRow",

@@ -63,6 +63,22 @@ ROW_PARSERS: dict[str, Callable[[Any], AnyRow]] = {
 }
 ROW_PARSERS["events"] = _parse_events_row
 
+
+def _parse_device_lists_row(raw: Any) -> AnyRow:
+    """Two fields: the shape before Synapse 1.110 (see :mod:`synrepl.releases`)."""
+    if isinstance(raw, list) and len(raw) == len(rows.DeviceListsEntityRow.FIELDS):
+        return rows.DeviceListsEntityRow.from_raw(raw)
+    return rows.DeviceListsRow.from_raw(raw)
+
+
+def _fast_device_lists_row(raw: Any) -> Row | None:
+    if isinstance(raw, list) and len(raw) == len(rows.DeviceListsEntityRow.FIELDS):
+        return rows.DeviceListsEntityRow.from_fast_raw(raw)  # type: ignore[attr-defined, no-any-return]
+    return rows.DeviceListsRow.from_fast_raw(raw)  # type: ignore[attr-defined, no-any-return]
+
+
+ROW_PARSERS["device_lists"] = _parse_device_lists_row
+
 #: Stream name -> a parser for rows decoded by the fast JSON path (orjson as
 #: it comes).  It returns None wherever it cannot vouch for the row, and the
 #: caller then decodes exactly: extra values, unknown kinds, a wrong type (a
@@ -74,6 +90,7 @@ FAST_ROW_PARSERS: dict[str, Callable[[Any], Row | None]] = {
     for name, cls in ROW_TYPES.items()
 }
 FAST_ROW_PARSERS["events"] = compile_kind_dispatch(EVENTS_ROW_TYPES, strict_length=True)
+FAST_ROW_PARSERS["device_lists"] = _fast_device_lists_row
 
 
 def parse_row(stream: str, raw: Any) -> AnyRow:

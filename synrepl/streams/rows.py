@@ -19,6 +19,7 @@ __all__ = (
     "PushersRow",
     "CachesRow",
     "DeviceListsRow",
+    "DeviceListsEntityRow",
     "ToDeviceRow",
     "FederationRow",
     "AccountDataRow",
@@ -121,6 +122,21 @@ class DeviceListsRow(Row):
     user_id: str
     is_signature: bool
     hosts_calculated: bool
+
+
+@stream_row("device_lists")
+class DeviceListsEntityRow(Row):
+    """A ``device_lists`` row as Synapse wrote it before 1.110: ``entity`` is
+    a local user whose devices changed or a remote server to tell about it.
+
+    Its parser picks this shape for two-field rows, so a client following a
+    cluster in the middle of an upgrade reads both kinds of writer.
+    """
+
+    __slots__ = ()
+
+    entity: str
+    is_signature: bool
 
 
 @stream_row("to_device")

@@ -52,6 +52,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPoli
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from synrepl.config import SynapseConfig
+from synrepl.releases import SynapseRelease
 from synrepl.http._calls import (
     DEFAULT_MAX_RESPONSE_SIZE,
     DEFAULT_POSITION_WAIT_TIMEOUT,
@@ -281,6 +282,8 @@ class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
         instance_name: this process's instance name, sent with
             ``local_positions``; default: the configuration's.
         max_response_size: the largest answer body accepted, in bytes.
+        release: the Synapse release the cluster runs, when known: an
+            endpoint it lacks is refused before any request.
     """
 
     def __init__(
@@ -298,6 +301,7 @@ class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
         user_agent: str = DEFAULT_USER_AGENT,
         instance_name: str | None = None,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+        release: SynapseRelease | None = None,
     ) -> None:
         super().__init__(
             config,
@@ -309,6 +313,7 @@ class ReplicationHttpClient(HttpClientCore[PositionWaiter]):
             user_agent=user_agent,
             instance_name=instance_name,
             max_response_size=max_response_size,
+            release=release,
         )
         self._reactor = reactor
         self._clock: _Clock = reactor

@@ -1,0 +1,134 @@
+"""synrepl.releases against the releases themselves: the installed Synapse's
+source, and (``-m releases``, network) each boundary release's wheel from
+the package index, read as data by tests/synapse_releases.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from synapse_releases import WheelFacts, download_wheel, read_installed, read_wheel
+
+from synrepl.commands import COMMAND_TYPES
+from synrepl.http import ENDPOINTS
+from synrepl.releases import (
+    COMMANDS_SINCE,
+    DEVICE_LISTS_FIELDS,
+    ENDPOINTS_SINCE,
+    ENDPOINTS_UNTIL,
+    NEWEST,
+    OLDEST_KNOWN,
+    STREAMS_SINCE,
+    ReleaseFacts,
+    SynapseRelease,
+    UnknownReleaseError,
+    facts_for,
+)
+from synrepl.streams import STREAM_NAMES
+
+
+def r(text: str) -> SynapseRelease:
+    return SynapseRelease.parse(text)
+
+
+def test_versions_parse_from_every_form_they_come_in() -> None:
+    assert r("1.135.0") == SynapseRelease(1, 135, 0)
+    assert r("Synapse/1.163.2") == SynapseRelease(1, 163, 2)
+    assert r("v1.140.0rc1") == SynapseRelease(1, 140, 0)
+    assert r("1.99") == SynapseRelease(1, 99, 0)
+    assert str(r("1.110.3")) == "1.110.3"
+    assert r("1.99.0") < r("1.100.0") < r("1.100.1")  # numbers, not text
+    for bad in ("", "Synapse", "one.two", "1", "1.2.3.4"):
+        with pytest.raises(UnknownReleaseError):
+            r(bad)
+
+
+def test_the_newest_release_has_everything_synrepl_knows() -> None:
+    facts = facts_for(NEWEST)
+    assert facts.known
+    assert facts.streams == frozenset(STREAM_NAMES)
+    assert facts.commands == frozenset(COMMAND_TYPES)
+    assert facts.endpoints == frozenset(ENDPOINTS)
+    assert facts.device_lists_fields == DEVICE_LISTS_FIELDS[-1][1]
+
+
+def test_each_fact_turns_at_its_release() -> None:
+    for stream, since in STREAMS_SINCE.items():
+        before = SynapseRelease(since.major, since.minor - 1)
+        assert stream in facts_for(since).streams and stream not in facts_for(before).streams
+    for command, since in COMMANDS_SINCE.items():
+        before = SynapseRelease(since.major, since.minor - 1)
+        assert command in facts_for(since).commands
+        assert command not in facts_for(before).commands
+    for endpoint, since in ENDPOINTS_SINCE.items():
+        before = SynapseRelease(since.major, since.minor - 1)
+        assert endpoint in facts_for(since).endpoints
+        assert facts_for(before).lacks_endpoint(endpoint) == (
+            f"{endpoint} is served from Synapse {since} on, not by {before}"
+        )
+    for endpoint, until in ENDPOINTS_UNTIL.items():
+        before = SynapseRelease(until.major, until.minor - 1)
+        assert endpoint in facts_for(before).endpoints
+        assert "was removed in Synapse" in (facts_for(until).lacks_endpoint(endpoint) or "")
+    assert facts_for(r("1.109.9")).device_lists_fields == ("entity", "is_signature")
+    assert facts_for(r("1.110.0")).device_lists_fields[0] == "user_id"
+    assert not facts_for(r("1.97.0")).known and not facts_for(r("1.164.0")).known
+
+
+def check_against(facts: ReleaseFacts, source: WheelFacts) -> None:
+    """synrepl's facts of a release are what its source defines."""
+    assert facts.streams == frozenset(source.streams)
+    assert facts.commands == source.commands
+    # synrepl's table holds the endpoints of NEWEST (and those removed since
+    # OLDEST_KNOWN); an endpoint it never had a stub for is reported here.
+    assert facts.endpoints == source.endpoints
+    assert facts.device_lists_fields == source.streams["device_lists"]
+
+
+def test_the_installed_synapse_is_what_the_facts_say() -> None:
+    import importlib.metadata
+
+    installed = r(importlib.metadata.version("matrix-synapse"))
+    check_against(facts_for(installed), read_installed())
+
+
+#: Each fact's first release and the one before it, the oldest and the newest.
+BOUNDARIES = sorted(
+    {
+        OLDEST_KNOWN,
+        NEWEST,
+        *(
+            release
+            for since in (
+                *STREAMS_SINCE.values(),
+                *COMMANDS_SINCE.values(),
+                *ENDPOINTS_SINCE.values(),
+                *ENDPOINTS_UNTIL.values(),
+                *(since for since, _ in DEVICE_LISTS_FIELDS[1:]),
+            )
+            for release in (since, SynapseRelease(since.major, since.minor - 1))
+        ),
+    }
+)
+
+
+@pytest.mark.releases
+@pytest.mark.parametrize("release", BOUNDARIES, ids=str)
+def test_each_boundary_release_is_what_the_facts_say(release: SynapseRelease) -> None:
+    wheels = Path(os.environ.get("SYNREPL_WHEELS", Path.home() / ".cache" / "synrepl-wheels"))
+    check_against(facts_for(release), read_wheel(download_wheel(str(release), wheels)))
+
+
+def test_both_device_lists_shapes_parse_to_their_own_row_type() -> None:
+    """Before 1.110 a device_lists row had two fields (entity, is_signature),
+    since then three: each parses to its own row type, by its length, so a
+    cluster half upgraded is read whole."""
+    from synrepl.streams import DeviceListsEntityRow, DeviceListsRow, parse_row
+
+    assert DeviceListsEntityRow.FIELDS == DEVICE_LISTS_FIELDS[0][1]
+    assert DeviceListsRow.FIELDS == DEVICE_LISTS_FIELDS[-1][1]
+    assert parse_row("device_lists", ["remote.example", True]) == DeviceListsEntityRow(
+        "remote.example", True
+    )
+    assert parse_row("device_lists", ["@u:x", False, True]) == DeviceListsRow("@u:x", False, True)
