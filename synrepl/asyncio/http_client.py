@@ -33,7 +33,6 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 from synrepl.config import SynapseConfig
-from synrepl.releases import SynapseRelease
 from synrepl.http._calls import (
     DEFAULT_MAX_RESPONSE_SIZE,
     DEFAULT_POSITION_WAIT_TIMEOUT,
@@ -49,6 +48,7 @@ from synrepl.http._calls import (
 )
 from synrepl.http.requests import DEFAULT_USER_AGENT
 from synrepl.http.retry import RetryPolicy
+from synrepl.releases import SynapseRelease
 from synrepl.sharding import InstanceLocation
 
 __all__ = (

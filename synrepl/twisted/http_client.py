@@ -52,7 +52,6 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPoli
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from synrepl.config import SynapseConfig
-from synrepl.releases import SynapseRelease
 from synrepl.http._calls import (
     DEFAULT_MAX_RESPONSE_SIZE,
     DEFAULT_POSITION_WAIT_TIMEOUT,
@@ -67,6 +66,7 @@ from synrepl.http._calls import (
 )
 from synrepl.http.requests import DEFAULT_USER_AGENT
 from synrepl.http.retry import RetryPolicy
+from synrepl.releases import SynapseRelease
 
 __all__ = (
     "DEFAULT_MAX_RESPONSE_SIZE",
