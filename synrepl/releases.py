@@ -33,6 +33,9 @@ __all__ = (
     "ENDPOINTS_UNTIL",
     "DEVICE_LISTS_FIELDS",
     "UnknownReleaseError",
+    "INTEROP_TESTED",
+    "Support",
+    "support_of",
 )
 
 
@@ -84,6 +87,9 @@ NEWEST = _r("1.163.2")
 
 #: The oldest release whose facts were read.
 OLDEST_KNOWN = _r("1.98.0")
+
+#: The releases the interop suite runs real processes of (docs/tested-against.md).
+INTEROP_TESTED: tuple[SynapseRelease, ...] = (NEWEST,)
 
 #: Streams that appeared after :data:`OLDEST_KNOWN`: the first release with each.
 STREAMS_SINCE: Mapping[str, SynapseRelease] = MappingProxyType(
@@ -210,4 +216,54 @@ def facts_for(
         endpoints=served,
         device_lists_fields=shape,
         known=OLDEST_KNOWN <= release <= NEWEST,
+    )
+
+
+@attrs.frozen
+class Support:
+    """How far synrepl vouches for a release (see :func:`support_of`).
+
+    Attributes:
+        level: ``"tested"`` (the interop suite runs this series), ``"known"``
+            (its wire facts are read and checked, not run end to end),
+            ``"older"`` or ``"newer"`` than anything read.
+        text: one line saying so, with what the release lacks.
+    """
+
+    level: str
+    text: str
+
+
+def support_of(release: SynapseRelease) -> Support:
+    """What synrepl can say about a cluster running ``release``."""
+    series = {(t.major, t.minor) for t in INTEROP_TESTED}
+    if (release.major, release.minor) in series:
+        return Support("tested", f"Synapse {release}: supported, the interop suite runs it")
+    if release > NEWEST:
+        return Support(
+            "newer",
+            f"Synapse {release} is newer than synrepl's tables ({NEWEST}): streams, "
+            "commands or endpoints it added are not known",
+        )
+    if release < OLDEST_KNOWN:
+        return Support(
+            "older",
+            f"Synapse {release} is older than any release synrepl has read ({OLDEST_KNOWN})",
+        )
+    facts = facts_for(release)
+    newest = facts_for(NEWEST)
+    lacking = sorted(newest.streams - facts.streams)
+    missing_endpoints = len(newest.endpoints - facts.endpoints)
+    lacks = []
+    if lacking:
+        lacks.append(f"no {', '.join(lacking)} stream{'s' if len(lacking) > 1 else ''}")
+    if missing_endpoints:
+        lacks.append(f"{missing_endpoints} endpoint{'s' if missing_endpoints > 1 else ''} missing")
+    if facts.device_lists_fields != newest.device_lists_fields:
+        lacks.append("the older device_lists row")
+    tested = ", ".join(str(t) for t in INTEROP_TESTED)
+    return Support(
+        "known",
+        f"Synapse {release}: its wire is known ({'; '.join(lacks) or 'as ' + str(NEWEST)}), "
+        f"but end to end synrepl is tested with {tested} only",
     )

@@ -132,3 +132,22 @@ def test_both_device_lists_shapes_parse_to_their_own_row_type() -> None:
         "remote.example", True
     )
     assert parse_row("device_lists", ["@u:x", False, True]) == DeviceListsRow("@u:x", False, True)
+
+
+def test_support_says_how_far_synrepl_vouches_for_a_release() -> None:
+    """What ``synrepl doctor`` reports per instance: the interop suite's
+    series is supported; a release whose facts were read is known, with what
+    it lacks; anything outside that is named as such."""
+    from synrepl.releases import support_of
+
+    assert support_of(r("1.163.0")).level == "tested"
+    known = support_of(r("1.109.0"))
+    assert known.level == "known"
+    assert known.text == (
+        "Synapse 1.109.0: its wire is known (no profile_updates, quarantined_media, "
+        "sticky_events, thread_subscriptions streams; 11 endpoints missing; the older "
+        "device_lists row), but end to end synrepl is tested with 1.163.2 only"
+    )
+    assert "no profile_updates stream;" in support_of(r("1.158.0")).text
+    assert support_of(r("1.97.0")).level == "older"
+    assert support_of(r("1.164.0")).level == "newer"

@@ -30,6 +30,7 @@ from synrepl.commands import (
 from synrepl.config import SynapseConfig, load_config, read_config_files
 from synrepl.errors import ConfigError, ProtocolError
 from synrepl.http import SYNAPSE_VERSION
+from synrepl.releases import SynapseRelease, UnknownReleaseError, support_of
 from synrepl.sharding import (
     MAIN_INSTANCE_NAME,
     MAIN_MAP_KEY,
@@ -528,16 +529,24 @@ async def _check_listeners(
         versions[name] = version
         if version == SYNAPSE_VERSION:
             report.add("ok", f"{_map_key(name)} runs Synapse {version} (supported)")
-        elif _major_minor(version) == _major_minor(SYNAPSE_VERSION):
+            continue
+        try:
+            support = support_of(SynapseRelease.parse(version))
+        except UnknownReleaseError:
+            report.add(
+                "warn", f"{_map_key(name)} runs Synapse {version!r}, not a release synrepl can read"
+            )
+            continue
+        if support.level == "tested":
             report.add(
                 "ok", f"{_map_key(name)} runs Synapse {version} (supported: {SYNAPSE_VERSION})"
             )
         else:
             report.add(
                 "warn",
-                f"{_map_key(name)} runs Synapse {version}; synrepl is tested with {SYNAPSE_VERSION}",
-                "replication rarely changes between releases, but check synrepl's changelog, "
-                "or run its interop suite against this version",
+                f"{_map_key(name)} runs {support.text}",
+                "docs/tested-against.md lists what each release changed on the wire; "
+                "run synrepl's interop suite against this release to be sure",
             )
     if len(set(versions.values())) > 1:
         listed = ", ".join(f"{_map_key(n)} {v}" for n, v in versions.items())
@@ -546,7 +555,3 @@ async def _check_listeners(
             f"instances run different Synapse versions: {listed}",
             "finish the upgrade: every process of a deployment should run the same release",
         )
-
-
-def _major_minor(version: str) -> tuple[str, ...]:
-    return tuple(version.split(".")[:2])
