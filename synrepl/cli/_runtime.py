@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import ILogObserver, formatEventAsClassicLogText, globalLogBeginner
+from twisted.python.failure import Failure
 
 from synrepl.cli._errors import RuntimeFailure
 from synrepl.config import SynapseConfig
@@ -305,14 +306,18 @@ class ClientStart:
         self._reactor = reactor
         self._timeout = timeout
         self._started: defer.Deferred[None] | None = None
+        #: Why the client stopped delivering by itself (None: it did not).
+        self.stopped_because: str | None = None
 
     def attempt_failed(self, failure: AttemptFailure) -> None:
         """Give up at once: the client's first connection attempt failed."""
         if self._started is not None and not self._started.called:
             self._reactor.callLater(0, self._started.cancel)
 
-    async def start(self, client: Any) -> None:
-        """Start ``client`` and wait for its subscription.
+    async def start(self, client: Any, session: Session) -> None:
+        """Start ``client`` and wait for its subscription; should delivery
+        later stop by itself, note why (:attr:`stopped_because`) and stop
+        ``session``.
 
         Raises:
             RedisUnreachable: Redis did not subscribe it in time (the client
@@ -331,6 +336,13 @@ class ClientStart:
             if timer.active():
                 timer.cancel()
         setup.quiet_redis = False
+
+        def finished(result: object) -> None:
+            if isinstance(result, Failure):
+                self.stopped_because = result.getErrorMessage()
+                session.stop("failed")
+
+        client.finished().addBoth(finished)
 
 
 def transport_failure(transport: RedisTransport, timeout: float) -> RedisUnreachable:

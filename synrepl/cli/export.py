@@ -17,7 +17,6 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, threads
-from twisted.python.failure import Failure
 
 from synrepl.checkpoints import CheckpointStore, StoreError, checkpoint_store
 from synrepl.cli._errors import EXIT_FAILURE, EXIT_OK, RuntimeFailure, UsageError
@@ -326,15 +325,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
             exporter.follow_rows(client, stream, filter=filter)
     session = Session(reactor, duration=args.duration)
     listener = _serve_metrics(reactor, args.metrics_listen, client, exporter)
-    stopped_because: list[str] = []
-
-    def finished(result: object) -> None:
-        if isinstance(result, Failure):
-            stopped_because.append(result.getErrorMessage())
-            session.stop("failed")
-
-    await starting.start(client)
-    client.finished().addBoth(finished)
+    await starting.start(client, session)
     what = "full events" if full else "rows"
     share = f", partition {partition.index}/{partition.count}" if partition is not None else ""
     print(
@@ -360,8 +351,8 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    if stopped_because:
-        raise RuntimeFailure(f"delivery stopped: {stopped_because[0]}")
+    if starting.stopped_because is not None:
+        raise RuntimeFailure(f"delivery stopped: {starting.stopped_because}")
     return EXIT_OK if session.reason != "failed" else EXIT_FAILURE
 
 

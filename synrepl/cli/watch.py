@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer, threads
-from twisted.python.failure import Failure
 
 from synrepl.cli._errors import EXIT_OK, RuntimeFailure, UsageError
 from synrepl.cli._options import (
@@ -515,15 +514,7 @@ async def _client_session(
     for cls in COMMAND_TYPES.values():
         if cls not in (RdataCommand, PositionCommand):
             client.on_command(cls, on_command)
-    stopped_because: list[str] = []
-
-    def finished(result: object) -> None:
-        if isinstance(result, Failure):
-            stopped_because.append(result.getErrorMessage())
-            session.stop("failed")
-
-    await starting.start(client)
-    client.finished().addBoth(finished)
+    await starting.start(client, session)
 
     err = make_console(args.color, stderr=True)
     mode = "publishing REPLICATE" if args.replicate else "read-only"
@@ -569,6 +560,6 @@ async def _client_session(
     if file is not None:
         extra.append(f"positions saved to {args.resume}")
     print_summary(err, "synrepl watch", stats, extra)
-    if stopped_because:
-        raise RuntimeFailure(f"stopped: {stopped_because[0]}")
+    if starting.stopped_because is not None:
+        raise RuntimeFailure(f"stopped: {starting.stopped_because}")
     return EXIT_OK

@@ -64,17 +64,19 @@ ROW_PARSERS: dict[str, Callable[[Any], AnyRow]] = {
 ROW_PARSERS["events"] = _parse_events_row
 
 
-def _parse_device_lists_row(raw: Any) -> AnyRow:
+def _device_lists_type(raw: Any) -> type[Row]:
     """Two fields: the shape before Synapse 1.110 (see :mod:`synrepl.releases`)."""
     if isinstance(raw, list) and len(raw) == len(rows.DeviceListsEntityRow.FIELDS):
-        return rows.DeviceListsEntityRow.from_raw(raw)
-    return rows.DeviceListsRow.from_raw(raw)
+        return rows.DeviceListsEntityRow
+    return rows.DeviceListsRow
+
+
+def _parse_device_lists_row(raw: Any) -> AnyRow:
+    return _device_lists_type(raw).from_raw(raw)
 
 
 def _fast_device_lists_row(raw: Any) -> Row | None:
-    if isinstance(raw, list) and len(raw) == len(rows.DeviceListsEntityRow.FIELDS):
-        return rows.DeviceListsEntityRow.from_fast_raw(raw)  # type: ignore[attr-defined, no-any-return]
-    return rows.DeviceListsRow.from_fast_raw(raw)  # type: ignore[attr-defined, no-any-return]
+    return _device_lists_type(raw).from_fast_raw(raw)  # type: ignore[attr-defined, no-any-return]
 
 
 ROW_PARSERS["device_lists"] = _parse_device_lists_row
