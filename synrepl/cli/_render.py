@@ -57,7 +57,7 @@ from synrepl.commands import (
 )
 from synrepl.errors import MalformedCommandError, MalformedRowError, ProtocolError
 from synrepl.errors import UnknownCommandError as _Unknown
-from synrepl.events import EventFilter, FullEvent, MissingEvent, thaw
+from synrepl.events import EventFilter, FullEvent, MissingEvent
 from synrepl.sharding import canonical_instance_name
 from synrepl.streams import STREAM_NAMES, AllStateRow, AnyRow, CurrentStateRow, EventRow
 
@@ -257,7 +257,7 @@ def event_record(
     """The record of one full event (``watch --full``), or of one whose
     content the source did not have (``missing``)."""
     full = isinstance(event, FullEvent)
-    fields = {f.name: thaw(getattr(event, f.name)) for f in attrs.fields(type(event))}
+    fields = event.as_dict()
     return {
         "command": "EVENT",
         "stream": stream,

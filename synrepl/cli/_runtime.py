@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -266,18 +266,34 @@ async def connect_redis(
         options=cli_transport_options(timeout, client_name),
     )
     setup.quiet_redis = True
-    timer = reactor.callLater(timeout, first.cancel)
     transport.start()
+    await _first_subscription(reactor, first, timeout, transport, transport.stop)
+    return transport
+
+
+async def _first_subscription(
+    reactor: Any,
+    first: defer.Deferred[None],
+    timeout: float,
+    transport: RedisTransport,
+    stop: Callable[[], Awaitable[object]],
+) -> None:
+    """Wait for ``first`` (the first subscription) at most ``timeout`` seconds,
+    then let the transport's warnings through again (the caller quieted them).
+
+    Raises:
+        RedisUnreachable: not in time (``stop`` has been awaited).
+    """
+    timer = reactor.callLater(timeout, first.cancel)
     try:
         await first
     except defer.CancelledError:
-        await transport.stop()
+        await stop()
         raise transport_failure(transport, timeout) from None
     finally:
         if timer.active():
             timer.cancel()
-    setup.quiet_redis = False
-    return transport
+    current_log_setup().quiet_redis = False
 
 
 def cli_transport_options(timeout: float, client_name: str | None) -> TransportOptions:
@@ -323,19 +339,11 @@ class ClientStart:
             RedisUnreachable: Redis did not subscribe it in time (the client
                 is stopped).
         """
-        setup = current_log_setup()
-        setup.quiet_redis = True
+        current_log_setup().quiet_redis = True
         self._started = client.start()
-        timer = self._reactor.callLater(self._timeout, self._started.cancel)
-        try:
-            await self._started
-        except defer.CancelledError:
-            await client.stop()
-            raise transport_failure(client.transport, self._timeout) from None
-        finally:
-            if timer.active():
-                timer.cancel()
-        setup.quiet_redis = False
+        await _first_subscription(
+            self._reactor, self._started, self._timeout, client.transport, client.stop
+        )
 
         def finished(result: object) -> None:
             if isinstance(result, Failure):

@@ -371,19 +371,11 @@ def _serve_metrics(reactor: Any, listen: str | None, client: Any, exporter: Expo
     if listen is None:
         return None
     from prometheus_client import CollectorRegistry
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
 
-    from synrepl.cli.exporter import MetricsPage, parse_listen
+    from synrepl.cli.exporter import serve_metrics
     from synrepl.prometheus import ClientCollector, ExporterCollector
 
-    host, port = parse_listen(listen)
     registry = CollectorRegistry()
     registry.register(ClientCollector([client]))
     registry.register(ExporterCollector(exporter))
-    root = Resource()  # type: ignore[no-untyped-call]
-    root.putChild(b"metrics", MetricsPage(registry))  # type: ignore[arg-type]
-    try:
-        return reactor.listenTCP(port, Site(root), interface=host)  # type: ignore[no-untyped-call]
-    except Exception as e:  # noqa: BLE001 - CannotListenError and friends
-        raise RuntimeFailure(f"cannot listen on {listen}: {e}") from None
+    return serve_metrics(reactor, registry, listen)

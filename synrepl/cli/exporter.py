@@ -25,7 +25,7 @@ from synrepl.cli.watch import watch_channel
 from synrepl.commands import parse_line
 from synrepl.errors import ProtocolError, UnknownCommandError
 
-__all__ = ("add_parser", "parse_listen", "run")
+__all__ = ("add_parser", "parse_listen", "serve_metrics", "run")
 
 DEFAULT_LISTEN = "127.0.0.1:9469"
 
@@ -103,9 +103,26 @@ class MetricsPage(Resource):
         return generate_latest(self._registry)
 
 
+def serve_metrics(reactor: Any, registry: CollectorRegistry, listen: str) -> Any:
+    """Serve ``registry`` as ``/metrics`` on ``listen`` (HOST:PORT); the
+    listening port, to ``stopListening()``.
+
+    Raises:
+        UsageError: ``listen`` is not HOST:PORT.
+        RuntimeFailure: the address cannot be listened on.
+    """
+    host, port = parse_listen(listen)
+    root = Resource()  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", MetricsPage(registry))  # type: ignore[arg-type]
+    try:
+        return reactor.listenTCP(port, Site(root), interface=host)  # type: ignore[no-untyped-call]
+    except Exception as e:
+        raise RuntimeFailure(f"cannot listen on {listen}: {e}") from e
+
+
 async def run(reactor: Any, args: argparse.Namespace) -> int:
     config = cluster_config(args, need_redis=True)
-    host, port = parse_listen(args.listen)
+    parse_listen(args.listen)  # a bad address is a usage error before anything starts
     session = Session(reactor, duration=args.duration)
     stats = Stats()
     view = ClusterView(config)
@@ -134,12 +151,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
             time.time(),
         )
     )
-    root = Resource()  # type: ignore[no-untyped-call]
-    root.putChild(b"metrics", MetricsPage(registry))  # type: ignore[arg-type]
-    try:
-        listener = reactor.listenTCP(port, Site(root), interface=host)  # type: ignore[no-untyped-call]
-    except Exception as e:
-        raise RuntimeFailure(f"cannot listen on {args.listen}: {e}") from e
+    listener = serve_metrics(reactor, registry, args.listen)
     transport = await watch_channel(
         reactor,
         config,

@@ -58,6 +58,10 @@ def thaw(value: Any) -> Any:
     return value
 
 
+def _fields(event: FullEvent | MissingEvent) -> dict[str, Any]:
+    return {f.name: thaw(getattr(event, f.name)) for f in attrs.fields(type(event))}
+
+
 def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return value if isinstance(value, FrozenDict) else freeze(dict(value))
 
@@ -122,6 +126,12 @@ class FullEvent:
         value = self.content.get("membership")
         return value if isinstance(value, str) else None
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field by name, in declaration order, content and unsigned
+        as plain (thawed) JSON values: what ``watch --json`` and the export
+        messages carry."""
+        return _fields(self)
+
 
 @attrs.frozen
 class MissingEvent:
@@ -142,6 +152,10 @@ class MissingEvent:
     room_id: str | None
     type: str | None
     reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field by name, in declaration order."""
+        return _fields(self)
 
 
 @attrs.frozen

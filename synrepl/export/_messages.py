@@ -15,7 +15,7 @@ import attrs
 import orjson
 
 from synrepl._json import dumps
-from synrepl.events import EventsReceived, FullEvent, MissingEvent, thaw
+from synrepl.events import EventsReceived, FullEvent
 from synrepl.positions import RowsReceived
 
 __all__ = ("ExportMessage", "messages_of_rows", "messages_of_events")
@@ -139,27 +139,11 @@ def messages_of_events(
             "stream": batch.stream,
             "writer": batch.writer,
             "token": batch.token,
-            "event_id": event.event_id,
-            "room_id": event.room_id,
-            "type": event.type,
         }
         if isinstance(event, FullEvent):
-            body.update(
-                sender=event.sender,
-                state_key=event.state_key,
-                content=thaw(event.content),
-                origin_server_ts=event.origin_server_ts,
-                unsigned=thaw(event.unsigned),
-                redacts=event.redacts,
-                room_version=event.room_version,
-                rejected=event.rejected,
-                rejection_reason=event.rejection_reason,
-                outlier=event.outlier,
-                redacted=event.redacted,
-                redacted_by=event.redacted_by,
-            )
+            body.update(event.as_dict())
         else:
-            assert isinstance(event, MissingEvent)
+            body.update(event_id=event.event_id, room_id=event.room_id, type=event.type)
             body["missing"] = event.reason
         messages.append(_message(body, key_field))
     return messages

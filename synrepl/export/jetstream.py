@@ -91,8 +91,8 @@ class JetStreamSink:
         self.duplicates = 0
         self._nc: Any = None
         self._js: Any = None
-        # Two open() at once (the exporter's streams each waiting for the
-        # sink) must not make two connections, one of them left reconnecting.
+        # Two open() at once (the Exporter makes one at a time, another
+        # caller may not) must not make two connections, one left reconnecting.
         self._connecting = asyncio.Lock()
 
     @property
