@@ -110,6 +110,7 @@ from synrepl.positions import (
     WriterBehind,
 )
 from synrepl.sharding import MAIN_INSTANCE_NAME, canonical_instance_name
+from synrepl.releases import STREAMS_SINCE, SynapseRelease, facts_for
 from synrepl.streams import STREAM_NAMES, AnyRow, EventRow, parse_row
 
 __all__ = (
@@ -157,6 +158,25 @@ class ReadOnlyError(SynreplError, RuntimeError):
 class DeliveryStoppedError(SynreplError, RuntimeError):
     """The handlers gave up on a batch that nothing could take (no dead-letter
     store): the client stopped, its position before that batch."""
+
+
+def _followed_streams(
+    streams: Collection[str] | None, release: SynapseRelease | None
+) -> frozenset[str] | None:
+    """The streams to follow (None: every one there is)."""
+    if release is None:
+        return None if streams is None else frozenset(streams)
+    facts = facts_for(release)
+    if streams is None:
+        return facts.streams
+    lacking = sorted(set(streams) - facts.streams)
+    if lacking:
+        since = ", ".join(f"{s} (from {STREAMS_SINCE[s]})" for s in lacking if s in STREAMS_SINCE)
+        raise ValueError(
+            f"Synapse {release} has no {', '.join(lacking)} stream"
+            + (f": {since}" if since else "")
+        )
+    return frozenset(streams)
 
 
 class NotReadyError(SynreplError, TimeoutError):
@@ -339,6 +359,12 @@ class ClientCore(Generic[_Sent]):
         failure_policy: how often to retry a failing batch, and then what.
         seed_from: where to read "from now" positions before any writer speaks.
         silent_after: seconds after start to name writers still silent.
+        release: the Synapse release the cluster runs, when known: the
+            streams it lacks are not followed (their writers would stay
+            silent for ever, so the client would never be ready), naming one
+            is a ValueError, and its HTTP client refuses the endpoints that
+            release lacks.  None: the streams and endpoints of
+            :data:`synrepl.releases.NEWEST`.
     """
 
     def __init__(
@@ -358,6 +384,7 @@ class ClientCore(Generic[_Sent]):
         failure_policy: HandlerFailurePolicy | None = None,
         seed_from: PositionSource | None = None,
         silent_after: float | None = 30.0,
+        release: SynapseRelease | None = None,
     ) -> None:
         if max_pending_rows < 1:
             raise ValueError("max_pending_rows must be at least 1")
@@ -375,7 +402,9 @@ class ClientCore(Generic[_Sent]):
         )
         self._read_only = read_only
         self._passive = passive
-        self._streams = None if streams is None else frozenset(streams)
+        #: The release told (None: the newest's streams and endpoints).
+        self.release = release
+        self._streams = _followed_streams(streams, release)
         self._checkpoint = checkpoint
         self._dead_letters = dead_letters
         self._seed_from = seed_from

@@ -1,16 +1,17 @@
 """What each Synapse release has on the replication wire.
 
-synrepl's stream registry, command set and HTTP endpoint table describe the
-newest release it is tested against (:data:`NEWEST`).  Older releases lack
-some of it, and one stream's rows had another shape.  This module records
-the differences, release by release, so that a client told (or finding out)
+synrepl's stream registry, command set, HTTP endpoint table and
+``stream_writers`` keys describe the newest release it is tested against
+(:data:`NEWEST`).  Older releases lack some of it, one stream's rows had
+another shape and one endpoint another path.  This module records the
+differences, release by release, so that a client told (or finding out)
 which release it talks to can tell what that release has.
 
 Every fact here was read from the releases' own wheels (their stream,
-command and endpoint classes, as data) by ``tests/synapse_releases.py``,
-which also checks this module against them: run it with the wheels'
-directory to see the table again.  Facts start at :data:`OLDEST_KNOWN`;
-nothing older was read.
+command and endpoint classes and their writer configuration, as data) by
+``tests/synapse_releases.py``, which also checks this module against
+them: run it with the wheels' directory to see the table again.  Facts
+start at :data:`OLDEST_KNOWN`; nothing older was read.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ __all__ = (
     "ENDPOINTS_SINCE",
     "ENDPOINTS_UNTIL",
     "DEVICE_LISTS_FIELDS",
+    "ENDPOINT_PATH_NAMES_UNTIL",
+    "WRITER_KEYS_SINCE",
     "UnknownReleaseError",
     "INTEROP_TESTED",
     "Support",
     "support_of",
+    "release_in_server_header",
 )
 
 
@@ -78,6 +82,18 @@ class SynapseRelease:
         return f"{self.major}.{self.minor}.{self.patch}"
 
 
+def release_in_server_header(value: str | None) -> SynapseRelease | None:
+    """The release an HTTP ``Server`` header names: Synapse answers every
+    request with ``Synapse/1.98.0`` (a git checkout appends its branch,
+    which is ignored).  None: no header, or not Synapse's."""
+    if not value or not value.startswith("Synapse/"):
+        return None
+    try:
+        return SynapseRelease.parse(value)
+    except UnknownReleaseError:
+        return None
+
+
 def _r(text: str) -> SynapseRelease:
     return SynapseRelease.parse(text)
 
@@ -88,8 +104,15 @@ NEWEST = _r("1.163.2")
 #: The oldest release whose facts were read.
 OLDEST_KNOWN = _r("1.98.0")
 
-#: The releases the interop suite runs real processes of (docs/tested-against.md).
-INTEROP_TESTED: tuple[SynapseRelease, ...] = (NEWEST,)
+#: The version matrix: the releases the interop suite runs real processes
+#: of (``tests/interop/matrix.py``; docs/tested-against.md says why each).
+INTEROP_TESTED: tuple[SynapseRelease, ...] = (
+    NEWEST,
+    _r("1.162.0"),
+    _r("1.141.0"),
+    _r("1.110.0"),
+    OLDEST_KNOWN,
+)
 
 #: Streams that appeared after :data:`OLDEST_KNOWN`: the first release with each.
 STREAMS_SINCE: Mapping[str, SynapseRelease] = MappingProxyType(
@@ -133,6 +156,33 @@ DEVICE_LISTS_FIELDS: tuple[tuple[SynapseRelease, tuple[str, ...]], ...] = (
     (_r("1.110.0"), ("user_id", "is_signature", "hosts_calculated")),
 )
 
+#: HTTP replication endpoints that older releases served under another
+#: endpoint's name: synrepl's name -> (the name those releases' class
+#: declared, which is the first segment of its path; the first release to
+#: use synrepl's name).  Only the path differs: same arguments, method and
+#: body.
+#:
+#: Until 1.117 the pusher-removal class declared the account-data
+#: endpoint's name, so Synapse routed it at
+#: ``/_synapse/replication/add_user_account_data/{user_id}`` (one path
+#: argument, where storing account data takes two), and a request to
+#: ``remove_pusher/{user_id}`` found no route.
+ENDPOINT_PATH_NAMES_UNTIL: Mapping[str, tuple[str, SynapseRelease]] = MappingProxyType(
+    {"remove_pusher": ("add_user_account_data", _r("1.117.0"))}
+)
+
+#: ``stream_writers`` keys (:data:`synrepl.sharding.STREAM_WRITER_KEYS`)
+#: that appeared after :data:`OLDEST_KNOWN`: the first release accepting
+#: each.  An older release fails to load a configuration naming the key.
+WRITER_KEYS_SINCE: Mapping[str, SynapseRelease] = MappingProxyType(
+    {
+        "push_rules": _r("1.105.0"),
+        "device_lists": _r("1.135.0"),
+        "thread_subscriptions": _r("1.135.0"),
+        "quarantined_media_changes": _r("1.152.0"),
+    }
+)
+
 
 @attrs.frozen
 class ReleaseFacts:
@@ -144,6 +194,7 @@ class ReleaseFacts:
         commands: the replication commands it speaks.
         endpoints: the HTTP replication endpoints it serves.
         device_lists_fields: its ``device_lists`` row's fields, in wire order.
+        writer_keys: the ``stream_writers`` keys it accepts, in Synapse's order.
         known: False for a release older than :data:`OLDEST_KNOWN` (the facts
             are then those of the oldest known one, and may be wrong) or newer
             than :data:`NEWEST` (it may have more than listed).
@@ -154,6 +205,7 @@ class ReleaseFacts:
     commands: frozenset[str]
     endpoints: frozenset[str]
     device_lists_fields: tuple[str, ...]
+    writer_keys: tuple[str, ...]
     known: bool
 
     def lacks_endpoint(self, name: str) -> str | None:
@@ -168,6 +220,15 @@ class ReleaseFacts:
             return f"{name} was removed in Synapse {ENDPOINTS_UNTIL[name]}; {self.release} is newer"
         return f"Synapse {self.release} serves no {name} endpoint"
 
+    def path_name(self, name: str) -> str:
+        """The first segment of endpoint ``name``'s path in this release
+        (``/_synapse/replication/<it>/...``): ``name`` itself, unless the
+        release served it under another name (:data:`ENDPOINT_PATH_NAMES_UNTIL`)."""
+        older = ENDPOINT_PATH_NAMES_UNTIL.get(name)
+        if older is not None and self.release < older[1]:
+            return older[0]
+        return name
+
 
 def facts_for(
     release: SynapseRelease,
@@ -175,6 +236,7 @@ def facts_for(
     streams: frozenset[str] | None = None,
     commands: frozenset[str] | None = None,
     endpoints: frozenset[str] | None = None,
+    writer_keys: tuple[str, ...] | None = None,
 ) -> ReleaseFacts:
     """What ``release`` has, from what :data:`NEWEST` has.
 
@@ -184,6 +246,8 @@ def facts_for(
         commands: the commands of :data:`NEWEST` (default: synrepl's).
         endpoints: the HTTP endpoints of :data:`NEWEST` (default: synrepl's
             table); those removed before it (:data:`ENDPOINTS_UNTIL`) are added.
+        writer_keys: the ``stream_writers`` keys of :data:`NEWEST` (default:
+            :data:`synrepl.sharding.STREAM_WRITER_KEYS`).
     """
     if streams is None:
         from synrepl.streams import STREAM_NAMES
@@ -197,6 +261,10 @@ def facts_for(
         from synrepl.http import ENDPOINTS
 
         endpoints = frozenset(ENDPOINTS)
+    if writer_keys is None:
+        from synrepl.sharding import STREAM_WRITER_KEYS
+
+        writer_keys = STREAM_WRITER_KEYS
 
     def present(since: Mapping[str, SynapseRelease], names: frozenset[str]) -> frozenset[str]:
         return frozenset(n for n in names if n not in since or since[n] <= release)
@@ -215,6 +283,9 @@ def facts_for(
         commands=present(COMMANDS_SINCE, commands),
         endpoints=served,
         device_lists_fields=shape,
+        writer_keys=tuple(
+            k for k in writer_keys if k not in WRITER_KEYS_SINCE or WRITER_KEYS_SINCE[k] <= release
+        ),
         known=OLDEST_KNOWN <= release <= NEWEST,
     )
 

@@ -1,9 +1,10 @@
 """Reading a Synapse release's replication facts from its wheel (as data).
 
 A wheel is a zip of Synapse's source: its stream classes (``NAME`` and the
-fields of their ``ROW_TYPE``), command classes and HTTP endpoint classes
-(``NAME``) are read with ``ast``, never imported or run, so any release can
-be read beside the installed one.  ``python tests/synapse_releases.py DIR``
+fields of their ``ROW_TYPE``), command classes, HTTP endpoint classes
+(``NAME``, by class) and the fields of its ``WriterLocations`` (the
+``stream_writers`` keys) are read with ``ast``, never imported or run, so
+any release can be read beside the installed one.  ``python tests/synapse_releases.py DIR``
 prints what changed from release to release among the wheels in DIR; the
 tests compare :mod:`synrepl.releases` with the same reading.
 """
@@ -25,11 +26,15 @@ __all__ = ("WheelFacts", "read_wheel", "read_installed", "download_wheel")
 @attrs.frozen
 class WheelFacts:
     """What a release's source defines (stream name -> row fields, or None
-    for a stream whose rows are of several types, as ``events``)."""
+    for a stream whose rows are of several types, as ``events``; endpoint
+    class name -> the ``NAME`` it declares, since two classes may declare
+    one name)."""
 
     streams: dict[str, tuple[str, ...] | None]
     commands: frozenset[str]
     endpoints: frozenset[str]
+    endpoint_classes: dict[str, str]
+    writer_keys: tuple[str, ...]
 
 
 def _named_classes(tree: ast.AST) -> Iterator[tuple[ast.ClassDef, str]]:
@@ -47,6 +52,15 @@ def _named_classes(tree: ast.AST) -> Iterator[tuple[ast.ClassDef, str]]:
                     yield node, stmt.value.value
 
 
+def _annotated_fields(cls: ast.ClassDef) -> tuple[str, ...]:
+    """An attrs class's fields: its annotated names, in order."""
+    return tuple(
+        s.target.id
+        for s in cls.body
+        if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+    )
+
+
 def _row_fields(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> tuple[str, ...] | None:
     for stmt in cls.body:
         if (
@@ -56,12 +70,7 @@ def _row_fields(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> tuple[st
             and isinstance(stmt.value, ast.Name)
             and stmt.value.id in classes
         ):
-            row = classes[stmt.value.id]
-            return tuple(
-                s.target.id
-                for s in row.body
-                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
-            )
+            return _annotated_fields(classes[stmt.value.id])
     return None
 
 
@@ -77,16 +86,19 @@ def read_installed() -> WheelFacts:
     import synapse
 
     root = Path(synapse.__file__).parent.parent
-    return _read(
-        (str(path.relative_to(root)), path.read_bytes)
-        for path in (root / "synapse" / "replication").rglob("*.py")
-    )
+    paths = [*(root / "synapse" / "replication").rglob("*.py"), root / _WORKERS_CONFIG]
+    return _read((str(path.relative_to(root)), path.read_bytes) for path in paths)
+
+
+#: Where ``WriterLocations`` (the ``stream_writers`` keys) is defined.
+_WORKERS_CONFIG = "synapse/config/workers.py"
 
 
 def _read(files: Iterable[tuple[str, Callable[[], bytes]]]) -> WheelFacts:
     streams: dict[str, tuple[str, ...] | None] = {}
     commands: set[str] = set()
-    endpoints: set[str] = set()
+    endpoint_classes: dict[str, str] = {}
+    writer_keys: tuple[str, ...] = ()
     for name, data in files:
         if not name.endswith(".py"):
             continue
@@ -98,8 +110,16 @@ def _read(files: Iterable[tuple[str, Callable[[], bytes]]]) -> WheelFacts:
         elif name == "synapse/replication/tcp/commands.py":
             commands.update(v for _, v in _named_classes(ast.parse(data())))
         elif name.startswith("synapse/replication/http/"):
-            endpoints.update(v for _, v in _named_classes(ast.parse(data())))
-    return WheelFacts(streams, frozenset(commands), frozenset(endpoints))
+            endpoint_classes.update((c.name, v) for c, v in _named_classes(ast.parse(data())))
+        elif name == _WORKERS_CONFIG:
+            tree = ast.parse(data())
+            writer_keys = next(
+                _annotated_fields(c)
+                for c in ast.walk(tree)
+                if isinstance(c, ast.ClassDef) and c.name == "WriterLocations"
+            )
+    endpoints = frozenset(endpoint_classes.values())
+    return WheelFacts(streams, frozenset(commands), endpoints, endpoint_classes, writer_keys)
 
 
 def download_wheel(version: str, directory: Path) -> Path:
@@ -131,6 +151,7 @@ if __name__ == "__main__":
         version = wheel.name.split("-")[1]
         if previous is None:
             print(version, "streams", sorted(facts.streams), "commands", sorted(facts.commands))
+            print(version, "writer keys", facts.writer_keys)
         else:
             changes = {
                 "streams +": sorted(set(facts.streams) - set(previous.streams)),
@@ -144,6 +165,13 @@ if __name__ == "__main__":
                 "commands -": sorted(previous.commands - facts.commands),
                 "endpoints +": sorted(facts.endpoints - previous.endpoints),
                 "endpoints -": sorted(previous.endpoints - facts.endpoints),
+                "endpoint classes renamed": sorted(
+                    f"{cls}: {previous.endpoint_classes[cls]} -> {name}"
+                    for cls, name in facts.endpoint_classes.items()
+                    if previous.endpoint_classes.get(cls, name) != name
+                ),
+                "writer keys +": sorted(set(facts.writer_keys) - set(previous.writer_keys)),
+                "writer keys -": sorted(set(previous.writer_keys) - set(facts.writer_keys)),
             }
             if any(changes.values()):
                 print(version, {k: v for k, v in changes.items() if v})

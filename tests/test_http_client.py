@@ -1251,3 +1251,40 @@ def test_a_core_told_its_release_refuses_endpoints_that_release_lacks() -> None:
     new = ScriptedCore(make_config(1), [], release=SynapseRelease.parse("1.117.0"))
     assert new.prepare("remove_pusher", None, args).url.endswith("/remove_pusher/%40u%3Atest")
     assert ScriptedCore(make_config(1), []).prepare("remove_pusher", None, args)
+
+
+def test_a_core_learns_each_instance_release_from_its_server_header() -> None:
+    """An answer's ``Server: Synapse/1.116.0`` says what that instance runs:
+    its endpoints of later releases are then refused before any request,
+    while another instance (not heard from) is still called; a 404 from an
+    instance whose release lacks the endpoint says so, instead of "not
+    found"."""
+    from synrepl.http import EndpointNotInReleaseError, HttpReplicationError
+    from synrepl.releases import SynapseRelease
+
+    old_server = (("Server", "Synapse/1.116.0"),)
+    args = {"user_id": "@u:test", "app_id": "a", "pushkey": "k"}
+    core = ScriptedCore(
+        make_config(1, instance_map={"worker1": {"host": "127.0.0.1", "port": 2}}),
+        [
+            HttpAnswer(200, "OK", b"{}", old_server),
+            HttpAnswer(404, "Not Found", b'{"errcode": "M_UNRECOGNIZED"}', old_server),
+        ],
+    )
+    assert core.releases_seen == {}
+    without_a_loop(core.call("copy_push_rules", "master", user_id="@u:test", old_room_id="!o:test", new_room_id="!n:test"))
+    assert core.releases_seen == {"master": SynapseRelease(1, 116, 0)}
+    with pytest.raises(EndpointNotInReleaseError, match="from Synapse 1.117.0 on, not by 1.116.0"):
+        core.prepare("remove_pusher", "master", args)
+    assert core.prepare("remove_pusher", "worker1", args).instance == "worker1"
+    with pytest.raises(EndpointNotInReleaseError) as refused:
+        without_a_loop(core.call("remove_pusher", "worker1", **args))
+    assert refused.value.release == "1.116.0"
+    assert core.releases_seen["worker1"] == SynapseRelease(1, 116, 0)
+    # A 404 from a release that has the endpoint stays an HTTP error.
+    newer = ScriptedCore(
+        make_config(1),
+        [HttpAnswer(404, "Not Found", b"{}", (("Server", "Synapse/1.163.2"),))],
+    )
+    with pytest.raises(HttpReplicationError):
+        without_a_loop(newer.call("remove_pusher", "master", **args))

@@ -3,6 +3,12 @@
 Every check runs Synapse's own code (its classes' attributes, its client-side
 payload serializers, its server-side route registration and auth check), so
 a Synapse release that adds, removes or changes an endpoint fails here.
+
+The installed release is compared with what :mod:`synrepl.releases` says it
+serves: by name, every endpoint; by shape, every endpoint synrepl has a table
+entry for (under the name the release's path uses for it).  An endpoint of
+synrepl's table the release lacks, or one of the release's that synrepl has
+no entry for (removed since), is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -27,10 +33,21 @@ from twisted.web.http_headers import Headers
 
 from synrepl.config import Secret
 from synrepl.http import ENDPOINTS, SYNAPSE_VERSION, Endpoint, build_request
+from synrepl.http.requests import REPLICATION_PREFIX
 from synrepl.http.retry import SYNAPSE_CONNECT_RETRY_ATTEMPTS
+from synrepl.releases import ENDPOINTS_UNTIL, SynapseRelease, facts_for
+
+# synapse.__version__ carries git details when run inside a git checkout;
+# the installed distribution's version is the one that counts.
+INSTALLED_VERSION = importlib.metadata.version("matrix-synapse")
+INSTALLED = SynapseRelease.parse(INSTALLED_VERSION)
+#: What synrepl.releases says the installed release serves.
+FACTS = facts_for(INSTALLED)
 
 
-def _synapse_endpoints() -> dict[str, type[ReplicationEndpoint]]:
+def _synapse_endpoint_classes() -> list[type[ReplicationEndpoint]]:
+    """Every endpoint class of the installed Synapse, each once (two classes
+    may declare one NAME: see ENDPOINT_PATH_NAMES_UNTIL)."""
     found: dict[str, type[ReplicationEndpoint]] = {}
     for module_info in pkgutil.iter_modules(synapse_http.__path__):
         module = importlib.import_module(f"{synapse_http.__name__}.{module_info.name}")
@@ -40,34 +57,100 @@ def _synapse_endpoints() -> dict[str, type[ReplicationEndpoint]]:
                 and cls is not ReplicationEndpoint
                 and isinstance(cls.__dict__.get("NAME"), str)
             ):
-                found[cls.NAME] = cls
-    return found
+                found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return sorted(found.values(), key=lambda cls: (cls.NAME, cls.__name__))
 
 
-SYNAPSE_ENDPOINTS = _synapse_endpoints()
+def _our_name(cls: type[ReplicationEndpoint]) -> str | None:
+    """synrepl's name for the endpoint ``cls`` serves: its NAME, unless the
+    release served one of synrepl's endpoints under that name (the class
+    synrepl names tells which); None: synrepl has no table entry for it."""
+    for name, endpoint in ENDPOINTS.items():
+        if (
+            name != cls.NAME
+            and FACTS.path_name(name) == cls.NAME
+            and endpoint.synapse_class == cls.__name__
+        ):
+            return name
+    return cls.NAME if cls.NAME in ENDPOINTS else None
+
+
+SYNAPSE_CLASSES = _synapse_endpoint_classes()
+#: synrepl's endpoint name -> the installed Synapse's classes serving it.
+_SERVING: dict[str, list[type[ReplicationEndpoint]]] = {}
+#: The installed Synapse's endpoints synrepl has no table entry for, by NAME.
+NO_ENTRY: dict[str, type[ReplicationEndpoint]] = {}
+for _cls in SYNAPSE_CLASSES:
+    _ours = _our_name(_cls)
+    if _ours is None:
+        NO_ENTRY[_cls.NAME] = _cls
+    else:
+        _SERVING.setdefault(_ours, []).append(_cls)
+SYNAPSE_ENDPOINTS = {name: classes[-1] for name, classes in _SERVING.items()}
+
+#: Every endpoint either side has, by synrepl's name where it has one.
+ALL_NAMES = sorted(set(SYNAPSE_ENDPOINTS) | set(NO_ENTRY) | set(ENDPOINTS))
+
+
+def _pair(name: str) -> tuple[type[ReplicationEndpoint], Endpoint]:
+    """The installed Synapse's class for ``name`` and synrepl's entry, or a
+    skip when the release lacks the endpoint or synrepl has no entry for it
+    (as synrepl.releases says; anything else fails)."""
+    cls = SYNAPSE_ENDPOINTS.get(name)
+    if cls is not None:
+        return cls, ENDPOINTS[name]
+    if name in NO_ENTRY:
+        assert name in FACTS.endpoints and name in ENDPOINTS_UNTIL, (
+            f"{name} is missing from synrepl.http.ENDPOINTS"
+        )
+        pytest.skip(
+            f"{name} was removed in Synapse {ENDPOINTS_UNTIL[name]}: synrepl has no table "
+            f"entry to compare Synapse {INSTALLED}'s with (test_same_endpoint_names checks "
+            "that it serves one)"
+        )
+    reason = FACTS.lacks_endpoint(name)
+    assert reason is not None, f"Synapse {INSTALLED} has no class for {name}, which it serves"
+    pytest.skip(reason)
+
+
+def _path_in_release(ours: Endpoint, path: str) -> str:
+    """``path`` (synrepl's, for ``ours``) as the installed release routes it:
+    under another name where it served the endpoint under one."""
+    served = FACTS.path_name(ours.name)
+    if served == ours.name:
+        return path
+    prefix = f"{REPLICATION_PREFIX}/{ours.name}/"
+    assert path.startswith(prefix), path
+    return f"{REPLICATION_PREFIX}/{served}/{path[len(prefix) :]}"
 
 
 def test_synapse_version_is_the_one_checked() -> None:
     """A different Synapse may still pass; this says which one the table names."""
-    # synapse.__version__ carries git details when run inside a git checkout;
-    # the installed distribution's version is the one that counts.
-    installed = importlib.metadata.version("matrix-synapse")
-    if installed != SYNAPSE_VERSION:
-        pytest.skip(f"table is for Synapse {SYNAPSE_VERSION}, installed {installed}")
+    if INSTALLED_VERSION != SYNAPSE_VERSION:
+        pytest.skip(
+            f"table is for Synapse {SYNAPSE_VERSION}, installed {INSTALLED_VERSION}: "
+            "compared with what synrepl.releases says it serves"
+        )
 
 
 def test_same_endpoint_names() -> None:
-    missing = sorted(set(SYNAPSE_ENDPOINTS) - set(ENDPOINTS))
-    extra = sorted(set(ENDPOINTS) - set(SYNAPSE_ENDPOINTS))
-    assert not missing, f"Synapse has endpoints synrepl lacks: {missing}"
-    assert not extra, f"synrepl lists endpoints Synapse no longer has: {extra}"
+    """The installed Synapse's endpoint names are those synrepl.releases lists
+    for it (synrepl's table on the newest), each served by one class."""
+    names = {cls.NAME for cls in SYNAPSE_CLASSES}
+    missing = sorted(names - FACTS.endpoints)
+    extra = sorted(FACTS.endpoints - names)
+    assert not missing, f"Synapse {INSTALLED} has endpoints synrepl lacks: {missing}"
+    assert not extra, f"synrepl lists endpoints Synapse {INSTALLED} does not have: {extra}"
+    shared = {name: classes for name, classes in _SERVING.items() if len(classes) > 1}
+    assert not shared, f"several of Synapse {INSTALLED}'s classes serve one endpoint: {shared}"
+    for name in ENDPOINTS:  # each endpoint served under another name is found under it
+        if FACTS.path_name(name) != name:
+            assert SYNAPSE_ENDPOINTS[name].NAME == FACTS.path_name(name)
 
 
-@pytest.mark.parametrize("name", sorted(SYNAPSE_ENDPOINTS))
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_endpoint_class_attributes_agree(name: str) -> None:
-    cls = SYNAPSE_ENDPOINTS[name]
-    ours = ENDPOINTS.get(name)
-    assert ours is not None, f"{name} is missing from synrepl.http.ENDPOINTS"
+    cls, ours = _pair(name)
     assert ours.synapse_class == cls.__name__
     assert ours.path_args == tuple(cls.PATH_ARGS)
     assert ours.method == cls.METHOD
@@ -135,11 +218,10 @@ def _synapse_kwargs(cls: type[ReplicationEndpoint], ours: Endpoint) -> tuple[dic
     return synapse_kwargs, args
 
 
-@pytest.mark.parametrize("name", sorted(SYNAPSE_ENDPOINTS))
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_body_is_what_synapse_client_sends(name: str) -> None:
     """Given the same values, synrepl sends the JSON Synapse's own client sends."""
-    cls = SYNAPSE_ENDPOINTS[name]
-    ours = ENDPOINTS[name]
+    cls, ours = _pair(name)
     synapse_kwargs, args = _synapse_kwargs(cls, ours)
     payload = json.loads(json.dumps(_run(cls._serialize_payload(**synapse_kwargs))))
     request = build_request(ours, args)
@@ -165,12 +247,12 @@ class _RecordingHttpServer:
         self.routes += [(method, pattern) for pattern in patterns]
 
 
-@pytest.mark.parametrize("name", sorted(SYNAPSE_ENDPOINTS))
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_synapse_route_matches_our_path(name: str) -> None:
-    """Synapse's own route pattern for the endpoint matches the path synrepl builds,
-    and gives back every argument (and the txn_id) unchanged."""
-    cls = SYNAPSE_ENDPOINTS[name]
-    ours = ENDPOINTS[name]
+    """Synapse's own route pattern for the endpoint matches the path synrepl builds
+    (in the release's name for it), and gives back every argument (and the
+    txn_id) unchanged."""
+    cls, ours = _pair(name)
     server = _RecordingHttpServer()
     cls.register(cls.__new__(cls), server)  # class attributes only, no HomeServer
     ((method, pattern),) = server.routes
@@ -180,8 +262,9 @@ def test_synapse_route_matches_our_path(name: str) -> None:
         if not field.choices:
             args[field.name] = f"{field.name} /:?#%@!ü"  # everything that needs quoting
     request = build_request(ours, args)
-    match = pattern.match(urlsplit(request.path).path)
-    assert match, f"{request.path} does not match {pattern.pattern}"
+    path = _path_in_release(ours, urlsplit(request.path).path)
+    match = pattern.match(path)
+    assert match, f"{path} does not match {pattern.pattern}"
     got = {key: unquote(value) for key, value in match.groupdict().items()}
     expected = {arg: args[arg] for arg in ours.path_args}
     if ours.cache:

@@ -15,16 +15,19 @@ from synrepl.http import ENDPOINTS
 from synrepl.releases import (
     COMMANDS_SINCE,
     DEVICE_LISTS_FIELDS,
+    ENDPOINT_PATH_NAMES_UNTIL,
     ENDPOINTS_SINCE,
     ENDPOINTS_UNTIL,
     NEWEST,
     OLDEST_KNOWN,
     STREAMS_SINCE,
+    WRITER_KEYS_SINCE,
     ReleaseFacts,
     SynapseRelease,
     UnknownReleaseError,
     facts_for,
 )
+from synrepl.sharding import STREAM_WRITER_KEYS
 from synrepl.streams import STREAM_NAMES
 
 
@@ -51,6 +54,8 @@ def test_the_newest_release_has_everything_synrepl_knows() -> None:
     assert facts.commands == frozenset(COMMAND_TYPES)
     assert facts.endpoints == frozenset(ENDPOINTS)
     assert facts.device_lists_fields == DEVICE_LISTS_FIELDS[-1][1]
+    assert facts.writer_keys == STREAM_WRITER_KEYS
+    assert all(facts.path_name(name) == name for name in ENDPOINTS)
 
 
 def test_each_fact_turns_at_its_release() -> None:
@@ -71,6 +76,13 @@ def test_each_fact_turns_at_its_release() -> None:
         before = SynapseRelease(until.major, until.minor - 1)
         assert endpoint in facts_for(before).endpoints
         assert "was removed in Synapse" in (facts_for(until).lacks_endpoint(endpoint) or "")
+    for key, since in WRITER_KEYS_SINCE.items():
+        before = SynapseRelease(since.major, since.minor - 1)
+        assert key in facts_for(since).writer_keys and key not in facts_for(before).writer_keys
+    for endpoint, (older, until) in ENDPOINT_PATH_NAMES_UNTIL.items():
+        before = SynapseRelease(until.major, until.minor - 1)
+        assert facts_for(before).path_name(endpoint) == older
+        assert facts_for(until).path_name(endpoint) == endpoint
     assert facts_for(r("1.109.9")).device_lists_fields == ("entity", "is_signature")
     assert facts_for(r("1.110.0")).device_lists_fields[0] == "user_id"
     assert not facts_for(r("1.97.0")).known and not facts_for(r("1.164.0")).known
@@ -84,6 +96,14 @@ def check_against(facts: ReleaseFacts, source: WheelFacts) -> None:
     # OLDEST_KNOWN); an endpoint it never had a stub for is reported here.
     assert facts.endpoints == source.endpoints
     assert facts.device_lists_fields == source.streams["device_lists"]
+    assert facts.writer_keys == source.writer_keys
+    # Each endpoint synrepl has a stub for is declared by the class synrepl
+    # names, under the name its path starts with in that release (which a
+    # class declaring another endpoint's name gives away).
+    for name, endpoint in ENDPOINTS.items():
+        path_name = facts.path_name(name)
+        if name in facts.endpoints or path_name != name:
+            assert source.endpoint_classes.get(endpoint.synapse_class) == path_name, name
 
 
 def test_the_installed_synapse_is_what_the_facts_say() -> None:
@@ -106,6 +126,8 @@ BOUNDARIES = sorted(
                 *ENDPOINTS_SINCE.values(),
                 *ENDPOINTS_UNTIL.values(),
                 *(since for since, _ in DEVICE_LISTS_FIELDS[1:]),
+                *WRITER_KEYS_SINCE.values(),
+                *(until for _, until in ENDPOINT_PATH_NAMES_UNTIL.values()),
             )
             for release in (since, SynapseRelease(since.major, since.minor - 1))
         ),
@@ -138,15 +160,16 @@ def test_support_says_how_far_synrepl_vouches_for_a_release() -> None:
     """What ``synrepl doctor`` reports per instance: the interop suite's
     series is supported; a release whose facts were read is known, with what
     it lacks; anything outside that is named as such."""
-    from synrepl.releases import support_of
+    from synrepl.releases import INTEROP_TESTED, support_of
 
     assert support_of(r("1.163.0")).level == "tested"
     known = support_of(r("1.109.0"))
     assert known.level == "known"
+    tested = ", ".join(map(str, INTEROP_TESTED))  # the interop matrix, as it is
     assert known.text == (
         "Synapse 1.109.0: its wire is known (no profile_updates, quarantined_media, "
         "sticky_events, thread_subscriptions streams; 11 endpoints missing; the older "
-        "device_lists row), but end to end synrepl is tested with 1.163.2 only"
+        f"device_lists row), but end to end synrepl is tested with {tested} only"
     )
     assert "no profile_updates stream;" in support_of(r("1.158.0")).text
     assert support_of(r("1.97.0")).level == "older"

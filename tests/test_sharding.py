@@ -1,8 +1,14 @@
-"""Tests for synrepl.sharding: writer keys, stream ownership, locations, rooms."""
+"""Tests for synrepl.sharding: writer keys, stream ownership, locations, rooms.
+
+The tests against Synapse compare with the installed release, through what
+:mod:`synrepl.releases` says that release has (its streams and
+``stream_writers`` keys).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 from typing import Any
 
 import attrs
@@ -11,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from synrepl.errors import ConfigError
+from synrepl.releases import ReleaseFacts, SynapseRelease, facts_for
 from synrepl.sharding import (
     ANY_INSTANCE_STREAMS,
     MAIN_INSTANCE_NAME,
@@ -25,8 +32,18 @@ from synrepl.sharding import (
     canonical_instance_name,
     event_persister_for_room,
 )
+from synrepl.streams import STREAM_NAMES
 
 # --- constants against Synapse ----------------------------------------------
+
+
+def _installed_facts() -> ReleaseFacts:
+    """What synrepl.releases says the installed Synapse has (skips without one)."""
+    try:
+        version = importlib.metadata.version("matrix-synapse")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Synapse is not installed")
+    return facts_for(SynapseRelease.parse(version))
 
 
 def test_main_names_match_synapse() -> None:
@@ -37,10 +54,12 @@ def test_main_names_match_synapse() -> None:
 
 
 def test_writer_keys_match_synapse() -> None:
-    """STREAM_WRITER_KEYS lists exactly Synapse's WriterLocations fields, in order."""
+    """Synapse's WriterLocations fields are exactly the installed release's
+    keys (STREAM_WRITER_KEYS on the newest), in order."""
     workers = pytest.importorskip("synapse.config.workers")
+    facts = _installed_facts()
     fields = tuple(a.name for a in attrs.fields(workers.WriterLocations))
-    assert fields == STREAM_WRITER_KEYS
+    assert fields == facts.writer_keys
     assert tuple(STREAMS_BY_WRITER_KEY) == STREAM_WRITER_KEYS
 
 
@@ -51,8 +70,13 @@ def test_every_synapse_stream_has_an_owner_rule(monkeypatch: pytest.MonkeyPatch)
     # dependency's version is off; that check is irrelevant to stream names.
     monkeypatch.setattr(deps, "check_requirements", lambda *args, **kwargs: None)
     streams = pytest.importorskip("synapse.replication.tcp.streams")
+    facts = _installed_facts()
     ours = set(WRITER_KEY_BY_STREAM) | MAIN_ONLY_STREAMS | ANY_INSTANCE_STREAMS
-    assert set(streams.STREAMS_MAP) == ours
+    assert set(streams.STREAMS_MAP) == facts.streams
+    # A rule for every stream the release has, and no rule beyond those of
+    # the streams synrepl knows (only the newer ones missing from the release).
+    assert ours & facts.streams == set(streams.STREAMS_MAP)
+    assert ours - set(streams.STREAMS_MAP) == set(STREAM_NAMES) - facts.streams
     assert not set(WRITER_KEY_BY_STREAM) & MAIN_ONLY_STREAMS
     assert not MAIN_ONLY_STREAMS & ANY_INSTANCE_STREAMS
 

@@ -1,9 +1,16 @@
-"""Differential tests: synrepl against Synapse 1.163.2 itself.
+"""Differential tests: synrepl against the installed Synapse release itself.
 
 Synapse is only imported here, at test time, as the reference implementation
 of the wire protocol: its command registry, its ``to_line``/``from_line``
 pairs and its streams' ``parse_row``.  Where the two differ on purpose, the
 difference is named and pinned below (see ``_KNOWN_DIFFERENCES``).
+
+synrepl's registries describe the newest release (:data:`synrepl.releases.NEWEST`);
+an older one is compared with what :mod:`synrepl.releases` says it has: its
+streams and commands, and its ``device_lists`` row shape.  Corpus lines
+(captured from the newest release) and generated commands of a stream or
+command the release lacks are left out, and ``device_lists`` rows take the
+release's shape.
 
 The room-sharding rule is compared with Synapse in ``tests/test_sharding.py``.
 """
@@ -11,6 +18,7 @@ The room-sharding rule is compared with Synapse in ``tests/test_sharding.py``.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 import random
 import re
@@ -28,10 +36,13 @@ from hypothesis import strategies as st
 import synrepl
 from synrepl import commands as c
 from synrepl.errors import ProtocolError
+from synrepl.releases import COMMANDS_SINCE, STREAMS_SINCE, SynapseRelease, facts_for
 from synrepl.streams import (
     EVENTS_ROW_TYPES,
     ROW_TYPES,
     STREAM_NAMES,
+    DeviceListsEntityRow,
+    DeviceListsRow,
     EventRow,
     PushRulesRow,
     RawRow,
@@ -58,6 +69,17 @@ COMMAND_MAP: dict[str, Any] = syn_commands.COMMAND_MAP
 parse_command_from_line = syn_commands.parse_command_from_line
 
 SERVER_NAME = "example.com"
+
+#: The installed release, and what synrepl.releases says it has.
+INSTALLED = SynapseRelease.parse(importlib.metadata.version("matrix-synapse"))
+FACTS = facts_for(INSTALLED)
+
+#: synrepl's row type for the installed release's device_lists rows.
+DEVICE_LISTS_ROW: type[Row] = next(
+    t for t in (DeviceListsRow, DeviceListsEntityRow) if t.FIELDS == FACTS.device_lists_fields
+)
+#: The streams synrepl knows that the installed release has, in synrepl's order.
+RELEASE_STREAMS = tuple(s for s in STREAM_NAMES if s in FACTS.streams)
 
 
 # ---------------------------------------------------------------- helpers
@@ -200,12 +222,77 @@ def _synrepl_parse(line: str) -> c.Command | None:
         return None
 
 
+# ---------------------------------------------------------------- the installed release
+
+
+def _no_command(name: str) -> str | None:
+    """Why the installed release has no command ``name`` (None: it has it)."""
+    if name in FACTS.commands:
+        return None
+    return f"Synapse {INSTALLED} has no {name} command (from {COMMANDS_SINCE.get(name, '?')})"
+
+
+def _no_stream(name: str) -> str | None:
+    """Why the installed release has no stream ``name`` that synrepl types
+    (None: it has it, or synrepl does not know the stream either)."""
+    if name in FACTS.streams or name not in STREAM_NAMES:
+        return None
+    return f"Synapse {INSTALLED} has no {name} stream (from {STREAMS_SINCE.get(name, '?')})"
+
+
+def _release_lacks(cmd: c.Command) -> str | None:
+    """Why ``cmd`` means nothing to the installed release: a command or an
+    RDATA stream of a newer release (None: it has both)."""
+    reason = _no_command(cmd.NAME)
+    if reason is None and isinstance(cmd, c.RdataCommand):
+        reason = _no_stream(cmd.stream_name)
+    return reason
+
+
+def _other_device_lists_shape(cmd: c.Command) -> bool:
+    """A device_lists row of the shape the installed release does not write
+    (synrepl reads both, for a cluster in the middle of an upgrade)."""
+    return (
+        isinstance(cmd, c.RdataCommand)
+        and isinstance(cmd.row, Row)
+        and cmd.stream_name == "device_lists"
+        and type(cmd.row) is not DEVICE_LISTS_ROW
+    )
+
+
+def _in_release(cmd: c.Command) -> bool:
+    """Whether the installed release has the command (and RDATA stream)."""
+    return _release_lacks(cmd) is None
+
+
+def _release_shaped(cmd: c.Command) -> c.Command:
+    """``cmd`` with a device_lists row in the installed release's shape
+    (generated rows have the newest shape; the older one keeps their first
+    fields, a user id for its entity and is_signature)."""
+    if DEVICE_LISTS_ROW is DeviceListsEntityRow and _other_device_lists_shape(cmd):
+        assert isinstance(cmd, c.RdataCommand) and isinstance(cmd.row, Row)
+        values = cmd.row.values()[: len(DEVICE_LISTS_ROW.FIELDS)]
+        return attrs.evolve(cmd, row=DEVICE_LISTS_ROW.from_values(values, cmd.row.extras))
+    return cmd
+
+
+def _corpus_line_skipped(line: str) -> bool:
+    """A corpus line (of the newest release) the installed release could not
+    have sent: its command or stream came later, or its device_lists row has
+    the other shape.  (A line synrepl refuses is kept, to be reported.)"""
+    ours = _synrepl_parse(line)
+    return ours is not None and (
+        _release_lacks(ours) is not None or _other_device_lists_shape(ours)
+    )
+
+
 # ---------------------------------------------------------------- corpus
 
 
 @cache
 def _corpus_lines(name: str) -> tuple[str, ...]:
-    return tuple(line for _, line in corpus_entries(name))
+    """The lines of one corpus file that the installed release could have sent."""
+    return tuple(line for _, line in corpus_entries(name) if not _corpus_line_skipped(line))
 
 
 def _shape(line: str) -> tuple[str, ...]:
@@ -235,24 +322,33 @@ def _seed_lines() -> tuple[str, ...]:
 
 
 def test_stream_names_match_synapse() -> None:
-    """synrepl types exactly the streams Synapse registers: none missing, none extra."""
-    assert set(STREAM_NAMES) == set(STREAMS_MAP)
+    """Synapse registers exactly the streams synrepl.releases says the release
+    has (all synrepl types, on the newest): none missing, none extra."""
+    assert set(STREAMS_MAP) == FACTS.streams
+    assert FACTS.streams <= set(STREAM_NAMES)
     assert len(STREAM_NAMES) == len(set(STREAM_NAMES))
-    assert set(ROW_TYPES) == set(STREAMS_MAP) - {"events"}
+    assert set(ROW_TYPES) == set(STREAM_NAMES) - {"events"}
 
 
 def test_stream_names_in_synapse_order() -> None:
-    """STREAM_NAMES lists the streams in STREAMS_MAP order, as its docstring says."""
-    assert STREAM_NAMES == tuple(STREAMS_MAP)
+    """STREAM_NAMES lists the streams in STREAMS_MAP order, as its docstring says
+    (on an older release: those it has)."""
+    assert RELEASE_STREAMS == tuple(STREAMS_MAP)
 
 
-@pytest.mark.parametrize("stream", sorted(set(STREAMS_MAP) - {"events"}))
+@pytest.mark.parametrize("stream", sorted((set(STREAMS_MAP) | set(STREAM_NAMES)) - {"events"}))
 def test_row_fields_match_synapse(stream: str) -> None:
-    """A stream's row FIELDS are Synapse's ROW_TYPE attributes, in wire order."""
+    """A stream's row FIELDS are Synapse's ROW_TYPE attributes, in wire order
+    (device_lists: the row type of the release's shape)."""
+    if stream not in STREAMS_MAP and (reason := _no_stream(stream)) is not None:
+        pytest.skip(reason)
     fields = tuple(a.name for a in attr.fields(STREAMS_MAP[stream].ROW_TYPE))
-    assert ROW_TYPES[stream].FIELDS == fields
-    assert ROW_TYPES[stream].STREAM == stream
-    assert ROW_TYPES[stream].TYPE_ID is None
+    row_type = DEVICE_LISTS_ROW if stream == "device_lists" else ROW_TYPES[stream]
+    if stream == "device_lists":
+        assert fields == FACTS.device_lists_fields
+    assert row_type.FIELDS == fields
+    assert row_type.STREAM == stream
+    assert row_type.TYPE_ID is None
 
 
 def test_events_row_kinds_match_synapse() -> None:
@@ -290,22 +386,33 @@ _SAMPLES: tuple[c.Command, ...] = (
 
 
 def test_command_names_match_synapse() -> None:
-    """synrepl knows exactly Synapse's command names, each class under its NAME."""
-    assert set(c.COMMAND_TYPES) == set(COMMAND_MAP)
+    """Synapse has exactly the commands synrepl.releases says the release has
+    (all synrepl knows, on the newest), each class under its NAME."""
+    assert set(COMMAND_MAP) == FACTS.commands
+    assert FACTS.commands <= set(c.COMMAND_TYPES)
     for name, cls in c.COMMAND_TYPES.items():
         assert cls.NAME == name
-    assert {cmd.NAME for cmd in _SAMPLES} == set(COMMAND_MAP)
+    assert {cmd.NAME for cmd in _SAMPLES} == set(c.COMMAND_TYPES)
 
 
-@pytest.mark.parametrize("name", sorted(c.COMMAND_TYPES))
+@pytest.mark.parametrize("name", sorted(set(c.COMMAND_TYPES) | set(COMMAND_MAP)))
 def test_command_fields_match_synapse(name: str) -> None:
     """A command's attrs fields are Synapse's constructor arguments, in order."""
+    if name not in COMMAND_MAP and (reason := _no_command(name)) is not None:
+        pytest.skip(reason)
     assert _our_params(c.COMMAND_TYPES[name]) == _synapse_params(COMMAND_MAP[name])
+
+
+def _skip_unless_in_release(cmd: c.Command) -> None:
+    reason = _release_lacks(cmd)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 @pytest.mark.parametrize("cmd", _SAMPLES, ids=lambda cmd: cmd.NAME)
 def test_channel_matches_synapse(cmd: c.Command) -> None:
     """Every command is published on the Redis channel Synapse publishes it on."""
+    _skip_unless_in_release(cmd)
     expected = _to_synapse(cmd).redis_channel_name(SERVER_NAME)
     assert cmd.channel(SERVER_NAME) == expected
     assert c.channel_for(cmd, SERVER_NAME) == expected
@@ -314,6 +421,7 @@ def test_channel_matches_synapse(cmd: c.Command) -> None:
 @pytest.mark.parametrize("cmd", _SAMPLES, ids=lambda cmd: cmd.NAME)
 def test_sample_lines_match_synapse(cmd: c.Command) -> None:
     """A hand-written command of every kind encodes and parses as Synapse does."""
+    _skip_unless_in_release(cmd)
     syn_cmd = _to_synapse(cmd)
     assert synrepl.encode(cmd) == _synapse_line(syn_cmd)
     _assert_same_command(*_synapse_parse(synrepl.encode(cmd)), cmd)
@@ -322,8 +430,12 @@ def test_sample_lines_match_synapse(cmd: c.Command) -> None:
 # ---------------------------------------------------------------- generated commands
 
 
+#: Generated commands of what the installed release has (all, on the newest).
+_release_commands = rs.commands().filter(_in_release).map(_release_shaped)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cmd=rs.commands())
+@given(cmd=_release_commands)
 def test_generated_commands_match_synapse(cmd: c.Command) -> None:
     """Any generated command: same line as Synapse, and each side reads the other's.
 
@@ -350,9 +462,10 @@ def test_generated_commands_match_synapse(cmd: c.Command) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cmd=rs.rdata_commands(st.sampled_from(STREAM_NAMES)))
+@given(cmd=rs.rdata_commands(st.sampled_from(RELEASE_STREAMS)).map(_release_shaped))
 def test_generated_rows_match_synapse_parse_row(cmd: c.RdataCommand) -> None:
-    """Rows of every known stream: Synapse's parse_row reads the same fields.
+    """Rows of every known stream (the release has): Synapse's parse_row reads
+    the same fields.
 
     (``test_generated_commands_match_synapse`` draws unknown streams too; this
     one spends all its examples on typed rows.)
@@ -380,7 +493,8 @@ def test_corpus_lines_match_synapse(name: str) -> None:
     """Every line Synapse published in the corpus parses to the same values on both sides.
 
     RDATA rows are compared through each side's ``parse_row`` with the
-    normalisations of ``_field_matches``.
+    normalisations of ``_field_matches``.  On an older release, the lines it
+    could not have sent are left out (``_corpus_line_skipped``).
     """
     lines = _corpus_lines(name)
     assert lines
@@ -394,10 +508,18 @@ def test_corpus_lines_match_synapse(name: str) -> None:
 
 # ---------------------------------------------------------------- malformed input
 
+#: A device_lists row of the shape the installed release does not write.
+_OTHER_DEVICE_LISTS_ROW = (
+    DeviceListsRow("@u:hs", False, True)
+    if DEVICE_LISTS_ROW is DeviceListsEntityRow
+    else DeviceListsEntityRow("@u:hs", False)
+)
+
 #: Lines on which the two sides differ on purpose: (line, synrepl's result or
-#: None for a refusal, whether Synapse 1.163.2 accepts it, why).
+#: None for a refusal, whether the installed Synapse accepts it, why).  Each
+#: release of the matrix gives the same verdicts.
 _KNOWN_DIFFERENCES: tuple[tuple[str, c.Command | None, bool, str], ...] = (
-    # synrepl accepts, Synapse 1.163.2 refuses.
+    # synrepl accepts, Synapse refuses.
     (
         "POSITION events master 5",
         c.PositionCommand("events", "master", 5, 5),
@@ -421,6 +543,12 @@ _KNOWN_DIFFERENCES: tuple[tuple[str, c.Command | None, bool, str], ...] = (
         c.RdataCommand("events", "master", 5, RawRow("events", ["new-kind", ["!r:hs"]])),
         False,
         "an unknown events row kind becomes a RawRow (Synapse: KeyError)",
+    ),
+    (
+        c.encode(c.RdataCommand("device_lists", "master", 5, _OTHER_DEVICE_LISTS_ROW)),
+        c.RdataCommand("device_lists", "master", 5, _OTHER_DEVICE_LISTS_ROW),
+        False,
+        "a device_lists row of the other releases' shape (synrepl reads both)",
     ),
     # Synapse accepts, synrepl refuses: synrepl checks what Synapse trusts.
     ("POSITION events master 4 5 ", None, True, "trailing space: Synapse's int() strips"),
@@ -455,7 +583,7 @@ _KNOWN_DIFFERENCES: tuple[tuple[str, c.Command | None, bool, str], ...] = (
 def test_known_differences(
     line: str, ours: c.Command | None, synapse_accepts: bool, why: str
 ) -> None:
-    """Pins every known, intentional difference between synrepl and Synapse 1.163.2."""
+    """Pins every known, intentional difference between synrepl and the installed Synapse."""
     assert _synrepl_parse(line) == ours
     try:
         _synapse_parse(line)
@@ -467,7 +595,7 @@ def test_known_differences(
 
 
 def _known_difference(line: str, ours: c.Command) -> str | None:
-    """Why synrepl may accept ``line`` although Synapse 1.163.2 refuses it."""
+    """Why synrepl may accept ``line`` although the installed Synapse refuses it."""
     args = line.partition(" ")[2]
     if isinstance(ours, c.PositionCommand) and len(args.split(" ")) == 3:
         return "one-token POSITION"
@@ -478,6 +606,8 @@ def _known_difference(line: str, ours: c.Command) -> str | None:
             return "row extras"
         if isinstance(ours.row, RawRow) and ours.stream_name == "events":
             return "unknown events row kind"
+        if _other_device_lists_shape(ours):
+            return "device_lists row of the other shape"
     return None
 
 
@@ -522,6 +652,10 @@ def _mutate(line: str, rnd: random.Random) -> str:
     return line[:i] + char + line[i:]
 
 
+#: Valid lines of what the installed release has (rs.lines(), on the newest).
+_release_lines = _release_commands.map(c.encode)
+
+
 @st.composite
 def _mutated_lines(draw: st.DrawFn) -> str:
     """A corpus (or generated) line with one to three small corruptions.
@@ -529,7 +663,7 @@ def _mutated_lines(draw: st.DrawFn) -> str:
     Positions come from a Hypothesis-controlled Random so that they spread
     over the whole line (drawn integers favour the ends).
     """
-    line = draw(st.deferred(lambda: st.sampled_from(_seed_lines())) | rs.lines())
+    line = draw(st.deferred(lambda: st.sampled_from(_seed_lines())) | _release_lines)
     rnd = draw(st.randoms(use_true_random=False))
     for _ in range(rnd.choice((1, 1, 1, 2, 3))):
         line = _mutate(line, rnd)
@@ -546,9 +680,10 @@ def test_mutated_lines_synrepl_is_no_laxer_than_synapse(line: str) -> None:
     same values, unless the line is one of the intentional differences of
     ``_known_difference``.  synrepl refusing what Synapse accepts is allowed:
     synrepl checks types that Synapse trusts (see ``_KNOWN_DIFFERENCES``).
+    A command or stream the installed release lacks has nothing to compare.
     """
     ours = _synrepl_parse(line)
-    if ours is None:
+    if ours is None or not _in_release(ours):
         return
     try:
         syn_cmd, syn_row = _synapse_parse(line)

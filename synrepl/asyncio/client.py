@@ -34,6 +34,7 @@ from synrepl._ratelimit import MonotonicClock
 from synrepl.config import SynapseConfig
 from synrepl.connection import AttemptFailure, TransportOptions
 from synrepl.delivery import HandlerFailurePolicy
+from synrepl.releases import SynapseRelease
 
 if TYPE_CHECKING:
     from synrepl.asyncio.http_client import ReplicationHttpClient
@@ -79,6 +80,7 @@ class ReplicationClient(ClientCore["asyncio.Future[None]"]):
         failure_policy: HandlerFailurePolicy | None = None,
         seed_from: PositionSource | None = None,
         silent_after: float | None = 30.0,
+        release: SynapseRelease | None = None,
     ) -> None:
         from synrepl.asyncio.redis_transport import RedisTransport
 
@@ -97,6 +99,7 @@ class ReplicationClient(ClientCore["asyncio.Future[None]"]):
             failure_policy=failure_policy,
             seed_from=seed_from,
             silent_after=silent_after,
+            release=release,
         )
         #: The HTTP replication client when the client built it.
         self.http: ReplicationHttpClient | None = None
@@ -121,7 +124,10 @@ class ReplicationClient(ClientCore["asyncio.Future[None]"]):
         from synrepl.asyncio.http_client import ReplicationHttpClient
 
         http = ReplicationHttpClient(
-            self._config, instance_name=self.instance_name, position_waiter=self
+            self._config,
+            instance_name=self.instance_name,
+            position_waiter=self,
+            release=self.release,
         )
         self.http = http
         return http

@@ -10,7 +10,6 @@ secret and to any unexpected failure alike.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from typing import Any, cast
 from urllib.parse import unquote
@@ -47,7 +46,6 @@ __all__ = (
     "explain_http_failure",
     "describe_answer",
     "describe_location",
-    "synapse_version",
     "HistoryUnavailable",
     "history_pages",
 )
@@ -120,14 +118,6 @@ class ProbeClient:
     def server_header(self) -> str | None:
         """The ``Server`` header of the last answer (None: none, or no answer)."""
         return self._agent.server
-
-
-def synapse_version(server_header: str | None) -> str | None:
-    """``"1.163.2"`` from ``"Synapse/1.163.2"`` (None when it is not Synapse's)."""
-    if not server_header:
-        return None
-    match = re.match(r"Synapse/(\S+)", server_header)
-    return match.group(1) if match else None
 
 
 def describe_location(location: InstanceLocation) -> str:

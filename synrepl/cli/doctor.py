@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from synrepl.cli._errors import EXIT_FAILURE, EXIT_OK, UsageError
-from synrepl.cli._http import ProbeClient, describe_location, explain_http_failure, synapse_version
+from synrepl.cli._http import ProbeClient, describe_location, explain_http_failure
 from synrepl.cli._options import add_cluster_options, parse_redis_url, positive_float
 from synrepl.cli._render import make_console
 from synrepl.cli._runtime import RedisUnreachable, connect_redis, sleep
@@ -29,8 +29,7 @@ from synrepl.commands import (
 )
 from synrepl.config import SynapseConfig, load_config, read_config_files
 from synrepl.errors import ConfigError, ProtocolError
-from synrepl.http import SYNAPSE_VERSION
-from synrepl.releases import SynapseRelease, UnknownReleaseError, support_of
+from synrepl.releases import INTEROP_TESTED, support_of
 from synrepl.sharding import (
     MAIN_INSTANCE_NAME,
     MAIN_MAP_KEY,
@@ -39,6 +38,9 @@ from synrepl.sharding import (
 )
 
 __all__ = ("add_parser", "run", "Check")
+
+_MATRIX = ", ".join(str(r) for r in INTEROP_TESTED)
+
 
 DESCRIPTION = f"""\
 Check a Synapse deployment's replication from its config files and say, line
@@ -52,7 +54,7 @@ by line, what is right and what is wrong, with the fix:
   listeners  each instance_map entry answers HTTP replication and accepts
              the worker_replication_secret
   versions   the Synapse version of each instance (its Server header), and
-             whether synrepl supports it (tested with {SYNAPSE_VERSION})
+             whether synrepl supports it (the interop matrix: {_MATRIX})
 
 doctor publishes one REPLICATE (as every worker does when it connects) so
 that each process answers with its POSITIONs; --passive only listens.
@@ -517,8 +519,8 @@ async def _check_listeners(
             "secret accepted" if config.worker_replication_secret is not None else "no secret set"
         )
         report.add("ok", f"{_map_key(name)} at {location}: replication listener answers, {secret}")
-        version = synapse_version(probe.server_header)
-        if version is None:
+        release = probe.http.releases_seen.get(name)
+        if release is None:
             server = probe.server_header or "no Server header"
             report.add(
                 "warn",
@@ -526,27 +528,16 @@ async def _check_listeners(
                 "Synapse names itself in the Server header; a proxy in between may replace it",
             )
             continue
-        versions[name] = version
-        if version == SYNAPSE_VERSION:
-            report.add("ok", f"{_map_key(name)} runs Synapse {version} (supported)")
-            continue
-        try:
-            support = support_of(SynapseRelease.parse(version))
-        except UnknownReleaseError:
-            report.add(
-                "warn", f"{_map_key(name)} runs Synapse {version!r}, not a release synrepl can read"
-            )
-            continue
+        versions[name] = str(release)
+        support = support_of(release)
         if support.level == "tested":
-            report.add(
-                "ok", f"{_map_key(name)} runs Synapse {version} (supported: {SYNAPSE_VERSION})"
-            )
+            report.add("ok", f"{_map_key(name)} runs {support.text}")
         else:
             report.add(
                 "warn",
                 f"{_map_key(name)} runs {support.text}",
                 "docs/tested-against.md lists what each release changed on the wire; "
-                "run synrepl's interop suite against this release to be sure",
+                "run synrepl's interop matrix (tests/interop/matrix.py) against this release",
             )
     if len(set(versions.values())) > 1:
         listed = ", ".join(f"{_map_key(n)} {v}" for n, v in versions.items())

@@ -49,6 +49,7 @@ from synrepl.http._stubs import ReplicationStubs
 from synrepl.http.endpoints import Endpoint
 from synrepl.http.errors import (
     EndpointNotInReleaseError,
+    HttpReplicationError,
     PositionWaitTimeoutError,
     ReplicationRequestError,
     ReplicationTimeoutError,
@@ -69,7 +70,7 @@ from synrepl.http.requests import (
 )
 from synrepl.http.retry import FailureKind, RetryPolicy
 from synrepl.http.routing import route_instance
-from synrepl.releases import SynapseRelease, facts_for
+from synrepl.releases import ReleaseFacts, SynapseRelease, facts_for, release_in_server_header
 from synrepl.sharding import InstanceLocation, canonical_instance_name
 
 __all__ = (
@@ -359,7 +360,13 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
         release: the Synapse release the cluster runs, when known: an
             endpoint it lacks is refused (:class:`EndpointNotInReleaseError`)
             before any request.  None: every endpoint of
-            :data:`~synrepl.releases.NEWEST`.
+            :data:`~synrepl.releases.NEWEST` until an instance says otherwise.
+
+    Every answer's ``Server`` header (``Synapse/1.98.0``) tells which
+    release that instance runs (:attr:`releases_seen`); from then on it
+    overrides ``release`` for that instance, since during a rolling upgrade
+    instances run different releases.  A 404 from an instance whose release
+    lacks the endpoint is an :class:`EndpointNotInReleaseError` too.
     """
 
     def __init__(
@@ -378,6 +385,7 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
     ) -> None:
         self._config = config
         self._release = None if release is None else facts_for(release)
+        self._seen: dict[str, ReleaseFacts] = {}
         self._secret = config.worker_replication_secret
         self._instance_name = canonical_instance_name(instance_name or config.instance_name)
         self._local_positions = local_positions
@@ -390,6 +398,42 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} as {self._instance_name!r}>"
+
+    @property
+    def releases_seen(self) -> Mapping[str, SynapseRelease]:
+        """``{instance: release}`` from the ``Server`` header of each
+        instance's latest answer."""
+        return {instance: facts.release for instance, facts in self._seen.items()}
+
+    async def detect_release(self, instance: str = "master") -> SynapseRelease | None:
+        """Ask ``instance`` which Synapse release it runs.
+
+        One harmless call (an empty range of the ``caches`` stream, which
+        every instance serves), whose answer's ``Server`` header names the
+        release.  None: the answer named none (a proxy may replace the header).
+
+        Raises:
+            ReplicationRequestError: no answer came (an error status still
+                names the release, and is not raised).
+        """
+        try:
+            await self.get_repl_stream_updates(instance, "caches", 0, 0)
+        except HttpReplicationError:
+            pass
+        return self.releases_seen.get(canonical_instance_name(instance))
+
+    def _facts_of(self, instance: str) -> ReleaseFacts | None:
+        return self._seen.get(instance, self._release)
+
+    def _note_server(self, instance: str, answer: HttpAnswer) -> None:
+        server = next((v for k, v in answer.headers if k.lower() == "server"), None)
+        release = release_in_server_header(server)
+        if release is None:
+            return
+        known = self._seen.get(instance)
+        if known is None or known.release != release:
+            logger.info("%s runs Synapse %s", instance, release)
+            self._seen[instance] = facts_for(release)
 
     @property
     def position_waiter(self) -> _W | None:
@@ -476,12 +520,9 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
             ConfigError: the secret or the host cannot be sent.
         """
         entry = lookup_endpoint(endpoint)
-        if self._release is not None:
-            missing = self._release.lacks_endpoint(entry.name)
-            if missing is not None:
-                raise EndpointNotInReleaseError(entry.name, str(self._release.release), missing)
         check_arguments(entry, args)
         target = instance if instance is not None else route_instance(entry, self._config, args)
+        self._refuse_if_lacking(entry.name, canonical_instance_name(target))
         try:
             location = self._config.location_of(target)
         except ConfigError as e:
@@ -502,6 +543,14 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
             timeout=self._timeout,
             max_response_size=self._max_response_size,
         )
+
+    def _refuse_if_lacking(self, endpoint: str, instance: str) -> None:
+        facts = self._facts_of(instance)
+        if facts is None:
+            return
+        missing = facts.lacks_endpoint(endpoint)
+        if missing is not None:
+            raise EndpointNotInReleaseError(endpoint, str(facts.release), missing)
 
     def _request_positions(
         self, endpoint: Endpoint, explicit: Mapping[str, int] | None
@@ -532,6 +581,9 @@ class HttpClientCore(ReplicationStubs, Generic[_W]):
                 )
                 await self._sleep(delay)
                 continue
+            self._note_server(attempt.instance, answer)
+            if answer.status == 404:
+                self._refuse_if_lacking(attempt.endpoint.name, attempt.instance)
             return parse_response(
                 attempt.endpoint, attempt.instance, answer.status, answer.body, answer.reason
             )

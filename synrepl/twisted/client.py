@@ -48,6 +48,7 @@ from synrepl._client_core import (
 from synrepl.config import SynapseConfig
 from synrepl.connection import AttemptFailure, TransportOptions
 from synrepl.delivery import HandlerFailurePolicy
+from synrepl.releases import SynapseRelease
 from synrepl.twisted.http_client import ReplicationHttpClient
 from synrepl.twisted.redis_transport import RedisTransport
 
@@ -118,6 +119,10 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         seed_from: an event source (``synrepl.events``) to read "from now"
             positions from before any writer speaks.
         silent_after: seconds after start to log the writers still silent.
+        release: the Synapse release the cluster runs, when known
+            (:func:`synrepl.releases.SynapseRelease.parse`; the HTTP client's
+            ``detect_release`` finds it): only its streams are followed, and
+            its HTTP client refuses the endpoints it lacks.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         failure_policy: HandlerFailurePolicy | None = None,
         seed_from: PositionSource | None = None,
         silent_after: float | None = 30.0,
+        release: SynapseRelease | None = None,
     ) -> None:
         super().__init__(
             config,
@@ -158,6 +164,7 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
             failure_policy=failure_policy,
             seed_from=seed_from,
             silent_after=silent_after,
+            release=release,
         )
         self._reactor = reactor
         #: The HTTP replication client (typed stubs for every endpoint) when the
@@ -190,7 +197,11 @@ class ReplicationClient(ClientCore["defer.Deferred[None]"]):
         # Our own name matters: answers whose positions were written by the
         # instance we are would otherwise not be waited for.
         http = ReplicationHttpClient(
-            self._reactor, self._config, instance_name=self.instance_name, position_waiter=self
+            self._reactor,
+            self._config,
+            instance_name=self.instance_name,
+            position_waiter=self,
+            release=self.release,
         )
         self.http = http
         return http

@@ -43,7 +43,7 @@ from redis_server import RedisServer, redis_server_available
 from repl import Observation, every
 
 from synrepl.config import load_config
-from synrepl.streams import STREAM_NAMES
+from synrepl.releases import NEWEST, OLDEST_KNOWN, ReleaseFacts, SynapseRelease
 
 TIMINGS: dict[str, float] = {}
 _SESSION_START = time.monotonic()
@@ -92,14 +92,22 @@ def interop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _check_versions() -> None:
     version = harness.installed_synapse_version()
-    if version != harness.SYNAPSE_VERSION:
+    release = SynapseRelease.parse(version)
+    if not OLDEST_KNOWN <= release <= NEWEST:
         pytest.exit(
-            f"the interop suite is pinned to Synapse {harness.SYNAPSE_VERSION}, "
-            f"but {version} is installed",
+            f"Synapse {version} (from {harness.synapse_python()}) is outside the releases "
+            f"synrepl knows ({OLDEST_KNOWN} to {NEWEST})",
             returncode=2,
         )
     if not redis_server_available():
         pytest.exit("the interop suite needs a redis-server executable on PATH", returncode=2)
+
+
+@pytest.fixture(scope="session")
+def release_facts() -> ReleaseFacts:
+    """What the Synapse release under test (the one ``SYNREPL_SYNAPSE_PYTHON``
+    runs) has on the wire, from synrepl.releases."""
+    return harness.release_facts()
 
 
 def _redis(directory: Path, name: str) -> Iterator[RedisServer]:
@@ -192,7 +200,7 @@ async def obs(
     observation = Observation(
         load_config(*main_only.config_files["master"]), main_redis.port, adapter=adapter
     )
-    await observation.start(every(STREAM_NAMES, {"master"}))
+    await observation.start(every(harness.release_facts().streams, {"master"}))
     try:
         yield observation
     finally:

@@ -4,9 +4,11 @@ Everything here is blocking and runs outside the reactor (fixture set-up) or
 in a thread (``deferToThread``) when a test restarts a process mid-run.
 
 - :class:`SynapseProcess`: one ``synapse.app.homeserver`` or
-  ``synapse.app.generic_worker`` process, started with the Python that runs
-  the tests (so, under tox, the interop env's Synapse), its own log file, and
-  a readiness check on ``GET /health`` rather than sleeps.
+  ``synapse.app.generic_worker`` process, started with the Python of the
+  Synapse release under test (:func:`synapse_python`: the tests' own, so the
+  interop env's Synapse, unless ``SYNREPL_SYNAPSE_PYTHON`` names another
+  environment's), its own log file, and a readiness check on ``GET /health``
+  rather than sleeps.
 - :func:`main_only` and :func:`cluster`: the two deployments the suite runs,
   written as Synapse's own YAML files so that synrepl reads them exactly as
   an operator's would be read (:func:`synrepl.config.load_config`).
@@ -18,6 +20,7 @@ Synapse is AGPL: it is started as a separate program here, never imported.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import secrets
 import signal
@@ -33,8 +36,12 @@ from typing import Any
 
 import attrs
 import yaml
+from synapse_envs import installed_release
 
-#: The Synapse release the suite is pinned to (setup.cfg, the ``interop`` extra).
+from synrepl.releases import ReleaseFacts, SynapseRelease, facts_for
+
+#: The Synapse release the interop extra installs (setup.cfg); other
+#: releases run from environments of their own (``SYNREPL_SYNAPSE_PYTHON``).
 SYNAPSE_VERSION = "1.163.2"
 
 SECRET = "interop-replication-secret"
@@ -80,10 +87,49 @@ def wait_for_subscribers(redis_port: int, channel: str, count: int, timeout: flo
         time.sleep(0.05)
 
 
-def installed_synapse_version() -> str:
-    from importlib.metadata import version
+def synapse_python() -> str:
+    """The interpreter whose environment holds the Synapse release under test.
 
-    return version("matrix-synapse")
+    ``SYNREPL_SYNAPSE_PYTHON`` names it (``tests/interop/synapse_envs.py``
+    builds one per release); otherwise it is the tests' own.  synrepl itself
+    always runs from the tests' environment: only Synapse changes.
+    """
+    return os.environ.get("SYNREPL_SYNAPSE_PYTHON") or sys.executable
+
+
+@functools.cache
+def release_facts() -> ReleaseFacts:
+    """What the release under test has on the wire (synrepl.releases, whose
+    facts are checked against every release's own wheel): the scenarios
+    expect only the streams, commands and endpoints it has."""
+    return facts_for(SynapseRelease.parse(installed_synapse_version()))
+
+
+@functools.cache
+def synapse_streams() -> tuple[str, ...]:
+    """The streams the release under test registers, in its order, read
+    from its own ``STREAMS_MAP`` in its own interpreter (never imported here)."""
+    answer = subprocess.run(
+        [
+            synapse_python(),
+            "-c",
+            "from synapse.replication.tcp.streams import STREAMS_MAP; print(' '.join(STREAMS_MAP))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return tuple(answer.stdout.split())
+
+
+def installed_synapse_version(python: str | None = None) -> str:
+    """The matrix-synapse release installed for ``python`` (default: :func:`synapse_python`)."""
+    python = python or synapse_python()
+    version = installed_release(python)
+    if version is None:
+        raise SynapseError(f"{python} has no matrix-synapse installed")
+    return version
 
 
 # --------------------------------------------------------------- processes
@@ -103,8 +149,11 @@ class SynapseProcess:
         config_files: list[Path],
         health_port: int,
         directory: Path,
+        python: str | None = None,
     ) -> None:
         self.name = name
+        #: the interpreter (so the Synapse release) this process runs with
+        self.python = python or synapse_python()
         self.app = app
         self.config_files = config_files
         self.health_port = health_port
@@ -128,7 +177,7 @@ class SynapseProcess:
         """Start the process without waiting for it."""
         if self.running():
             raise SynapseError(f"{self.name} is already running")
-        args = [sys.executable, "-m", self.app]
+        args = [self.python, "-m", self.app]
         for path in self.config_files:
             args += ["-c", str(path)]
         out = open(self.stdout_file, "ab")  # noqa: SIM115 - the child keeps it
@@ -492,10 +541,16 @@ def cluster(
     redis_port: int,
     database: PostgresDatabase,
     server_name: str = "cluster.interop.test",
+    pythons: Mapping[str, str] | None = None,
 ) -> Deployment:
     """A main process and four generic workers on PostgreSQL: two event
     persisters, a typing writer and a to_device/account_data/receipts/presence
-    writer, all in ``instance_map``."""
+    writer, all in ``instance_map``.
+
+    ``pythons`` runs some instances (by name) with another interpreter, so
+    another Synapse release, as during a rolling upgrade; the others run
+    :func:`synapse_python`'s."""
+    pythons = pythons or {}
     client_port, repl_port = free_port(), free_port()
     ports = {name: free_port() for name in CLUSTER_WORKERS}
     instance_map: dict[str, Any] = {"main": {"host": "127.0.0.1", "port": repl_port}}
@@ -515,7 +570,12 @@ def cluster(
     shared = _write_yaml(directory / "homeserver.yaml", config)
     processes = {
         "master": SynapseProcess(
-            "master", "synapse.app.homeserver", [shared], client_port, directory
+            "master",
+            "synapse.app.homeserver",
+            [shared],
+            client_port,
+            directory,
+            python=pythons.get("master"),
         )
     }
     config_files = {"master": [shared]}
@@ -533,7 +593,12 @@ def cluster(
             },
         )
         processes[name] = SynapseProcess(
-            name, "synapse.app.generic_worker", [shared, worker], ports[name], directory
+            name,
+            "synapse.app.generic_worker",
+            [shared, worker],
+            ports[name],
+            directory,
+            python=pythons.get(name),
         )
         config_files[name] = [shared, worker]
         if "client" in resources:

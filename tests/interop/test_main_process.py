@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from client_helpers import sleep, wait_until
-from harness import Deployment
+from client_helpers import make_client, sleep, wait_until
+from harness import Deployment, installed_synapse_version, release_facts, synapse_streams
 from matrix_api import Api, User
 from redis_server import RedisServer
 from repl import Observation, Recorder, every, start_client
@@ -29,6 +29,7 @@ from synrepl.streams import (
     STREAM_NAMES,
     AccountDataRow,
     CurrentStateRow,
+    DeviceListsEntityRow,
     DeviceListsRow,
     EventRow,
     PresenceRow,
@@ -38,6 +39,7 @@ from synrepl.streams import (
     ToDeviceRow,
     TypingRow,
 )
+from synrepl.twisted.client import NotReadyError
 
 pytestmark = pytest.mark.main_only
 
@@ -88,20 +90,22 @@ async def test_join_gets_a_position_for_every_stream_of_this_synapse(
     main_only: Deployment, main_redis: RedisServer, adapter: str
 ) -> None:
     """A ReplicationClient that joins gets a POSITION from the main process
-    for every stream Synapse 1.163.2 has (all 19: the main process here also
-    writes ``federation``), and synrepl knows every one of them by name."""
-    from synapse.replication.tcp.streams import STREAMS_MAP  # the installed Synapse's list
+    for every stream the Synapse release under test has (19 in 1.163.2: the
+    main process here also writes ``federation``), synrepl knows every one of
+    them by name, and synrepl.releases says that release has exactly those."""
+    streams_map = synapse_streams()  # the release's own list, from its interpreter
 
     observation = Observation(
         load_config(*main_only.config_files["master"]), main_redis.port, adapter=adapter
     )
-    await observation.start(every(STREAM_NAMES, MASTER))
+    await observation.start(every(streams_map, MASTER))
     try:
-        assert set(STREAMS_MAP) == set(STREAM_NAMES)
+        assert set(streams_map) <= set(STREAM_NAMES)
+        assert set(streams_map) == release_facts().streams
         answered = {(s, w) for s, w, _, _ in observation.tap.positions()}
-        assert answered >= {(s, "master") for s in STREAMS_MAP}
+        assert answered >= {(s, "master") for s in streams_map}
         positions = observation.client.positions()  # type: ignore[union-attr]
-        assert set(positions) == set(STREAMS_MAP)
+        assert set(positions) == set(streams_map)
 
         # Each stream is at the token the writer last announced: a POSITION's
         # new token, or a later row's (presence moves on its own, with the
@@ -117,37 +121,79 @@ async def test_join_gets_a_position_for_every_stream_of_this_synapse(
         await observation.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_client_told_its_release_follows_that_release_streams(
+    main_only: Deployment, adapter: str
+) -> None:
+    """The HTTP client finds the release from the Server header; a client
+    told that release follows exactly its streams and becomes ready, while
+    a client left to the newest's streams is kept waiting by precisely the
+    streams this release lacks (none on the newest), and says which."""
+    from synrepl.releases import SynapseRelease
+
+    config = load_config(*main_only.config_files["master"])
+    release = SynapseRelease.parse(installed_synapse_version())
+    told = make_client(adapter, config, read_only=True, release=release)
+    untold = make_client(adapter, config, read_only=True)
+    try:
+        assert await told.http.detect_release("master") == release
+        await told.start()
+        await told.wait_ready(30)
+        assert set(told.positions()) == release_facts().streams
+        await untold.start()
+        lacking = set(STREAM_NAMES) - release_facts().streams
+        try:
+            await untold.wait_ready(10)
+        except NotReadyError as e:
+            assert set(e.silent) == lacking, e
+        else:
+            assert lacking == set()
+    finally:
+        for client in (told, untold):
+            await client.stop()
+            await client.http.close()
+
+
 # ---------------------------------------------------------------- scenario 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_register_login_profile_and_push_rules(api: Api, obs: Observation) -> None:
-    """register and login -> device_lists; a display name change ->
-    profile_updates and a new membership event; a push rule -> push_rules."""
+    """register and login -> device_lists (the row of the release under test:
+    two fields before 1.110); a display name change -> profile_updates (from
+    1.159) and a new membership event; a push rule -> push_rules."""
     rec = obs.rec
+    facts = release_facts()
     alice = await new_user(api, "alice")
+    if facts.device_lists_fields == DeviceListsEntityRow.FIELDS:
+        alices: Any = DeviceListsEntityRow(alice.user_id, False)
+
+        def of_alice(r: Any) -> bool:
+            return bool(r.entity == alice.user_id)
+    else:
+        alices = DeviceListsRow(alice.user_id, False, False)
+
+        def of_alice(r: Any) -> bool:
+            return bool(r.user_id == alice.user_id)
+
     (registered,) = await rec.wait_for(
-        "device_lists row for the registration",
-        "device_lists",
-        where=lambda r: r.user_id == alice.user_id,
+        "device_lists row for the registration", "device_lists", where=of_alice
     )
-    assert registered == DeviceListsRow(alice.user_id, False, False)
+    assert registered == alices
 
     await api.login(alice.user_id, alice.password)
     rows = await rec.wait_for(
-        "device_lists row for the login",
-        "device_lists",
-        where=lambda r: r.user_id == alice.user_id,
-        count=2,
+        "device_lists row for the login", "device_lists", where=of_alice, count=2
     )
-    assert rows == [DeviceListsRow(alice.user_id, False, False)] * 2
+    assert rows == [alices] * 2
 
     room = await alice.create_room(name="profile")
     await alice.set_displayname("Alice Interop")
-    (profile,) = await rec.wait_for(
-        "profile_updates row", "profile_updates", where=lambda r: r.user_id == alice.user_id
-    )
-    assert profile == ProfileUpdatesRow(alice.user_id, "update", ("displayname",))
+    if "profile_updates" in facts.streams:
+        (profile,) = await rec.wait_for(
+            "profile_updates row", "profile_updates", where=lambda r: r.user_id == alice.user_id
+        )
+        assert profile == ProfileUpdatesRow(alice.user_id, "update", ("displayname",))
     members = await rec.wait_for(
         "the member event with the new display name",
         "events",
@@ -354,7 +400,9 @@ async def test_offline_catch_up_from_a_saved_position_map(
     room = await alice.create_room(preset="public_chat")
     await bob.join(room)
     first = Recorder()
-    client = await start_client(config, every(STREAM_NAMES, MASTER), first, adapter=obs.adapter)
+    client = await start_client(
+        config, every(release_facts().streams, MASTER), first, adapter=obs.adapter
+    )
     await alice.message(room, "before the restart")
     await first.wait_for(
         "the message before the restart",

@@ -1,0 +1,189 @@
+"""A rolling upgrade: a main process of one release, a worker of the previous.
+
+The cluster is ``conftest.cluster``'s shape on its own database and Redis,
+with ``persister2`` (an event persister) and ``writer1`` (to_device,
+account data, receipts, presence) running the previous Synapse release
+(``SYNREPL_SYNAPSE_PREVIOUS_PYTHON``: ``tests/interop/matrix.py`` builds it)
+while the main process and the rest run the release under test.  A synrepl
+client follows every stream while messages go to rooms on both persisters;
+then ``persister2`` is upgraded (stopped, started on the main's release)
+while messages keep coming.  Every event arrives once, from its persister,
+and everything on the wire is delivered; ``synrepl doctor`` names each
+instance's release.
+
+Without ``SYNREPL_SYNAPSE_PREVIOUS_PYTHON`` the module is skipped, except
+under ``CI``, where that is a failure: CI must run it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from harness import (
+    Deployment,
+    PostgresDatabase,
+    cluster,
+    installed_synapse_version,
+    release_facts,
+    synapse_python,
+    wait_for_subscribers,
+)
+from matrix_api import Api, cluster_route
+from redis_server import RedisServer
+from repl import Observation
+from test_cluster import (
+    WRITERS,
+    assert_every_event_once,
+    new_user,
+    rooms_on_each_persister,
+)
+from twisted.internet import threads
+
+from synrepl.config import load_config
+from synrepl.releases import SynapseRelease, facts_for
+
+pytestmark = pytest.mark.cluster
+
+#: The instances that start on the previous release.
+PREVIOUS = ("persister2", "writer1")
+
+
+@pytest.fixture(scope="module")
+def previous_python() -> str:
+    python = os.environ.get("SYNREPL_SYNAPSE_PREVIOUS_PYTHON")
+    if not python:
+        why = "SYNREPL_SYNAPSE_PREVIOUS_PYTHON names no environment of the previous release"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return python
+
+
+@pytest.fixture(scope="module")
+def mixed_redis(interop_dir: Path) -> Iterator[RedisServer]:
+    directory = interop_dir / "mixed-redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def mixed(
+    interop_dir: Path, mixed_redis: RedisServer, previous_python: str
+) -> Iterator[Deployment]:
+    directory = interop_dir / "mixed"
+    directory.mkdir()
+    database = PostgresDatabase()
+    database.create()
+    try:
+        deployment = cluster(
+            directory,
+            mixed_redis.port,
+            database,
+            server_name="mixed.interop.test",
+            pythons={name: previous_python for name in PREVIOUS},
+        )
+        try:
+            deployment.start()
+            yield deployment
+        finally:
+            deployment.stop()
+    finally:
+        database.drop()
+
+
+@pytest_twisted.async_yield_fixture
+async def mixed_api(mixed: Deployment) -> AsyncIterator[Api]:
+    client = Api(cluster_route(mixed.client_urls))
+    yield client
+    await client.close()
+
+
+def server_header(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+        return str(answer.headers["Server"])
+
+
+def instance_port(deployment: Deployment, name: str) -> int:
+    return deployment.processes[name].health_port
+
+
+@pytest_twisted.ensureDeferred
+async def test_rolling_upgrade_loses_nothing(
+    mixed: Deployment, mixed_redis: RedisServer, mixed_api: Api, previous_python: str
+) -> None:
+    previous = installed_synapse_version(previous_python)
+    current = installed_synapse_version()
+    assert SynapseRelease.parse(previous) < SynapseRelease.parse(current)
+    for name in mixed.processes:
+        expected = previous if name in PREVIOUS else current
+        assert server_header(instance_port(mixed, name)) == f"Synapse/{expected}", name
+
+    # Only the streams both releases have: a stream new in the main's
+    # release has no writer on the old workers yet.
+    both = release_facts().streams & facts_for(SynapseRelease.parse(previous)).streams
+    expect = {s: w for s, w in WRITERS.items() if s in both}
+    obs = Observation(load_config(mixed.shared_config), mixed_redis.port)
+    await obs.start(expect)
+    try:
+        alice, bob = await new_user(mixed_api, "alice"), await new_user(mixed_api, "bob")
+        rooms = await rooms_on_each_persister(alice, obs.config, per_persister=2)
+        every_room = [room for listed in rooms.values() for room in listed]
+        for room in every_room:
+            await bob.join(room)
+            for n in range(3):
+                await alice.message(room, f"before the upgrade {n}")
+                await bob.message(room, f"reply {n}")
+
+        upgraded = mixed.processes["persister2"]
+        subscribed = len(mixed.processes)
+        upgraded.stop()
+        upgraded.python = synapse_python()
+        await threads.deferToThread(upgraded.start)
+        await threads.deferToThread(
+            wait_for_subscribers, mixed.redis_port, mixed.server_name, subscribed
+        )
+        assert server_header(upgraded.health_port) == f"Synapse/{current}"
+        for room in every_room:
+            for n in range(3):
+                await alice.message(room, f"after the upgrade {n}")
+
+        await assert_every_event_once(obs.rec, alice, rooms)
+        assert obs.rec.gaps == []
+        obs.rec.assert_in_order_once()
+        await obs.assert_matches_wire()
+    finally:
+        await obs.stop()
+
+
+def test_doctor_names_each_instance_release(mixed: Deployment, previous_python: str) -> None:
+    """``synrepl doctor`` on the mixed cluster names both releases, instance
+    by instance, and warns that they differ."""
+    previous = installed_synapse_version(previous_python)
+    current = installed_synapse_version()
+    doctor = ["doctor", "--color", "never", "--listen", "1", "-c", str(mixed.shared_config)]
+    ran = subprocess.run(
+        [sys.executable, "-m", "synrepl", *doctor],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    lines = ran.stdout.splitlines()
+    for name, process in mixed.processes.items():
+        key = "main" if name == "master" else name
+        release = installed_synapse_version(process.python)
+        assert any(f"{key} runs Synapse {release}" in line for line in lines), (name, ran.stdout)
+    assert any("instances run different Synapse versions" in line for line in lines), ran.stdout
+    assert previous != current
