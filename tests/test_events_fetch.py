@@ -934,3 +934,43 @@ def test_bad_conninfo_is_refused_at_once_without_the_password() -> None:
     with pytest.raises(ValueError) as caught:
         PostgresEventSource("host=h password=abc def")
     assert "def" not in str(caught.value) and "abc" not in str(caught.value)
+
+
+def test_a_database_of_an_older_release_is_read_as_that_release_reads_it(tmp_path: Path) -> None:
+    """Before ``redactions.recheck`` (schema 94) and ``room_ban_redactions``
+    (schema 92) existed, Synapse checked every redaction as it read the
+    event: a redaction from the same room applies, one from another room or a
+    rejected one does not, and no ban table is asked for."""
+    db = FakeHomeserverDb(tmp_path / "old.db")
+    db.conn.execute("ALTER TABLE redactions DROP COLUMN recheck")
+    db.conn.execute("DROP TABLE room_ban_redactions")
+    db.room("!r:hs")
+    db.room("!other:hs")
+    for event_id in ("$a", "$b", "$c"):
+        db.event(event_id)
+    for event_id, redacts, extra in (
+        ("$red", "$a", {}),
+        ("$far", "$b", {"room_id": "!other:hs"}),
+        ("$rej", "$c", {"rejected": "auth"}),
+    ):
+        db.ordering += 1
+        pdu = {"type": "m.room.redaction", "sender": "@alice:hs", "redacts": redacts, "content": {}}
+        room = extra.get("room_id", "!r:hs")
+        db.conn.execute(
+            "INSERT INTO events VALUES (?, ?, ?, 'm.room.redaction', 0, '@alice:hs', 'master')",
+            (db.ordering, event_id, room),
+        )
+        db.conn.execute(
+            "INSERT INTO event_json VALUES (?, ?, '{}', ?, 3)", (event_id, room, json.dumps(pdu))
+        )
+        db.conn.execute(
+            "INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (event_id, redacts)
+        )
+        if "rejected" in extra:
+            db.conn.execute("INSERT INTO rejections VALUES (?, 'auth', 'x')", (event_id,))
+    with SqliteEventSource(db.path) as old:
+        got = old.fetch(["$a", "$b", "$c"])
+    assert (got["$a"].redacted, got["$a"].redacted_by) == (True, "$red")
+    assert got["$b"].redacted is False, "a redaction from another room does not apply"
+    assert got["$c"].redacted is False, "a rejected redaction does not apply"
+    db.conn.close()

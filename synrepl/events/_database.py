@@ -28,6 +28,13 @@ Where Synapse (1.163.2) keeps what a :class:`~synrepl.events.FullEvent` holds:
 
 ``m.room.create`` events are never redacted.
 
+Older releases lack the newest of these (:class:`Schema`, read from the
+database's catalog once per source).  Before ``redactions.recheck`` (schema
+94: in 1.162.0, not in 1.141.0) Synapse checked every redaction when it read
+the event, which is what a missing column is taken to mean here; before
+``room_ban_redactions`` (a schema 92 delta: in 1.141.0, not in 1.110.0) no
+ban redacted anything.
+
 Positions: each writer of the ``events`` stream records its position in
 ``stream_positions`` (``stream_name = 'events'``) after each write, on
 PostgreSQL and SQLite alike (a single-writer homeserver has one writer,
@@ -46,11 +53,21 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import attrs
+
 from synrepl import _json
 from synrepl.events._model import FullEvent
 from synrepl.events._redaction import redacted_content
 
-__all__ = ("Run", "fetch_events", "read_positions", "POSITION_SCAN_LIMIT", "event_from_pdu")
+__all__ = (
+    "Run",
+    "Schema",
+    "SchemaReader",
+    "fetch_events",
+    "read_positions",
+    "POSITION_SCAN_LIMIT",
+    "event_from_pdu",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +88,7 @@ WHERE e.event_id IN ({marks})
 """
 
 _REDACTIONS_SQL = """
-SELECT d.redacts, d.event_id, d.recheck,
+SELECT d.redacts, d.event_id, {recheck},
        x.room_id, x.sender, xr.reason, xj.internal_metadata
 FROM redactions AS d
 LEFT JOIN events AS x ON x.event_id = d.event_id
@@ -107,6 +124,42 @@ SELECT MAX(m) FROM (
   UNION ALL SELECT MAX(event_stream_ordering) FROM ex_outlier_stream
 ) AS maxima
 """
+
+
+@attrs.frozen
+class Schema:
+    """Which of the newer parts of Synapse's schema this database has.
+
+    Attributes:
+        redaction_recheck: ``redactions.recheck`` exists.
+        ban_redactions: the ``room_ban_redactions`` table exists.
+    """
+
+    redaction_recheck: bool = True
+    ban_redactions: bool = True
+
+
+class SchemaReader:
+    """Reads :class:`Schema` from the catalog once, then remembers it.
+
+    ``columns_sql`` takes a table name (one ``?``) and returns its column
+    names, one per row: each database asks its own catalog.
+    """
+
+    def __init__(self, columns_sql: str) -> None:
+        self._columns_sql = columns_sql
+        self._schema: Schema | None = None
+
+    def __call__(self, run: Run) -> Schema:
+        if self._schema is None:
+            redactions = {str(r[0]) for r in run(self._columns_sql, ["redactions"])}
+            bans = run(self._columns_sql, ["room_ban_redactions"])
+            self._schema = Schema(
+                redaction_recheck="recheck" in redactions, ban_redactions=bool(bans)
+            )
+            if self._schema != Schema():
+                logger.info("an older Synapse schema: %s", self._schema)
+        return self._schema
 
 
 def _chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -242,8 +295,13 @@ class _Stored:
         self.redacted, self.redacted_by = True, by
 
 
-def fetch_events(run: Run, event_ids: Iterable[str], chunk: int) -> dict[str, FullEvent]:
-    """The events of ``event_ids`` found in the database (three queries per chunk)."""
+def fetch_events(
+    run: Run, event_ids: Iterable[str], chunk: int, schema: Schema | None = None
+) -> dict[str, FullEvent]:
+    """The events of ``event_ids`` found in the database (three queries per
+    chunk), read as ``schema`` says the database is laid out (default: the
+    newest release's)."""
+    schema = schema or Schema()
     wanted = list(dict.fromkeys(event_ids))
     found: dict[str, _Stored] = {}
     for ids in _chunks(wanted, chunk):
@@ -260,7 +318,8 @@ def fetch_events(run: Run, event_ids: Iterable[str], chunk: int) -> dict[str, Fu
         return {}
     ids_found = list(found)
     for ids in _chunks(ids_found, chunk):
-        rows = run(_REDACTIONS_SQL.format(marks=_marks(len(ids))), ids)
+        recheck = "d.recheck" if schema.redaction_recheck else "1"
+        rows = run(_REDACTIONS_SQL.format(recheck=recheck, marks=_marks(len(ids))), ids)
         # Validated redactions first, so that redacted_by names one of them.
         for redacts, by, recheck, room, sender, rejected, metadata in sorted(
             rows, key=lambda r: bool(r[2])
@@ -270,7 +329,8 @@ def fetch_events(run: Run, event_ids: Iterable[str], chunk: int) -> dict[str, Fu
                 event.room_id, event.sender, room, sender, rejected, metadata
             ):
                 event.redact(by)
-    _apply_ban_redactions(run, found, chunk)
+    if schema.ban_redactions:
+        _apply_ban_redactions(run, found, chunk)
     return {
         e.event_id: event_from_pdu(
             e.pdu,

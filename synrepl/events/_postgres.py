@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from synrepl.events._database import Run, fetch_events, read_positions
+from synrepl.events._database import Run, SchemaReader, fetch_events, read_positions
 from synrepl.events._errors import EventSourceError, EventSourceUnavailable, describe_error
 from synrepl.events._model import FullEvent
 
@@ -65,6 +65,13 @@ def _psycopg() -> Any:
             "(or synrepl's 'postgres' extra)"
         ) from e
     return psycopg
+
+
+#: A table's column names, for :class:`SchemaReader`.
+_COLUMNS_SQL = (
+    "SELECT column_name FROM information_schema.columns "
+    "WHERE table_schema = current_schema() AND table_name = ?"
+)
 
 
 class PostgresEventSource:
@@ -128,6 +135,7 @@ class PostgresEventSource:
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
         self.writers = tuple(writers) if writers is not None else None
+        self._schema = SchemaReader(_COLUMNS_SQL)
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._closed = False
@@ -207,7 +215,7 @@ class PostgresEventSource:
         """The events found (three or four statements per 1000 IDs); absent ones are left out."""
         if not event_ids:
             return {}
-        return self._read(lambda run: fetch_events(run, event_ids, _CHUNK))
+        return self._read(lambda run: fetch_events(run, event_ids, _CHUNK, self._schema(run)))
 
     def positions(self) -> dict[str, dict[str, int]]:
         """The ``events`` position of each writer, from one read-only transaction."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
-from synrepl.events._database import Run, fetch_events, read_positions
+from synrepl.events._database import Run, SchemaReader, fetch_events, read_positions
 from synrepl.events._errors import EventSourceError, EventSourceUnavailable, describe_error
 from synrepl.events._model import FullEvent
 
@@ -34,6 +34,10 @@ _CHUNK = 400
 # "no such table/column" and the like say the file is not a Synapse database
 # of a version we read, which waiting will not change.
 _SCHEMA_WORDS = ("no such table", "no such column", "syntax error")
+
+
+#: A table's column names, for :class:`SchemaReader`.
+_COLUMNS_SQL = "SELECT name FROM pragma_table_info(?)"
 
 
 class SqliteEventSource:
@@ -66,6 +70,7 @@ class SqliteEventSource:
         self.path = Path(text)
         self.busy_timeout = busy_timeout
         self.writers = tuple(writers) if writers is not None else None
+        self._schema = SchemaReader(_COLUMNS_SQL)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._closed = False
@@ -132,7 +137,7 @@ class SqliteEventSource:
         """The events found (a few queries per 400 IDs); absent ones are left out."""
         if not event_ids:
             return {}
-        return self._read(lambda run: fetch_events(run, event_ids, _CHUNK))
+        return self._read(lambda run: fetch_events(run, event_ids, _CHUNK, self._schema(run)))
 
     def positions(self) -> dict[str, dict[str, int]]:
         """The ``events`` position of each writer, from one read transaction."""
