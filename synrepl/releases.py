@@ -40,6 +40,7 @@ __all__ = (
     "Support",
     "support_of",
     "release_in_server_header",
+    "ADMIN_FETCH_EVENT_SINCE",
 )
 
 
@@ -144,6 +145,11 @@ ENDPOINTS_SINCE: Mapping[str, SynapseRelease] = MappingProxyType(
         "cancel_delayed_events_for_user": _r("1.163.0"),
     }
 )
+
+#: The first release whose admin API fetches one event by ID
+#: (``GET /_synapse/admin/v1/fetch_event/{event_id}``), which
+#: :class:`synrepl.events.AdminApiEventSource` reads.
+ADMIN_FETCH_EVENT_SINCE = _r("1.140.0")
 
 #: HTTP replication endpoints that were removed: the first release without each.
 ENDPOINTS_UNTIL: Mapping[str, SynapseRelease] = MappingProxyType(

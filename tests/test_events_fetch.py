@@ -974,3 +974,14 @@ def test_a_database_of_an_older_release_is_read_as_that_release_reads_it(tmp_pat
     assert got["$b"].redacted is False, "a redaction from another room does not apply"
     assert got["$c"].redacted is False, "a rejected redaction does not apply"
     db.conn.close()
+
+
+def test_a_redaction_names_what_it_redacts_in_its_content_too() -> None:
+    """As the client API shows it: a redaction stored (by older releases, in
+    rooms before version 11) with ``redacts`` only at the top level."""
+    from synrepl.events._database import event_from_pdu
+
+    pdu = {"type": "m.room.redaction", "redacts": "$m", "content": {"reason": "spam"}}
+    event = event_from_pdu(pdu, event_id="$red", room_id="!r:hs", room_version="10")
+    assert event.redacts == "$m"
+    assert thaw(event.content) == {"reason": "spam", "redacts": "$m"}

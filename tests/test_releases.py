@@ -174,3 +174,24 @@ def test_support_says_how_far_synrepl_vouches_for_a_release() -> None:
     assert "no profile_updates stream;" in support_of(r("1.158.0")).text
     assert support_of(r("1.97.0")).level == "older"
     assert support_of(r("1.164.0")).level == "newer"
+
+
+@pytest.mark.releases
+def test_the_admin_api_fetches_events_from_the_release_the_facts_say() -> None:
+    """AdminApiEventSource needs ``GET /_synapse/admin/v1/fetch_event``: its
+    servlet is in ADMIN_FETCH_EVENT_SINCE's wheel and not in the one before."""
+    import zipfile
+
+    from synrepl.releases import ADMIN_FETCH_EVENT_SINCE
+
+    wheels = Path(os.environ.get("SYNREPL_WHEELS", Path.home() / ".cache" / "synrepl-wheels"))
+    before = SynapseRelease(ADMIN_FETCH_EVENT_SINCE.major, ADMIN_FETCH_EVENT_SINCE.minor - 1)
+
+    def serves_fetch_event(release: SynapseRelease) -> bool:
+        with zipfile.ZipFile(download_wheel(str(release), wheels)) as wheel:
+            names = set(wheel.namelist())
+            admin = "synapse/rest/admin/events.py"
+            return admin in names and "/fetch_event/" in wheel.read(admin).decode()
+
+    assert serves_fetch_event(ADMIN_FETCH_EVENT_SINCE)
+    assert not serves_fetch_event(before)

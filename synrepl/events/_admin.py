@@ -34,6 +34,7 @@ from synrepl.config import Secret
 from synrepl.events._database import event_from_pdu
 from synrepl.events._errors import EventSourceError, EventSourceUnavailable, describe_error
 from synrepl.events._model import FullEvent
+from synrepl.releases import ADMIN_FETCH_EVENT_SINCE, release_in_server_header
 
 __all__ = ("AdminApiEventSource",)
 
@@ -45,11 +46,13 @@ MAX_ANSWER = 1 << 20
 
 
 class _Answer:
-    __slots__ = ("body", "status")
+    __slots__ = ("body", "server", "status")
 
-    def __init__(self, status: int, body: Any) -> None:
+    def __init__(self, status: int, body: Any, server: str | None = None) -> None:
         self.status = status
         self.body = body
+        #: the ``Server`` header: which Synapse release answered
+        self.server = server
 
     @property
     def errcode(self) -> object:
@@ -153,7 +156,7 @@ class AdminApiEventSource:
             body = _json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             body = None
-        return _Answer(response.status, body)
+        return _Answer(response.status, body, response.getheader("Server"))
 
     def _check(self, path: str, answer: _Answer) -> None:
         """Raise for any answer other than 200 or a plain "not found"."""
@@ -166,6 +169,12 @@ class AdminApiEventSource:
         if status in (401, 403):
             raise self._unavailable(path, f"{detail}: the access token is not a server admin's")
         if status == 404:
+            release = release_in_server_header(answer.server)
+            if release is not None and release < ADMIN_FETCH_EVENT_SINCE:
+                raise EventSourceError(
+                    f"{self!r}: Synapse {release} has no admin API to fetch an event "
+                    f"(it came in {ADMIN_FETCH_EVENT_SINCE}): read events from the database instead"
+                )
             raise self._unavailable(path, f"{detail}: is the admin API served at {self.base_url}?")
         if status == 429 or status >= 500:
             raise self._unavailable(path, detail)

@@ -220,7 +220,10 @@ def event_from_pdu(
     """A FullEvent from an event's JSON (as stored, or as the admin API gives it).
 
     A redacted event's content is reduced by the room version's redaction
-    rules here, whether or not Synapse has censored the stored copy yet.
+    rules here, whether or not Synapse has censored the stored copy yet.  A
+    redaction's content names what it redacts, as the client API shows it:
+    older releases (1.98.0 does) stored that only at the top level in rooms
+    before version 11.
     """
     event_type = pdu.get("type")
     event_type = event_type if isinstance(event_type, str) else ""
@@ -232,6 +235,8 @@ def event_from_pdu(
         redacts = redacts if isinstance(redacts, str) else None
     if redacted:
         content = redacted_content(event_type, content, room_version)
+    elif redacts is not None and "redacts" not in content:
+        content = {**content, "redacts": redacts}
     state_key = pdu.get("state_key")
     sender = pdu.get("sender")
     ts = pdu.get("origin_server_ts")

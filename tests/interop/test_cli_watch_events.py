@@ -34,10 +34,11 @@ import pytest_twisted
 import redis
 import yaml
 from client_helpers import sleep, wait_until
-from harness import Deployment, subscribers
+from harness import Deployment, release_facts, subscribers
 from matrix_api import Api, User, cluster_route, main_only_route
 
 from synrepl.config import SynapseConfig, load_config
+from synrepl.releases import ADMIN_FETCH_EVENT_SINCE
 
 _n = itertools.count()
 
@@ -236,10 +237,19 @@ async def test_full_sender_reads_the_admin_api(
     token_file = tmp_path / "admin.token"
     token_file.write_text(admin.access_token + "\n")
     url = main_only.client_urls["master"]
+    options = ("--admin-url", url, "--admin-token-file", str(token_file))
+    release = release_facts().release
+    if release < ADMIN_FETCH_EVENT_SINCE:
+        # An older release: watch refuses at start, saying why.
+        refused = Watch(main_only, tmp_path, "--sender", alice.user_id, "--json", *options)
+        watches.append(refused)
+        await wait_until(lambda: refused.proc.poll() is not None, timeout=TIMEOUT, what="exit")
+        assert refused.proc.returncode == 1
+        assert f"Synapse {release} has no admin API to fetch an event" in refused.stderr()
+        return
     watch = await start_watch(
-        main_only, tmp_path, watches, "--sender", alice.user_id, "--json",
-        "--admin-url", url, "--admin-token-file", str(token_file),
-    )  # fmt: skip
+        main_only, tmp_path, watches, "--sender", alice.user_id, "--json", *options
+    )
     await bob.message(room, "bob over the admin API")
     await alice.message(room, "alice over the admin API")
     await wait_until(lambda: "alice over" in watch.stdout(), timeout=TIMEOUT, what="message")
