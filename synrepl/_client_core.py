@@ -109,8 +109,8 @@ from synrepl.positions import (
     UnnamedWriter,
     WriterBehind,
 )
-from synrepl.sharding import MAIN_INSTANCE_NAME, canonical_instance_name
 from synrepl.releases import STREAMS_SINCE, SynapseRelease, facts_for
+from synrepl.sharding import MAIN_INSTANCE_NAME, canonical_instance_name
 from synrepl.streams import STREAM_NAMES, AnyRow, EventRow, parse_row
 
 __all__ = (

@@ -133,3 +133,28 @@ def test_the_garbage_is_garbage_to_synapse_and_to_synrepl(line: str) -> None:
         parse_line(line)
     with pytest.raises(Exception):  # noqa: B017 - Synapse raises several kinds
         parse_command_from_line(line)
+
+
+def test_the_scripted_homeserver_announces_only_its_release_streams() -> None:
+    """A process of an older release fails on a stream it does not know
+    (Synapse 1.98.0's worker raised KeyError on profile_updates): told the
+    release, the simulated writers never announce such a stream."""
+    from synrepl.releases import SynapseRelease, facts_for
+    from synrepl.testing.writers import SimulatedWriters
+
+    class Heard(SimulatedWriters):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.lines: list[str] = []
+
+        def _publish(self, line: str) -> None:
+            self.lines.append(line)
+
+    def announced(release: SynapseRelease | None) -> set[str]:
+        homeserver = Heard(writers=("master",), release=release)
+        homeserver._on_line("test.local", "REPLICATE")
+        return {line.split()[1] for line in homeserver.lines if line.startswith("POSITION ")}
+
+    old = SynapseRelease.parse("1.98.0")
+    assert announced(old) == (announced(None) & facts_for(old).streams)
+    assert "profile_updates" in announced(None) and "profile_updates" not in announced(old)

@@ -10,6 +10,7 @@ secret and to any unexpected failure alike.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
 from urllib.parse import unquote
@@ -37,7 +38,8 @@ from synrepl.http import (
     UnknownInstanceError,
 )
 from synrepl.http.errors import quoted_text
-from synrepl.sharding import InstanceLocation
+from synrepl.releases import SynapseRelease
+from synrepl.sharding import InstanceLocation, canonical_instance_name
 from synrepl.twisted.http_client import ReplicationHttpClient
 
 __all__ = (
@@ -46,9 +48,12 @@ __all__ = (
     "explain_http_failure",
     "describe_answer",
     "describe_location",
+    "instance_releases",
     "HistoryUnavailable",
     "history_pages",
 )
+
+logger = logging.getLogger(__name__)
 
 
 @implementer(IAgentEndpointFactory)
@@ -118,6 +123,28 @@ class ProbeClient:
     def server_header(self) -> str | None:
         """The ``Server`` header of the last answer (None: none, or no answer)."""
         return self._agent.server
+
+
+async def instance_releases(
+    reactor: Any, config: SynapseConfig, timeout: float = 5.0
+) -> dict[str, SynapseRelease]:
+    """The Synapse release of each ``instance_map`` instance that answers
+    (its ``Server`` header); the others are left out, silently: the callers
+    report unreachable instances their own way."""
+    probe = ProbeClient(reactor, config, timeout=timeout)
+    found: dict[str, SynapseRelease] = {}
+    try:
+        for name in config.instance_map:
+            try:
+                release = await probe.http.detect_release(name)
+            except Exception as e:  # noqa: BLE001 - any failure: release unknown
+                logger.debug("%s: its release is unknown: %s", name, e)
+                continue
+            if release is not None:
+                found[canonical_instance_name(name)] = release
+    finally:
+        await probe.http.close()
+    return found
 
 
 def describe_location(location: InstanceLocation) -> str:

@@ -33,9 +33,11 @@ from synrepl.config import (
 )
 from synrepl.errors import ConfigError
 from synrepl.events import EventFilter, EventSource, event_source_from_config
+from synrepl.releases import NEWEST, OLDEST_KNOWN, SynapseRelease, UnknownReleaseError
 from synrepl.sharding import InstanceLocation, canonical_instance_name
 
 __all__ = (
+    "release_argument",
     "DEFAULT_REDIS_URL",
     "add_cluster_options",
     "add_filter_options",
@@ -232,6 +234,19 @@ def positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
     return value
+
+
+def release_argument(text: str) -> SynapseRelease:
+    """argparse type: a Synapse release synrepl knows, ``1.98.0``."""
+    try:
+        release = SynapseRelease.parse(text)
+    except UnknownReleaseError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not OLDEST_KNOWN <= release <= NEWEST:
+        raise argparse.ArgumentTypeError(
+            f"synrepl knows Synapse {OLDEST_KNOWN} to {NEWEST}, not {release}"
+        )
+    return release
 
 
 def non_negative_int(text: str) -> int:

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from synrepl.audit import ChannelRecord, LostRow, RangeCheck, WatchedRange, check_range
 from synrepl.cli._errors import EXIT_FAILURE, EXIT_FLAGGED, EXIT_OK, RuntimeFailure
-from synrepl.cli._http import HistoryUnavailable, ProbeClient, history_pages
+from synrepl.cli._http import HistoryUnavailable, ProbeClient, history_pages, instance_releases
 from synrepl.cli._options import (
     add_cluster_options,
     add_request_options,
@@ -345,7 +345,9 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
     heard = record.heard()
     audit.unheard = [
         (stream, writer)
-        for stream, writers in expected_writers(config, streams).items()
+        for stream, writers in expected_writers(
+            config, streams, await instance_releases(reactor, config, args.timeout)
+        ).items()
         for writer in writers
         if (stream, writer) not in heard
     ]

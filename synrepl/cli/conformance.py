@@ -23,13 +23,20 @@ from rich.text import Text
 from twisted.internet import threads
 
 from synrepl.cli._errors import EXIT_FLAGGED, EXIT_OK, RuntimeFailure, UsageError
-from synrepl.cli._options import add_cluster_options, cluster_config, positive_float, split_words
+from synrepl.cli._options import (
+    add_cluster_options,
+    cluster_config,
+    positive_float,
+    release_argument,
+    split_words,
+)
 from synrepl.cli._probe import ClientInfo, RedisProbe
 from synrepl.cli._render import make_console
 from synrepl.cli._runtime import Session
 from synrepl.config import SynapseConfig
 from synrepl.conformance import RULES, Conformance
 from synrepl.monitor import MonitorEntry
+from synrepl.releases import SynapseRelease
 from synrepl.streams import STREAM_NAMES, CachesRow, EventRow, ReceiptsRow, TypingRow
 from synrepl.testing.writers import SimulatedWriters
 
@@ -130,6 +137,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=positive_float,
         default=5.0,
         help="how long after malformed lines no connection may drop (default: 5)",
+    )
+    parser.add_argument(
+        "--release",
+        metavar="VERSION",
+        type=release_argument,
+        help="the Synapse release the process is (default: the newest synrepl knows): "
+        "streams that release lacks are never announced to it",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -382,9 +396,11 @@ def conform(
     replicate_within: float,
     garbage_grace: float,
     timeout: float,
+    release: SynapseRelease | None = None,
     stopping: Callable[[], bool] = lambda: False,
 ) -> Report:
-    """Run the whole check (blocking: call it on a thread of its own)."""
+    """Run the whole check (blocking: call it on a thread of its own);
+    ``release``: the Synapse release the homeserver looks like."""
     try:
         probe = RedisProbe(config.redis, timeout=timeout)
     except redis.RedisError as e:
@@ -399,7 +415,7 @@ def conform(
             garbage_grace=garbage_grace,
             watched_from_start=not any(c.subscriptions for c in clients_at_start),
         )
-        homeserver = _ScriptedHomeserver(probe, server_name=config.server_name)
+        homeserver = _ScriptedHomeserver(probe, server_name=config.server_name, release=release)
         script = _Script(
             probe,
             conformance,
@@ -454,6 +470,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         replicate_within=args.replicate_within,
         garbage_grace=args.garbage_grace,
         timeout=args.connect_timeout,
+        release=args.release,
         stopping=lambda: session.stopping,
     )
     if args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -12,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from synrepl.cli._errors import EXIT_FLAGGED, EXIT_OK, RuntimeFailure
+from synrepl.cli._http import instance_releases
 from synrepl.cli._options import (
     add_cluster_options,
     cluster_config,
@@ -25,6 +27,7 @@ from synrepl.cli.watch import watch_channel
 from synrepl.commands import PositionCommand, parse_line
 from synrepl.config import SynapseConfig
 from synrepl.errors import ProtocolError
+from synrepl.releases import SynapseRelease, facts_for
 from synrepl.sharding import MAIN_INSTANCE_NAME, canonical_instance_name
 from synrepl.streams import STREAM_NAMES
 
@@ -192,18 +195,32 @@ def _ordered(names: set[str]) -> list[str]:
 
 
 def expected_writers(
-    config: SynapseConfig, streams: list[str] | None
+    config: SynapseConfig,
+    streams: list[str] | None,
+    releases: Mapping[str, SynapseRelease] | None = None,
 ) -> dict[str, tuple[str, ...]]:
-    """stream -> the writers that answer REPLICATE for it, per the configuration."""
+    """stream -> the writers that answer REPLICATE for it, per the configuration.
+
+    ``releases`` (instance -> the Synapse release it runs, see
+    :func:`~synrepl.cli._http.instance_releases`) leaves out a writer whose
+    release has no such stream: it will never speak of it.
+    """
+    releases = releases or {}
     out: dict[str, tuple[str, ...]] = {}
     for stream in STREAM_NAMES:
         if stream in _ANY_WRITER or stream in _OPTIONAL:
             continue
         if streams is not None and stream not in streams:
             continue
-        writers = config.stream_writers.writers_for_stream(stream)
+        writers = [
+            name
+            for name in dict.fromkeys(
+                canonical_instance_name(w) for w in config.stream_writers.writers_for_stream(stream)
+            )
+            if name not in releases or stream in facts_for(releases[name]).streams
+        ]
         if writers:
-            out[stream] = tuple(dict.fromkeys(canonical_instance_name(w) for w in writers))
+            out[stream] = tuple(writers)
     return out
 
 
@@ -218,7 +235,7 @@ async def collect_report(
 ) -> Report:
     """REPLICATE, then collect POSITIONs for ``window`` seconds (the latest per pair)."""
     report = Report(config.server_name, window, max_lag)
-    report.expected = expected_writers(config, streams)
+    report.expected = expected_writers(config, streams, await instance_releases(reactor, config))
     # With --stream, only the writers of those streams are expected to speak.
     named = set(config.instance_map) if streams is None else set()
     named |= {w for ws in report.expected.values() for w in ws}

@@ -29,6 +29,7 @@ from synrepl.connection import TransportOptions
 from synrepl.errors import ProtocolError
 from synrepl.http import StreamUpdates
 from synrepl.positions import RESETTABLE_STREAMS
+from synrepl.releases import SynapseRelease, facts_for
 from synrepl.sharding import canonical_instance_name
 from synrepl.streams import Row
 
@@ -75,6 +76,9 @@ class SimulatedWriters:
         writes: writer -> more streams it writes, answered on REPLICATE
             before it writes any row (the configuration's stream writers and
             ``caches`` always are).
+        release: the Synapse release to look like: the streams it lacks are
+            never announced (a process of that release would fail on them).
+            None: the newest's.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class SimulatedWriters:
         secret: str | None = "synrepl-test-secret",
         page_limit: int = 100,
         writes: Mapping[str, Sequence[str]] | None = None,
+        release: SynapseRelease | None = None,
     ) -> None:
         if not writers:
             raise ValueError("a homeserver needs at least one writer")
@@ -104,6 +109,10 @@ class SimulatedWriters:
             self._writer(name).writes.extend(
                 s for s in streams if s not in self._writer(name).writes
             )
+        if release is not None:
+            known = facts_for(release).streams
+            for w in self._writers.values():
+                w.writes[:] = [s for s in w.writes if s in known]
         self._sequences: dict[str, int] = {}
         #: ``(writer, path, query)`` of every history request, HTTP or in process.
         self.http_requests: list[tuple[str, str, Mapping[str, str]]] = []

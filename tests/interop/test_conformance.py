@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import yaml
-from harness import Deployment, SynapseProcess, _listener, _log_config, free_port
+from harness import Deployment, SynapseProcess, _listener, _log_config, free_port, release_facts
 from matrix_api import Api, cluster_route
 from redis_server import RedisServer
 from test_cli import sleep
@@ -69,7 +69,16 @@ async def test_a_synapse_generic_worker_conforms(
 ) -> None:
     worker = conformance_worker(cluster, own_redis.port)
     out = tmp_path / "conformance.json"
-    check = start_check(out, "-c", str(cluster.shared_config), "-c", str(worker.config_files[1]))
+    release = str(release_facts().release)
+    check = start_check(
+        out,
+        "-c",
+        str(cluster.shared_config),
+        "-c",
+        str(worker.config_files[1]),
+        "--release",
+        release,
+    )
     api = Api(cluster_route({"master": f"http://127.0.0.1:{worker.health_port}"}))
     try:
         # Every other client of the Redis counts as the worker's: this one goes.
