@@ -18,9 +18,9 @@ Each scenario's result (passed, failed, skipped) goes to ``--results``
 ``--table FILE`` rewrites the table between the ``matrix:start`` and
 ``matrix:end`` markers of FILE from it (``docs/tested-against.md``).
 
-Usage::
+Usage (anything after ``--`` goes to the interop suite's pytest)::
 
-    python tests/interop/matrix.py [--whole] [--root DIR] newest oldest 1.141.0 ...
+    python tests/interop/matrix.py [--whole] [--root DIR] newest oldest 1.141.0 ... [-- -k cluster]
     python tests/interop/matrix.py --whole all
     python tests/interop/matrix.py --table docs/tested-against.md   # from saved results
 
@@ -130,15 +130,28 @@ def outcomes(junit: Path, group: str | None = None) -> dict[str, dict[str, int]]
 
 
 def run_pytest(
-    python: str, args: Sequence[str], junit: Path, env: dict[str, str], cwd: Path
-) -> int:
+    python: str,
+    args: Sequence[str],
+    junit: Path,
+    env: dict[str, str],
+    cwd: Path,
+    group: str | None = None,
+) -> dict[str, dict[str, int]]:
+    """Run pytest; its scenarios' tallies.  A run that ended without its
+    report (pytest itself failed: usage, collection, a crash) counts as a
+    failed scenario (``interop run``), so that it can never pass unnoticed."""
+    junit.unlink(missing_ok=True)
     command = [python, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={junit}", *args]
     print("+", " ".join(command), flush=True)
-    return subprocess.run(command, cwd=cwd, env=env, check=False).returncode
+    code = subprocess.run(command, cwd=cwd, env=env, check=False).returncode
+    tallies = outcomes(junit, group) if junit.exists() else {}
+    if code not in (0, 1, 5) or (code == 1 and not any(t["failed"] for t in tallies.values())):
+        tallies[f"{group or 'interop'} run"] = {"passed": 0, "failed": 1, "skipped": 0}
+    return tallies
 
 
 def run_release(
-    release: SynapseRelease, root: Path, whole: bool, work: Path
+    release: SynapseRelease, root: Path, whole: bool, work: Path, extra: Sequence[str] = ()
 ) -> dict[str, dict[str, int]]:
     """Everything the matrix runs against one release; its scenarios' tallies."""
     started = time.monotonic()
@@ -153,8 +166,8 @@ def run_release(
     results: dict[str, dict[str, int]] = {}
 
     junit = work / f"differential-{release}.xml"
-    run_pytest(python, ["-q", "-m", "not releases", *DIFFERENTIAL], junit, env, REPO)
-    results |= outcomes(junit, group="differential")
+    differential = ["-q", "-m", "not releases", *DIFFERENTIAL]
+    results |= run_pytest(python, differential, junit, env, REPO, group="differential")
 
     selection = [] if whole else list(WIRE_MODULES)
     previous = previous_of(release) if release == NEWEST else None
@@ -165,8 +178,7 @@ def run_release(
     elif whole:
         selection = ["--ignore=test_mixed_cluster.py"]
     junit = work / f"interop-{release}.xml"
-    run_pytest(sys.executable, selection, junit, env, HERE)
-    results |= outcomes(junit)
+    results |= run_pytest(sys.executable, [*selection, *extra], junit, env, HERE)
     print(f"Synapse {release}: {time.monotonic() - started:.0f} s", flush=True)
     return results
 
@@ -210,6 +222,11 @@ def write_table(path: Path, saved: dict[str, dict[str, object]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("releases", nargs="*", help="newest, oldest, all or versions")
     parser.add_argument("--whole", action="store_true", help="the whole interop suite")
@@ -235,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     for release in pick(args.releases):
         try:
-            scenarios = run_release(release, args.root.resolve(), args.whole, work)
+            scenarios = run_release(release, args.root.resolve(), args.whole, work, extra)
         except synapse_envs.InstallError as e:
             print(f"Synapse {release}: {e}", file=sys.stderr)
             scenarios = {"install": {"passed": 0, "failed": 1, "skipped": 0}}
