@@ -586,11 +586,20 @@ async def test_asyncio_example_across_a_redis_restart(
         for persister, room_ids in rooms.items():
             for room in room_ids:
                 listed = [e["event_id"] for e in await alice.messages(room)]
-                await wait_until(
-                    lambda listed=listed: {e["event_id"] for e in printed()} >= set(listed),
-                    timeout=60,
-                    what=f"every event of {room}",
-                )
+                try:
+                    await wait_until(
+                        lambda listed=listed: {e["event_id"] for e in printed()} >= set(listed),
+                        timeout=60,
+                        what=f"every event of {room}",
+                    )
+                except AssertionError:
+                    missing = set(listed) - {e["event_id"] for e in printed()}
+                    proc.kill()
+                    _, err = proc.communicate(timeout=10)
+                    raise AssertionError(
+                        f"{len(missing)} of {len(listed)} events of {room} never printed; "
+                        f"stderr:\n{err.decode(errors='replace')[-4000:]}"
+                    ) from None
                 mine = [e for e in printed() if e["room_id"] == room]
                 assert sorted(e["event_id"] for e in mine) == sorted(set(listed))
                 assert {e["writer"] for e in mine} == {persister}
