@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet import asyncioreactor
@@ -154,23 +155,64 @@ def main_only(interop_dir: Path, main_redis: RedisServer) -> Iterator[harness.De
         deployment.stop()
 
 
-@pytest.fixture(scope="session")
-def cluster(interop_dir: Path, cluster_redis: RedisServer) -> Iterator[harness.Deployment]:
-    """Main + two event persisters + typing writer + to_device/account_data/
-    receipts/presence writer, on a fresh PostgreSQL database, with Redis."""
-    directory = interop_dir / "cluster"
+def _cluster(
+    directory: Path, redis_port: int, label: str, **options: Any
+) -> Iterator[harness.Deployment]:
+    """A cluster (``harness.cluster``) on a fresh PostgreSQL database, started,
+    then stopped and its database dropped whatever happens."""
     directory.mkdir()
     database = harness.PostgresDatabase()
     database.create()
     try:
-        deployment = harness.cluster(directory, cluster_redis.port, database)
+        deployment = harness.cluster(directory, redis_port, database, **options)
         try:
-            _start_timed(deployment, "cluster", "cluster: start (5 processes)")
+            _start_timed(deployment, label, f"{label}: start (5 processes)")
             yield deployment
         finally:
             deployment.stop()
     finally:
         database.drop()
+
+
+@pytest.fixture(scope="session")
+def cluster(interop_dir: Path, cluster_redis: RedisServer) -> Iterator[harness.Deployment]:
+    """Main + two event persisters + typing writer + to_device/account_data/
+    receipts/presence writer, on a fresh PostgreSQL database, with Redis."""
+    yield from _cluster(interop_dir / "cluster", cluster_redis.port, "cluster")
+
+
+@pytest.fixture(scope="module")
+def previous_python() -> str:
+    """The interpreter of the release before the one under test
+    (``SYNREPL_SYNAPSE_PREVIOUS_PYTHON``); without it the tests that need it
+    are skipped, except under ``CI``, where they must run."""
+    python = os.environ.get("SYNREPL_SYNAPSE_PREVIOUS_PYTHON")
+    if not python:
+        why = "SYNREPL_SYNAPSE_PREVIOUS_PYTHON names no environment of the previous release"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return python
+
+
+@pytest.fixture(scope="module")
+def mixed_redis(interop_dir: Path) -> Iterator[RedisServer]:
+    yield from _redis(interop_dir / "mixed-redis", "mixed")
+
+
+@pytest.fixture(scope="module")
+def mixed(
+    interop_dir: Path, mixed_redis: RedisServer, previous_python: str
+) -> Iterator[harness.Deployment]:
+    """The cluster, with ``harness.MIXED_PREVIOUS`` on the previous release (a
+    rolling upgrade under way), on its own database and Redis."""
+    yield from _cluster(
+        interop_dir / "mixed",
+        mixed_redis.port,
+        "mixed",
+        server_name="mixed.interop.test",
+        pythons={name: previous_python for name in harness.MIXED_PREVIOUS},
+    )
 
 
 # The main-only deployment's client-API client and synrepl observer, shared

@@ -526,6 +526,9 @@ CLUSTER_WORKERS: dict[str, tuple[str, ...]] = {
     "writer1": ("client", "replication"),
 }
 
+#: The instances of the rolling-upgrade cluster that start on the previous release.
+MIXED_PREVIOUS = ("persister2", "writer1")
+
 CLUSTER_STREAM_WRITERS: dict[str, list[str]] = {
     "events": ["persister1", "persister2"],
     "typing": ["typing1"],

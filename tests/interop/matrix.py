@@ -14,7 +14,7 @@ wheel, dependencies of its day), then:
   before it (``SYNREPL_SYNAPSE_PREVIOUS_PYTHON``).
 
 Each scenario's result (passed, failed, skipped) goes to ``--results``
-(JSON, kept across runs: a run updates the releases it ran), and
+(JSON, kept across runs: a run updates the scenarios it ran), and
 ``--table FILE`` rewrites the table between the ``matrix:start`` and
 ``matrix:end`` markers of FILE from it (``docs/tested-against.md``).
 
@@ -257,11 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Synapse {release}: {e}", file=sys.stderr)
             scenarios = {"install": {"passed": 0, "failed": 1, "skipped": 0}}
         failed |= any(t["failed"] for t in scenarios.values())
-        saved[str(release)] = {
-            "scenarios": scenarios,
-            "when": datetime.date.today().isoformat(),
-            "whole": args.whole,
-        }
+        # A run updates the scenarios it ran and keeps the others' last results.
+        entry = saved.setdefault(str(release), {"scenarios": {}})
+        entry["scenarios"] = {**entry["scenarios"], **scenarios}  # type: ignore[dict-item]
+        entry["when"] = datetime.date.today().isoformat()
         args.results.write_text(json.dumps(saved, indent=1, sort_keys=True))
     if args.table:
         write_table(args.table, saved)

@@ -17,19 +17,16 @@ under ``CI``, where that is a failure: CI must run it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_twisted
 from harness import (
+    MIXED_PREVIOUS,
     Deployment,
-    PostgresDatabase,
-    cluster,
     installed_synapse_version,
     release_facts,
     synapse_python,
@@ -50,57 +47,6 @@ from synrepl.config import load_config
 from synrepl.releases import SynapseRelease, facts_for
 
 pytestmark = pytest.mark.cluster
-
-#: The instances that start on the previous release.
-PREVIOUS = ("persister2", "writer1")
-
-
-@pytest.fixture(scope="module")
-def previous_python() -> str:
-    python = os.environ.get("SYNREPL_SYNAPSE_PREVIOUS_PYTHON")
-    if not python:
-        why = "SYNREPL_SYNAPSE_PREVIOUS_PYTHON names no environment of the previous release"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    return python
-
-
-@pytest.fixture(scope="module")
-def mixed_redis(interop_dir: Path) -> Iterator[RedisServer]:
-    directory = interop_dir / "mixed-redis"
-    directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def mixed(
-    interop_dir: Path, mixed_redis: RedisServer, previous_python: str
-) -> Iterator[Deployment]:
-    directory = interop_dir / "mixed"
-    directory.mkdir()
-    database = PostgresDatabase()
-    database.create()
-    try:
-        deployment = cluster(
-            directory,
-            mixed_redis.port,
-            database,
-            server_name="mixed.interop.test",
-            pythons={name: previous_python for name in PREVIOUS},
-        )
-        try:
-            deployment.start()
-            yield deployment
-        finally:
-            deployment.stop()
-    finally:
-        database.drop()
 
 
 @pytest_twisted.async_yield_fixture
@@ -127,7 +73,7 @@ async def test_rolling_upgrade_loses_nothing(
     current = installed_synapse_version()
     assert SynapseRelease.parse(previous) < SynapseRelease.parse(current)
     for name in mixed.processes:
-        expected = previous if name in PREVIOUS else current
+        expected = previous if name in MIXED_PREVIOUS else current
         assert server_header(instance_port(mixed, name)) == f"Synapse/{expected}", name
 
     # Only the streams both releases have: a stream new in the main's
