@@ -1272,9 +1272,19 @@ def test_a_core_learns_each_instance_release_from_its_server_header() -> None:
         ],
     )
     assert core.releases_seen == {}
-    without_a_loop(core.call("copy_push_rules", "master", user_id="@u:test", old_room_id="!o:test", new_room_id="!n:test"))
+    without_a_loop(
+        core.call(
+            "copy_push_rules",
+            "master",
+            user_id="@u:test",
+            old_room_id="!o:test",
+            new_room_id="!n:test",
+        )
+    )
     assert core.releases_seen == {"master": SynapseRelease(1, 116, 0)}
-    with pytest.raises(EndpointNotInReleaseError, match="from Synapse 1.117.0 on, not by 1.116.0"):
+    with pytest.raises(
+        EndpointNotInReleaseError, match=r"from Synapse 1\.117\.0 on, not by 1\.116\.0"
+    ):
         core.prepare("remove_pusher", "master", args)
     assert core.prepare("remove_pusher", "worker1", args).instance == "worker1"
     with pytest.raises(EndpointNotInReleaseError) as refused:
