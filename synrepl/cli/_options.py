@@ -33,7 +33,7 @@ from synrepl.config import (
 )
 from synrepl.errors import ConfigError
 from synrepl.events import EventFilter, EventSource, event_source_from_config
-from synrepl.releases import NEWEST, OLDEST_KNOWN, SynapseRelease, UnknownReleaseError
+from synrepl.releases import NEWEST, OLDEST_KNOWN, SynapseRelease, UnknownReleaseError, facts_for
 from synrepl.sharding import InstanceLocation, canonical_instance_name
 
 __all__ = (
@@ -242,7 +242,7 @@ def release_argument(text: str) -> SynapseRelease:
         release = SynapseRelease.parse(text)
     except UnknownReleaseError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if not OLDEST_KNOWN <= release <= NEWEST:
+    if not facts_for(release).known:
         raise argparse.ArgumentTypeError(
             f"synrepl knows Synapse {OLDEST_KNOWN} to {NEWEST}, not {release}"
         )

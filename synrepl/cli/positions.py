@@ -205,7 +205,7 @@ def expected_writers(
     :func:`~synrepl.cli._http.instance_releases`) leaves out a writer whose
     release has no such stream: it will never speak of it.
     """
-    releases = releases or {}
+    streams_of = {name: facts_for(release).streams for name, release in (releases or {}).items()}
     out: dict[str, tuple[str, ...]] = {}
     for stream in STREAM_NAMES:
         if stream in _ANY_WRITER or stream in _OPTIONAL:
@@ -217,7 +217,7 @@ def expected_writers(
             for name in dict.fromkeys(
                 canonical_instance_name(w) for w in config.stream_writers.writers_for_stream(stream)
             )
-            if name not in releases or stream in facts_for(releases[name]).streams
+            if name not in streams_of or stream in streams_of[name]
         ]
         if writers:
             out[stream] = tuple(writers)

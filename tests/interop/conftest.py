@@ -44,7 +44,7 @@ from redis_server import RedisServer, redis_server_available
 from repl import Observation, every
 
 from synrepl.config import load_config
-from synrepl.releases import NEWEST, OLDEST_KNOWN, ReleaseFacts, SynapseRelease
+from synrepl.releases import NEWEST, OLDEST_KNOWN, ReleaseFacts
 
 TIMINGS: dict[str, float] = {}
 _SESSION_START = time.monotonic()
@@ -93,8 +93,7 @@ def interop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _check_versions() -> None:
     version = harness.installed_synapse_version()
-    release = SynapseRelease.parse(version)
-    if not OLDEST_KNOWN <= release <= NEWEST:
+    if not harness.release_facts().known:
         pytest.exit(
             f"Synapse {version} (from {harness.synapse_python()}) is outside the releases "
             f"synrepl knows ({OLDEST_KNOWN} to {NEWEST})",
